@@ -1,0 +1,479 @@
+/*
+ * checkpoint.c - opening model files: map the file, read and check the
+ * header of any supported version, point the weight tensors into the
+ * mapping, and (optionally) quantize fp32 weights to Q8_0 while loading.
+ *
+ * Nothing is touched before the header has been checked and the file size
+ * matches what the header implies, so a malformed file is an error, never a
+ * crash. All sizes are 64-bit.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#if defined(_WIN32)
+#include <windows.h>
+#else
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#define MODEL_MAGIC 0x616b3432u
+#define HEADER_BYTES 256
+#define LEGACY_HEADER_BYTES 28
+
+/* Upper bounds that keep every size computation far from 64-bit overflow
+ * (the largest product, n_layers * hidden_dim * dim * 4, stays below 2^52). */
+#define MAX_DIM (1 << 16)
+#define MAX_HIDDEN (1 << 20)
+#define MAX_LAYERS 1024
+#define MAX_VOCAB (1 << 22)
+#define MAX_SEQ (1 << 22)
+#define MAX_GROUP (1 << 16)
+
+/* ---- errors ---- */
+
+int llama2_fail(llama2_error *err, int code, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof(err->message), fmt, ap);
+        va_end(ap);
+        err->code = code;
+    }
+    return code;
+}
+
+void llama2_ok(llama2_error *err) {
+    if (err) {
+        err->code = LLAMA2_OK;
+        err->message[0] = '\0';
+    }
+}
+
+void llama2_free(void *p) { free(p); }
+
+const char *llama2_version(void) { return "0.1.0"; }
+
+/* ---- owned buffers ---- */
+
+void *llama2_own(llama2_transformer *t, size_t bytes) {
+    if (t->n_owned == t->cap_owned) {
+        int cap = t->cap_owned ? 2 * t->cap_owned : 16;
+        void **grown = (void **)realloc(t->owned, (size_t)cap * sizeof(void *));
+        if (!grown) return NULL;
+        t->owned = grown;
+        t->cap_owned = cap;
+    }
+    void *p = calloc(1, bytes ? bytes : 1);
+    if (p) t->owned[t->n_owned++] = p;
+    return p;
+}
+
+/* ---- mapping a file read-only ---- */
+
+static int map_file(const char *path, void **data, int64_t *size, llama2_error *err) {
+#if defined(_WIN32)
+    struct _stati64 st;
+    if (_stati64(path, &st) != 0) {
+        if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
+        return llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
+    }
+    if (!(st.st_mode & _S_IFREG))
+        return llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
+    *size = (int64_t)st.st_size;
+    if (*size == 0) { *data = NULL; return LLAMA2_OK; }
+    HANDLE fh = CreateFileA(path, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING,
+                            FILE_ATTRIBUTE_NORMAL, NULL);
+    if (fh == INVALID_HANDLE_VALUE) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot open", path);
+    HANDLE mh = CreateFileMappingA(fh, NULL, PAGE_READONLY, 0, 0, NULL);
+    CloseHandle(fh);
+    if (!mh) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot map", path);
+    *data = MapViewOfFile(mh, FILE_MAP_READ, 0, 0, 0);
+    CloseHandle(mh);
+    if (!*data) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot map", path);
+    return LLAMA2_OK;
+#else
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
+        return llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
+    }
+    *size = (int64_t)st.st_size;
+    if (*size == 0) { close(fd); *data = NULL; return LLAMA2_OK; }
+    void *p = mmap(NULL, (size_t)*size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
+    *data = p;
+    return LLAMA2_OK;
+#endif
+}
+
+static void unmap_file(void *data, int64_t size) {
+    if (!data) return;
+#if defined(_WIN32)
+    (void)size;
+    UnmapViewOfFile(data);
+#else
+    munmap(data, (size_t)size);
+#endif
+}
+
+/* ---- header ---- */
+
+static int32_t read_i32(const unsigned char *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static float read_f32(const unsigned char *p) {
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static int check_positive(const char *name, int v, int max, llama2_error *err) {
+    if (v <= 0) return llama2_fail(err, LLAMA2_ERR_FORMAT, "%s must be positive (got %d)", name, v);
+    if (v > max) return llama2_fail(err, LLAMA2_ERR_FORMAT, "%s = %d is too large (limit %d)", name, v, max);
+    return LLAMA2_OK;
+}
+
+static int check_config(llama2_config *c, llama2_error *err) {
+    int rc;
+    if ((rc = check_positive("dim", c->dim, MAX_DIM, err))) return rc;
+    if ((rc = check_positive("hidden_dim", c->hidden_dim, MAX_HIDDEN, err))) return rc;
+    if ((rc = check_positive("n_layers", c->n_layers, MAX_LAYERS, err))) return rc;
+    if ((rc = check_positive("n_heads", c->n_heads, MAX_DIM, err))) return rc;
+    if ((rc = check_positive("n_kv_heads", c->n_kv_heads, MAX_DIM, err))) return rc;
+    if ((rc = check_positive("vocab_size", c->vocab_size, MAX_VOCAB, err))) return rc;
+    if ((rc = check_positive("seq_len", c->seq_len, MAX_SEQ, err))) return rc;
+    if (c->dim % c->n_heads != 0)
+        return llama2_fail(err, LLAMA2_ERR_FORMAT, "dim (%d) is not a multiple of n_heads (%d)", c->dim, c->n_heads);
+    if (c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads != 0)
+        return llama2_fail(err, LLAMA2_ERR_FORMAT,
+                           "n_heads (%d) is not a multiple of n_kv_heads (%d)", c->n_heads, c->n_kv_heads);
+    c->head_size = c->dim / c->n_heads;
+    if (c->head_size % 2 != 0)
+        return llama2_fail(err, LLAMA2_ERR_FORMAT, "head_size (%d = dim / n_heads) must be even for RoPE", c->head_size);
+    c->kv_dim = c->head_size * c->n_kv_heads;
+    if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
+        return llama2_fail(err, LLAMA2_ERR_FORMAT, "rope_theta must be finite and positive (got %g)", (double)c->rope_theta);
+    if (!(c->norm_eps > 0.0f) || !isfinite(c->norm_eps))
+        return llama2_fail(err, LLAMA2_ERR_FORMAT, "norm_eps must be finite and positive (got %g)", (double)c->norm_eps);
+    return LLAMA2_OK;
+}
+
+/* Reads the header into c; *header_bytes is where the weights start. */
+static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, int *gs,
+                        int64_t *header_bytes, llama2_error *err) {
+    memset(c, 0, sizeof(*c));
+    c->rope_theta = 10000.0f;
+    c->norm_eps = 1e-5f;
+    *gs = 0;
+    if (size < 4)
+        return llama2_fail(err, LLAMA2_ERR_FORMAT, "file is too small to be a model (%lld bytes)", (long long)size);
+    uint32_t magic;
+    memcpy(&magic, p, 4);
+    if (magic == MODEL_MAGIC) {
+        if (size < HEADER_BYTES)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "truncated header: %lld bytes, a versioned model header has %d",
+                               (long long)size, HEADER_BYTES);
+        c->version = read_i32(p + 4);
+        if (c->version < 1 || c->version > 3)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT,
+                               "unknown model file version %d (this engine reads versions 0, 1, 2 and 3)", c->version);
+        int *dims[7] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads,
+                        &c->n_kv_heads, &c->vocab_size, &c->seq_len};
+        for (int i = 0; i < 7; i++) *dims[i] = read_i32(p + 8 + 4 * i);
+        unsigned shared = p[36];
+        if (shared > 1)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "shared_classifier flag must be 0 or 1 (got %u)", shared);
+        c->shared_classifier = (int)shared;
+        if (c->version == 2) {
+            *gs = read_i32(p + 37);
+        } else if (c->version == 3) {
+            c->rope_theta = read_f32(p + 40);
+            c->norm_eps = read_f32(p + 44);
+        }
+        *header_bytes = HEADER_BYTES;
+    } else {
+        if (size < LEGACY_HEADER_BYTES)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "truncated header: %lld bytes, a version 0 header has %d",
+                               (long long)size, LEGACY_HEADER_BYTES);
+        c->version = 0;
+        int *dims[7] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads,
+                        &c->n_kv_heads, &c->vocab_size, &c->seq_len};
+        for (int i = 0; i < 7; i++) *dims[i] = read_i32(p + 4 * i);
+        /* a negative vocab_size marks an unshared classifier */
+        c->shared_classifier = c->vocab_size > 0;
+        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) c->vocab_size = -c->vocab_size;
+        *header_bytes = LEGACY_HEADER_BYTES;
+    }
+    int rc = check_config(c, err);
+    if (rc) {
+        if (c->version == 0 && err) {
+            /* say how the file was read when its "dims" are nonsense */
+            size_t used = strlen(err->message);
+            snprintf(err->message + used, sizeof(err->message) - used,
+                     " (read as a version 0 file: it has no 'ak42' magic)");
+        }
+        return rc;
+    }
+    if (c->version == 2) {
+        if (*gs <= 0 || *gs > MAX_GROUP)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "bad group_size %d in version 2 header", *gs);
+        if (c->dim % *gs != 0)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "group_size %d does not divide dim %d", *gs, c->dim);
+    }
+    return LLAMA2_OK;
+}
+
+/* Bytes of one Q8_0 matrix of n values: n int8 then n/gs fp32 scales. */
+static int64_t q8_bytes(int64_t n, int gs) { return n + 4 * (n / gs); }
+
+static int64_t expected_size(const llama2_config *c, int gs) {
+    int64_t L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
+    int64_t unshared = c->shared_classifier ? 0 : 1;
+    if (c->version == 0) {
+        int64_t floats = V * d + L * d + L * d * d + 2 * L * kv * d + L * d * d + L * d +
+                         3 * L * h * d + d + (int64_t)c->seq_len * c->head_size + unshared * V * d;
+        return LEGACY_HEADER_BYTES + 4 * floats;
+    }
+    if (c->version == 2) {
+        int64_t bytes = 4 * (2 * L * d + d) + q8_bytes(V * d, gs);
+        bytes += L * (2 * q8_bytes(d * d, gs) + 2 * q8_bytes(kv * d, gs) + 3 * q8_bytes(h * d, gs));
+        bytes += unshared * q8_bytes(V * d, gs);
+        return HEADER_BYTES + bytes;
+    }
+    int64_t floats = 2 * L * d + d + V * d + L * (2 * d * d + 2 * kv * d + 3 * h * d) + unshared * V * d;
+    return HEADER_BYTES + 4 * floats;
+}
+
+/* ---- pointing tensors into the file ---- */
+
+typedef struct {
+    const unsigned char *p;
+} cursor;
+
+static const float *take_f32(cursor *cur, int64_t n) {
+    const float *f = (const float *)cur->p;
+    cur->p += 4 * n;
+    return f;
+}
+
+static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows, int cols) {
+    for (int i = 0; i < count; i++) {
+        m[i].rows = rows;
+        m[i].cols = cols;
+        m[i].f = take_f32(cur, (int64_t)rows * cols);
+    }
+}
+
+/* Q8_0 matrix in place; scales that do not sit on a 4-byte boundary are copied. */
+static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, cursor *cur,
+                           int rows, int cols, llama2_error *err) {
+    int64_t n = (int64_t)rows * cols, ns = n / t->gs;
+    for (int i = 0; i < count; i++) {
+        m[i].rows = rows;
+        m[i].cols = cols;
+        m[i].q = (const int8_t *)cur->p;
+        cur->p += n;
+        if (((uintptr_t)cur->p & 3u) == 0) {
+            m[i].s = (const float *)cur->p;
+        } else {
+            float *s = (float *)llama2_own(t, (size_t)ns * 4);
+            if (!s) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory copying scales");
+            memcpy(s, cur->p, (size_t)ns * 4);
+            m[i].s = s;
+        }
+        cur->p += 4 * ns;
+    }
+    return LLAMA2_OK;
+}
+
+static int quantize_matrix(llama2_transformer *t, llama2_matrix *m, llama2_error *err) {
+    int64_t n = (int64_t)m->rows * m->cols;
+    int8_t *q = (int8_t *)llama2_own(t, (size_t)n);
+    float *s = (float *)llama2_own(t, (size_t)(n / t->gs) * 4);
+    if (!q || !s) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory quantizing weights");
+    llama2_quantize_weights(q, s, m->f, n, t->gs);
+    m->q = q;
+    m->s = s;
+    m->f = NULL;
+    return LLAMA2_OK;
+}
+
+static int map_weights(llama2_transformer *t, const unsigned char *body, unsigned flags,
+                       llama2_error *err) {
+    llama2_config *c = &t->config;
+    int L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
+    cursor cur = {body};
+    t->matrices = (llama2_matrix *)llama2_own(t, sizeof(llama2_matrix) * 7 * (size_t)L);
+    if (!t->matrices) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    t->wq = t->matrices;
+    t->wk = t->wq + L;
+    t->wv = t->wk + L;
+    t->wo = t->wv + L;
+    t->w1 = t->wo + L;
+    t->w2 = t->w1 + L;
+    t->w3 = t->w2 + L;
+
+    if (c->version == 0) {
+        t->token_embedding = take_f32(&cur, (int64_t)V * d);
+        t->rms_att = take_f32(&cur, (int64_t)L * d);
+        set_f32_matrices(t->wq, L, &cur, d, d);
+        set_f32_matrices(t->wk, L, &cur, kv, d);
+        set_f32_matrices(t->wv, L, &cur, kv, d);
+        set_f32_matrices(t->wo, L, &cur, d, d);
+        t->rms_ffn = take_f32(&cur, (int64_t)L * d);
+        set_f32_matrices(t->w1, L, &cur, h, d);
+        set_f32_matrices(t->w2, L, &cur, d, h);
+        set_f32_matrices(t->w3, L, &cur, h, d);
+        t->rms_final = take_f32(&cur, d);
+        take_f32(&cur, (int64_t)c->seq_len * c->head_size); /* freq_cis real + imag */
+    } else {
+        t->rms_att = take_f32(&cur, (int64_t)L * d);
+        t->rms_ffn = take_f32(&cur, (int64_t)L * d);
+        t->rms_final = take_f32(&cur, d);
+    }
+
+    if (c->version == 2) {
+        llama2_matrix emb;
+        int rc = set_q8_matrices(t, &emb, 1, &cur, V, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->wq, L, &cur, d, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->wk, L, &cur, kv, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->wv, L, &cur, kv, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->wo, L, &cur, d, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->w1, L, &cur, h, d, err);
+        if (!rc) rc = set_q8_matrices(t, t->w2, L, &cur, d, h, err);
+        if (!rc) rc = set_q8_matrices(t, t->w3, L, &cur, h, d, err);
+        if (rc) return rc;
+        if (c->shared_classifier) {
+            t->wcls = emb;
+        } else if ((rc = set_q8_matrices(t, &t->wcls, 1, &cur, V, d, err))) {
+            return rc;
+        }
+        /* the embedding is looked up row by row: keep a dequantized copy */
+        float *e = (float *)llama2_own(t, (size_t)V * d * 4);
+        if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory dequantizing the embedding");
+        for (int64_t i = 0; i < (int64_t)V * d; i++) e[i] = emb.q[i] * emb.s[i / t->gs];
+        t->token_embedding = e;
+        return LLAMA2_OK;
+    }
+
+    if (c->version != 0) {
+        t->token_embedding = take_f32(&cur, (int64_t)V * d);
+        set_f32_matrices(t->wq, L, &cur, d, d);
+        set_f32_matrices(t->wk, L, &cur, kv, d);
+        set_f32_matrices(t->wv, L, &cur, kv, d);
+        set_f32_matrices(t->wo, L, &cur, d, d);
+        set_f32_matrices(t->w1, L, &cur, h, d);
+        set_f32_matrices(t->w2, L, &cur, d, h);
+        set_f32_matrices(t->w3, L, &cur, h, d);
+    }
+    if (c->shared_classifier) {
+        t->wcls.rows = V;
+        t->wcls.cols = d;
+        t->wcls.f = t->token_embedding;
+    } else {
+        set_f32_matrices(&t->wcls, 1, &cur, V, d);
+    }
+
+    if (flags & LLAMA2_OPEN_QUANTIZE) {
+        /* group size as the exporter picks it: 64 halved until it divides dim */
+        t->gs = 64;
+        while (d % t->gs != 0) t->gs /= 2;
+        for (int i = 0; i < 7 * L; i++) {
+            int rc = quantize_matrix(t, &t->matrices[i], err);
+            if (rc) return rc;
+        }
+        int rc = quantize_matrix(t, &t->wcls, err);
+        if (rc) return rc;
+        c->weights = LLAMA2_WEIGHTS_Q8_0;
+        c->group_size = t->gs;
+    }
+    return LLAMA2_OK;
+}
+
+static int64_t count_params(const llama2_config *c) {
+    int64_t L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
+    int64_t n = V * d + 2 * L * d + d + L * (2 * d * d + 2 * kv * d + 3 * h * d);
+    if (!c->shared_classifier) n += V * d;
+    return n;
+}
+
+int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned flags,
+                            llama2_error *err) {
+    llama2_ok(err);
+    if (!out || !path) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    *out = NULL;
+    llama2_transformer *t = (llama2_transformer *)calloc(1, sizeof(*t));
+    if (!t) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    void *data = NULL;
+    int64_t size = 0;
+    int rc = map_file(path, &data, &size, err);
+    if (rc) { free(t); return rc; }
+    t->map = data;
+    t->map_size = size;
+
+    int gs = 0;
+    int64_t header_bytes = 0;
+    rc = parse_header((const unsigned char *)data, size, &t->config, &gs, &header_bytes, err);
+    if (!rc) {
+        int64_t want = expected_size(&t->config, gs);
+        if (size < want)
+            rc = llama2_fail(err, LLAMA2_ERR_FORMAT,
+                             "truncated model file: %lld bytes, but its header (version %d, dim %d, hidden_dim %d, "
+                             "n_layers %d, vocab %d) needs %lld",
+                             (long long)size, t->config.version, t->config.dim, t->config.hidden_dim,
+                             t->config.n_layers, t->config.vocab_size, (long long)want);
+        else if (size > want)
+            rc = llama2_fail(err, LLAMA2_ERR_FORMAT,
+                             "model file has %lld bytes but its header (version %d) accounts for %lld: "
+                             "wrong dimensions or trailing data",
+                             (long long)size, t->config.version, (long long)want);
+    }
+    if (!rc) {
+        t->gs = gs;
+        t->config.group_size = gs;
+        t->config.weights = t->config.version == 2 ? LLAMA2_WEIGHTS_Q8_0 : LLAMA2_WEIGHTS_F32;
+        t->config.file_size = size;
+        t->config.n_params = count_params(&t->config);
+        rc = map_weights(t, (const unsigned char *)data + header_bytes, flags, err);
+    }
+    if (!rc) rc = llama2_alloc_state(t, err);
+    if (rc) {
+        llama2_transformer_free(t);
+        return rc;
+    }
+    *out = t;
+    return LLAMA2_OK;
+}
+
+void llama2_transformer_free(llama2_transformer *t) {
+    if (!t) return;
+    unmap_file(t->map, t->map_size);
+    for (int i = 0; i < t->n_owned; i++) free(t->owned[i]);
+    free(t->owned);
+    free(t);
+}
+
+const llama2_config *llama2_transformer_config(const llama2_transformer *t) {
+    return t ? &t->config : NULL;
+}
+
+void llama2_transformer_set_threads(llama2_transformer *t, int n) {
+    if (t) t->n_threads = n > 0 ? n : 0;
+}

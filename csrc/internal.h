@@ -1,0 +1,86 @@
+/*
+ * internal.h - structures and helpers shared by the library's C files.
+ * Not installed; only llama2.h is public.
+ */
+#ifndef LLAMA2_INTERNAL_H
+#define LLAMA2_INTERNAL_H
+
+#include "llama2.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+
+/* ---- errors: every failure goes through here ---- */
+int llama2_fail(llama2_error *err, int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+void llama2_ok(llama2_error *err);
+
+/* ---- weights ---- */
+
+/* One weight matrix of `rows` x `cols`, either fp32 or Q8_0. For Q8_0 the
+ * matrix is flattened row after row and cut into groups of group_size
+ * values; scale g covers flat elements [g*gs, (g+1)*gs). */
+typedef struct {
+    int rows, cols;
+    const float *f;  /* fp32 data, or NULL */
+    const int8_t *q; /* int8 data, or NULL */
+    const float *s;  /* scales */
+} llama2_matrix;
+
+/* An activation vector ready for a matmul: fp32 values and, for int8
+ * weights, the same vector quantized in groups of group_size. */
+typedef struct {
+    const float *x;
+    int8_t *q;
+    float *s;
+    int n;
+} llama2_activation;
+
+struct llama2_transformer {
+    llama2_config config;
+    int gs; /* group size for Q8_0 matrices, 0 for fp32 */
+    int n_threads;
+
+    /* weights (pointers into the mapping or into owned buffers) */
+    const float *rms_att, *rms_ffn, *rms_final;
+    const float *token_embedding; /* fp32 rows (dequantized for v2) */
+    llama2_matrix *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* n_layers each */
+    llama2_matrix wcls;
+
+    /* storage */
+    void *map;          /* memory-mapped file */
+    int64_t map_size;
+    void **owned;       /* buffers to free */
+    int n_owned, cap_owned;
+    llama2_matrix *matrices; /* backing array for wq..w3 */
+
+    /* run state */
+    float *x, *xb, *xb2, *hb, *hb2, *q, *att, *logits;
+    float *key_cache, *value_cache;
+    int8_t *xq;  float *xs;  /* quantized dim-sized activation */
+    int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
+};
+
+/* checkpoint.c */
+void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t */
+
+/* run.c: fp32 pieces (also used by the int8 path) */
+void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
+void llama2_softmax(float *x, int n);
+void llama2_matmul_f32(float *out, const float *x, const float *w, int n, int d, int nt);
+void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
+                   int nt);
+
+/* runq.c: int8 pieces */
+void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs);
+void llama2_quantize_weights(int8_t *q, float *s, const float *x, int64_t n, int gs);
+void llama2_matmul_q8(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                      int n, int d, int gs, int nt);
+
+/* forward.c */
+int llama2_alloc_state(llama2_transformer *t, llama2_error *err);
+
+#endif

@@ -1,0 +1,196 @@
+/*
+ * llama2.h - public interface of libllama2, the llama2c inference engine.
+ *
+ * The library reads llama2.c model files (versions 0, 1, 2 and this project's
+ * version 3, see docs/FORMAT.md) and tokenizer.bin files, runs the Llama 2
+ * forward pass in fp32 or int8 (Q8_0), samples, and drives generate / chat
+ * loops one token at a time.
+ *
+ * Rules every function follows:
+ *   - it never exits, aborts or prints; failures return a non-zero
+ *     llama2_status and, when `err` is not NULL, a human-readable message;
+ *   - objects are independent: two transformers may run in two threads at
+ *     once (one object must not be used from two threads at the same time).
+ */
+#ifndef LLAMA2_H
+#define LLAMA2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(LLAMA2_BUILD_DLL)
+#define LLAMA2_API __declspec(dllexport)
+#else
+#define LLAMA2_API
+#endif
+
+/* ---- errors ------------------------------------------------------------ */
+
+typedef enum {
+    LLAMA2_OK = 0,
+    LLAMA2_ERR_NOT_FOUND = 1, /* the file does not exist */
+    LLAMA2_ERR_IO = 2,        /* the file exists but cannot be read or mapped */
+    LLAMA2_ERR_FORMAT = 3,    /* malformed file: magic, version, size, dims */
+    LLAMA2_ERR_ARGUMENT = 4,  /* bad argument: token / position out of range */
+    LLAMA2_ERR_NOMEM = 5,     /* an allocation failed */
+    LLAMA2_ERR_STATE = 6      /* call not valid in the object's current state */
+} llama2_status;
+
+typedef struct {
+    int code;          /* a llama2_status */
+    char message[512]; /* NUL-terminated reason; "" when code is LLAMA2_OK */
+} llama2_error;
+
+/* ---- model ------------------------------------------------------------- */
+
+#define LLAMA2_WEIGHTS_F32 0
+#define LLAMA2_WEIGHTS_Q8_0 1
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    int head_size, kv_dim;
+    int shared_classifier; /* 1: the classifier is the token embedding */
+    int version;           /* file format version: 0, 1, 2 or 3 */
+    int weights;           /* LLAMA2_WEIGHTS_F32 or LLAMA2_WEIGHTS_Q8_0 (as run) */
+    int group_size;        /* Q8_0 group size; 0 for fp32 */
+    float rope_theta;      /* 10000 unless the file says otherwise (v3) */
+    float norm_eps;        /* 1e-5 unless the file says otherwise (v3) */
+    int64_t file_size;     /* bytes */
+    int64_t n_params;      /* number of weights (embedding counted once if shared) */
+} llama2_config;
+
+typedef struct llama2_transformer llama2_transformer;
+
+/* open flags */
+#define LLAMA2_OPEN_QUANTIZE 1u /* quantize fp32 weights to Q8_0 while loading (runq) */
+
+LLAMA2_API int llama2_transformer_open(llama2_transformer **out, const char *path,
+                                       unsigned flags, llama2_error *err);
+LLAMA2_API void llama2_transformer_free(llama2_transformer *t);
+LLAMA2_API const llama2_config *llama2_transformer_config(const llama2_transformer *t);
+/* n <= 0: as many as the machine has. */
+LLAMA2_API void llama2_transformer_set_threads(llama2_transformer *t, int n);
+/* Runs one token at one position and returns the logits (vocab_size floats,
+ * owned by the transformer, valid until the next call). The KV cache keeps
+ * positions 0..pos-1 from earlier calls. */
+LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,
+                              llama2_error *err);
+
+/* ---- tokenizer --------------------------------------------------------- */
+
+typedef struct llama2_tokenizer llama2_tokenizer;
+
+/* vocab_size < 0 reads every entry in the file; otherwise the first
+ * vocab_size entries (the file must hold at least that many). */
+LLAMA2_API int llama2_tokenizer_open(llama2_tokenizer **out, const char *path, int vocab_size,
+                                     llama2_error *err);
+LLAMA2_API void llama2_tokenizer_free(llama2_tokenizer *tk);
+LLAMA2_API int llama2_tokenizer_vocab_size(const llama2_tokenizer *tk);
+/* The raw piece of a token as stored (spaces as ' '), its length and score. */
+LLAMA2_API int llama2_tokenizer_piece(const llama2_tokenizer *tk, int token, const char **piece,
+                                      int *len, float *score, llama2_error *err);
+/* Encodes len bytes of text. tokens must hold len + 3 ints. */
+LLAMA2_API int llama2_encode(llama2_tokenizer *tk, const char *text, size_t len, int bos,
+                             int eos, int *tokens, int *n_tokens, llama2_error *err);
+/* The bytes that token prints after prev_token: the leading space is dropped
+ * after BOS, and <0xHH> pieces become the single byte HH. */
+LLAMA2_API int llama2_decode(const llama2_tokenizer *tk, int prev_token, int token,
+                             const char **piece, int *len, llama2_error *err);
+
+/* Printable-text filter used for output: ASCII behaves like llama2.c
+ * (non-printable single bytes are dropped), and multi-byte UTF-8 that
+ * arrives one byte token at a time is held until the code point completes. */
+typedef struct {
+    unsigned char pending[4];
+    int n_pending;
+    int n_needed;
+} llama2_utf8_filter;
+
+LLAMA2_API void llama2_utf8_filter_reset(llama2_utf8_filter *f);
+/* Appends what should be printed for `piece` to out (capacity len + 4);
+ * returns the number of bytes written. */
+LLAMA2_API int llama2_utf8_filter_push(llama2_utf8_filter *f, const char *piece, int len,
+                                       char *out);
+
+/* ---- sampler ----------------------------------------------------------- */
+
+typedef struct {
+    float temperature; /* 0: greedy */
+    float topp;        /* nucleus; <= 0 or >= 1 disables it */
+} llama2_sampler_params;
+
+typedef struct llama2_sampler llama2_sampler;
+
+LLAMA2_API int llama2_sampler_new(llama2_sampler **out, int vocab_size,
+                                  const llama2_sampler_params *params, uint64_t seed,
+                                  llama2_error *err);
+LLAMA2_API void llama2_sampler_free(llama2_sampler *s);
+/* Samples a token; the logits are modified in place (scaled, softmaxed). */
+LLAMA2_API int llama2_sample(llama2_sampler *s, float *logits);
+LLAMA2_API uint64_t llama2_sampler_rng_state(const llama2_sampler *s);
+
+/* The xorshift RNG of the sampler, exposed for tests. */
+LLAMA2_API uint32_t llama2_random_u32(uint64_t *state);
+LLAMA2_API float llama2_random_f32(uint64_t *state);
+
+/* ---- generation sessions ---------------------------------------------- */
+
+#define LLAMA2_TOKEN_BOS 1
+#define LLAMA2_TOKEN_EOS 2
+
+typedef enum {
+    LLAMA2_STEP_TOKEN = 0,      /* a token was produced; text may be empty */
+    LLAMA2_STEP_DONE = 1,       /* steps exhausted or BOS sampled: finished */
+    LLAMA2_STEP_NEED_INPUT = 2, /* chat: the user's turn; call llama2_session_chat_input */
+    LLAMA2_STEP_ERROR = -1
+} llama2_step_kind;
+
+typedef struct {
+    int kind;          /* llama2_step_kind */
+    int token;         /* the token fed at this step */
+    int next;          /* the token chosen to follow it */
+    int pos;           /* positions run so far */
+    int in_prompt;     /* 1 while the prompt is still being fed */
+    int end_of_turn;   /* chat: the assistant's turn ended (EOS) at this step */
+    int text_len;      /* bytes in text */
+    const char *text;  /* what to print for this step; valid until the next step */
+} llama2_step;
+
+typedef struct llama2_session llama2_session;
+
+#define LLAMA2_MODE_GENERATE 0
+#define LLAMA2_MODE_CHAT 1
+
+/* The session borrows t, tk and s; they must outlive it. steps <= 0 or
+ * > seq_len means seq_len. In generate mode the prompt (may be "") is
+ * encoded with BOS; in chat mode the first call to llama2_session_step asks
+ * for input. */
+LLAMA2_API int llama2_session_new(llama2_session **out, llama2_transformer *t,
+                                  llama2_tokenizer *tk, llama2_sampler *s, int mode,
+                                  const char *prompt, size_t prompt_len, int steps,
+                                  llama2_error *err);
+LLAMA2_API void llama2_session_free(llama2_session *ss);
+LLAMA2_API int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);
+/* Chat: renders the Llama 2 template for the user's turn (system only used
+ * on the first turn, when non-empty) and queues it. */
+LLAMA2_API int llama2_session_chat_input(llama2_session *ss, const char *system,
+                                         size_t system_len, const char *user, size_t user_len,
+                                         llama2_error *err);
+/* Generate mode: runs to the end and returns the printed text (prompt
+ * included) in a malloc'd buffer the caller frees with llama2_free. */
+LLAMA2_API int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps,
+                                  llama2_error *err);
+LLAMA2_API int llama2_session_pos(const llama2_session *ss);
+LLAMA2_API void llama2_free(void *p);
+
+/* Library version string, e.g. "0.1.0". */
+LLAMA2_API const char *llama2_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LLAMA2_H */

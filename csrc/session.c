@@ -1,0 +1,230 @@
+/*
+ * session.c - the generate and chat loops of the `run` program as a state
+ * machine that advances one token per call, so the CLI, the Python binding
+ * and any other host share one implementation (SPEC.md section 6).
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct llama2_session {
+    llama2_transformer *t;
+    llama2_tokenizer *tk;
+    llama2_sampler *s;
+    int mode, steps;
+    int *prompt;
+    int n_prompt, cap_prompt;
+    int pos, token, next, done;
+    int user_turn, user_idx; /* chat */
+    llama2_utf8_filter filter;
+    char *text; /* output of the current step */
+    int cap_text;
+};
+
+/* Encodes text (with BOS) into the session's prompt buffer. */
+static int set_prompt(llama2_session *ss, const char *text, size_t len, llama2_error *err) {
+    if (len > (size_t)(1 << 28)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "prompt is too long (%zu bytes)", len);
+    if ((size_t)ss->cap_prompt < len + 3) {
+        int *grown = (int *)realloc(ss->prompt, (len + 3) * sizeof(int));
+        if (!grown) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory encoding the prompt");
+        ss->prompt = grown;
+        ss->cap_prompt = (int)(len + 3);
+    }
+    int rc = llama2_encode(ss->tk, text, len, 1, 0, ss->prompt, &ss->n_prompt, err);
+    if (rc) return rc;
+    int vocab = llama2_transformer_config(ss->t)->vocab_size;
+    for (int i = 0; i < ss->n_prompt; i++)
+        if (ss->prompt[i] >= vocab)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
+                               "prompt token %d is outside the model's vocabulary of %d (tokenizer and model do not match)",
+                               ss->prompt[i], vocab);
+    return LLAMA2_OK;
+}
+
+void llama2_session_free(llama2_session *ss) {
+    if (!ss) return;
+    free(ss->prompt);
+    free(ss->text);
+    free(ss);
+}
+
+int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_tokenizer *tk,
+                       llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps,
+                       llama2_error *err) {
+    llama2_ok(err);
+    if (!out || !t || !tk || !s) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    *out = NULL;
+    if (mode != LLAMA2_MODE_GENERATE && mode != LLAMA2_MODE_CHAT)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "unknown mode %d", mode);
+    const llama2_config *c = llama2_transformer_config(t);
+    if (llama2_tokenizer_vocab_size(tk) < c->vocab_size)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "tokenizer has %d tokens but the model's vocab_size is %d",
+                           llama2_tokenizer_vocab_size(tk), c->vocab_size);
+    llama2_session *ss = (llama2_session *)calloc(1, sizeof(*ss));
+    if (!ss) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    ss->t = t;
+    ss->tk = tk;
+    ss->s = s;
+    ss->mode = mode;
+    ss->steps = steps <= 0 || steps > c->seq_len ? c->seq_len : steps;
+    int longest = 0;
+    for (int i = 0; i < c->vocab_size; i++) {
+        int len = 0;
+        llama2_tokenizer_piece(tk, i, NULL, &len, NULL, NULL);
+        if (len > longest) longest = len;
+    }
+    ss->cap_text = longest + 8;
+    ss->text = (char *)malloc((size_t)ss->cap_text);
+    if (!ss->text) { llama2_session_free(ss); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+    llama2_utf8_filter_reset(&ss->filter);
+    if (mode == LLAMA2_MODE_GENERATE) {
+        int rc = set_prompt(ss, prompt ? prompt : "", prompt ? prompt_len : 0, err);
+        if (rc) { llama2_session_free(ss); return rc; }
+        ss->token = ss->prompt[0];
+    } else {
+        ss->user_turn = 1;
+    }
+    *out = ss;
+    return LLAMA2_OK;
+}
+
+int llama2_session_pos(const llama2_session *ss) { return ss ? ss->pos : 0; }
+
+/* What token prints after prev, through the UTF-8 filter, appended at text[at]. */
+static int emit(llama2_session *ss, int prev, int token, int at) {
+    const char *piece;
+    int len;
+    if (llama2_decode(ss->tk, prev, token, &piece, &len, NULL) != LLAMA2_OK) return at;
+    return at + llama2_utf8_filter_push(&ss->filter, piece, len, ss->text + at);
+}
+
+static int step_generate(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    float *logits;
+    int rc = llama2_forward(ss->t, ss->token, ss->pos, &logits, err);
+    if (rc) return rc;
+    st->token = ss->token;
+    st->in_prompt = ss->pos < ss->n_prompt - 1;
+    ss->next = st->in_prompt ? ss->prompt[ss->pos + 1] : llama2_sample(ss->s, logits);
+    ss->pos++;
+    st->next = ss->next;
+    st->pos = ss->pos;
+    if (ss->next == LLAMA2_TOKEN_BOS) { /* the model starts a new text: stop */
+        ss->done = 1;
+        st->kind = LLAMA2_STEP_DONE;
+        return LLAMA2_OK;
+    }
+    st->text_len = emit(ss, ss->token, ss->next, 0);
+    ss->token = ss->next;
+    return LLAMA2_OK;
+}
+
+/* One step of llama2.c's chat loop, kept exactly: the token after EOS is
+ * still run (and sampled) before the user's next turn. */
+static int step_chat(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    int token = ss->user_idx < ss->n_prompt ? ss->prompt[ss->user_idx++] : ss->next;
+    if (token == LLAMA2_TOKEN_EOS) ss->user_turn = 1;
+    float *logits;
+    int rc = llama2_forward(ss->t, token, ss->pos, &logits, err);
+    if (rc) return rc;
+    ss->next = llama2_sample(ss->s, logits);
+    ss->pos++;
+    st->token = token;
+    st->next = ss->next;
+    st->pos = ss->pos;
+    st->in_prompt = ss->user_idx < ss->n_prompt;
+    int n = 0;
+    if (!st->in_prompt && ss->next != LLAMA2_TOKEN_EOS) n = emit(ss, token, ss->next, 0);
+    if (ss->next == LLAMA2_TOKEN_EOS) {
+        ss->text[n++] = '\n';
+        st->end_of_turn = 1;
+    }
+    st->text_len = n;
+    return LLAMA2_OK;
+}
+
+int llama2_session_step(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss || !st) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    memset(st, 0, sizeof(*st));
+    st->text = ss->text;
+    st->pos = ss->pos;
+    if (ss->done || ss->pos >= ss->steps) {
+        ss->done = 1;
+        st->kind = LLAMA2_STEP_DONE;
+        return LLAMA2_OK;
+    }
+    if (ss->mode == LLAMA2_MODE_CHAT && ss->user_turn) {
+        st->kind = LLAMA2_STEP_NEED_INPUT;
+        return LLAMA2_OK;
+    }
+    st->kind = LLAMA2_STEP_TOKEN;
+    int rc = ss->mode == LLAMA2_MODE_CHAT ? step_chat(ss, st, err) : step_generate(ss, st, err);
+    if (rc) {
+        st->kind = LLAMA2_STEP_ERROR;
+        ss->done = 1;
+    }
+    return rc;
+}
+
+int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len,
+                              const char *user, size_t user_len, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (ss->mode != LLAMA2_MODE_CHAT || !ss->user_turn || ss->done)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "the session is not waiting for a user turn");
+    if (!user) user_len = 0;
+    if (!system) system_len = 0;
+    int with_system = ss->pos == 0 && system_len > 0;
+    size_t cap = user_len + system_len + 64;
+    char *rendered = (char *)malloc(cap);
+    if (!rendered) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    size_t n = 0;
+#define PUT(s, l) (memcpy(rendered + n, (s), (l)), n += (l))
+    if (with_system) {
+        PUT("[INST] <<SYS>>\n", 15);
+        PUT(system, system_len);
+        PUT("\n<</SYS>>\n\n", 11);
+    } else {
+        PUT("[INST] ", 7);
+    }
+    if (user_len) PUT(user, user_len);
+    PUT(" [/INST]", 8);
+#undef PUT
+    int rc = set_prompt(ss, rendered, n, err);
+    free(rendered);
+    if (rc) return rc;
+    ss->user_idx = 0;
+    ss->user_turn = 0;
+    return LLAMA2_OK;
+}
+
+int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps,
+                       llama2_error *err) {
+    llama2_ok(err);
+    if (!ss || !text || !len) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (ss->mode != LLAMA2_MODE_GENERATE)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "llama2_session_run is for generate mode");
+    size_t cap = 256, n = 0;
+    char *buf = (char *)malloc(cap);
+    if (!buf) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    llama2_step st;
+    for (;;) {
+        int rc = llama2_session_step(ss, &st, err);
+        if (rc) { free(buf); return rc; }
+        if (st.kind != LLAMA2_STEP_TOKEN) break;
+        if (n + (size_t)st.text_len + 1 > cap) {
+            while (n + (size_t)st.text_len + 1 > cap) cap *= 2;
+            char *grown = (char *)realloc(buf, cap);
+            if (!grown) { free(buf); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+            buf = grown;
+        }
+        memcpy(buf + n, st.text, (size_t)st.text_len);
+        n += (size_t)st.text_len;
+    }
+    buf[n] = '\0';
+    *text = buf;
+    *len = n;
+    if (n_steps) *n_steps = ss->pos;
+    return LLAMA2_OK;
+}

@@ -1,0 +1,116 @@
+"""cffi binding of libllama2 (ABI mode: the shared library is loaded with dlopen).
+
+The declarations below mirror csrc/llama2.h; tests/test_ffi_header.py checks
+that every function declared there is declared here too.
+
+Where the library comes from, first match wins:
+  1. the path in the LLAMA2C_LIBRARY environment variable;
+  2. libllama2.{so,dylib} / llama2.dll inside this package, put there by
+     `pip install` (setup.py compiles csrc/) or by `make` (it copies its build).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+CDEF = """
+typedef struct { int code; char message[512]; } llama2_error;
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    int head_size, kv_dim;
+    int shared_classifier;
+    int version;
+    int weights;
+    int group_size;
+    float rope_theta;
+    float norm_eps;
+    int64_t file_size;
+    int64_t n_params;
+} llama2_config;
+
+typedef struct llama2_transformer llama2_transformer;
+int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned flags, llama2_error *err);
+void llama2_transformer_free(llama2_transformer *t);
+const llama2_config *llama2_transformer_config(const llama2_transformer *t);
+void llama2_transformer_set_threads(llama2_transformer *t, int n);
+int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err);
+
+typedef struct llama2_tokenizer llama2_tokenizer;
+int llama2_tokenizer_open(llama2_tokenizer **out, const char *path, int vocab_size, llama2_error *err);
+void llama2_tokenizer_free(llama2_tokenizer *tk);
+int llama2_tokenizer_vocab_size(const llama2_tokenizer *tk);
+int llama2_tokenizer_piece(const llama2_tokenizer *tk, int token, const char **piece, int *len, float *score, llama2_error *err);
+int llama2_encode(llama2_tokenizer *tk, const char *text, size_t len, int bos, int eos, int *tokens, int *n_tokens, llama2_error *err);
+int llama2_decode(const llama2_tokenizer *tk, int prev_token, int token, const char **piece, int *len, llama2_error *err);
+
+typedef struct { unsigned char pending[4]; int n_pending; int n_needed; } llama2_utf8_filter;
+void llama2_utf8_filter_reset(llama2_utf8_filter *f);
+int llama2_utf8_filter_push(llama2_utf8_filter *f, const char *piece, int len, char *out);
+
+typedef struct { float temperature; float topp; } llama2_sampler_params;
+typedef struct llama2_sampler llama2_sampler;
+int llama2_sampler_new(llama2_sampler **out, int vocab_size, const llama2_sampler_params *params, uint64_t seed, llama2_error *err);
+void llama2_sampler_free(llama2_sampler *s);
+int llama2_sample(llama2_sampler *s, float *logits);
+uint64_t llama2_sampler_rng_state(const llama2_sampler *s);
+uint32_t llama2_random_u32(uint64_t *state);
+float llama2_random_f32(uint64_t *state);
+
+typedef struct {
+    int kind; int token; int next; int pos; int in_prompt; int end_of_turn;
+    int text_len; const char *text;
+} llama2_step;
+typedef struct llama2_session llama2_session;
+int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_tokenizer *tk, llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps, llama2_error *err);
+void llama2_session_free(llama2_session *ss);
+int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);
+int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len, const char *user, size_t user_len, llama2_error *err);
+int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps, llama2_error *err);
+int llama2_session_pos(const llama2_session *ss);
+void llama2_free(void *p);
+const char *llama2_version(void);
+"""
+
+# status codes (llama2_status in llama2.h)
+OK, ERR_NOT_FOUND, ERR_IO, ERR_FORMAT, ERR_ARGUMENT, ERR_NOMEM, ERR_STATE = range(7)
+OPEN_QUANTIZE = 1
+MODE_GENERATE, MODE_CHAT = 0, 1
+STEP_TOKEN, STEP_DONE, STEP_NEED_INPUT, STEP_ERROR = 0, 1, 2, -1
+WEIGHTS_F32, WEIGHTS_Q8_0 = 0, 1
+
+ffi = FFI()
+ffi.cdef(CDEF)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def library_names() -> list[str]:
+    if sys.platform == "win32":
+        return ["llama2.dll", "libllama2.dll"]
+    if sys.platform == "darwin":
+        return ["libllama2.dylib", "libllama2.so"]
+    return ["libllama2.so"]
+
+
+def find_library() -> Path:
+    override = os.environ.get("LLAMA2C_LIBRARY")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise ImportError(f"LLAMA2C_LIBRARY={override} does not name a file")
+        return path
+    for name in library_names():
+        path = PACKAGE_DIR / name
+        if path.is_file():
+            return path
+    raise ImportError(
+        f"libllama2 was not found in {PACKAGE_DIR}: build it with `make run` "
+        "(or `make runomp`) in the source tree, or reinstall with `pip install -e .`"
+    )
+
+
+lib = ffi.dlopen(str(find_library()))

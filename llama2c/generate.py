@@ -1,0 +1,319 @@
+"""Text generation from Python: `generate()` for one call, `Llama` for a model
+you load once and reuse (generate, stream, chat, tokenize, forward).
+
+The heavy lifting is libllama2's: generate() runs the whole loop in C, and
+stream() advances it one token per call. cffi releases the GIL around every
+C call, so two Llama objects run in parallel in two threads.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import _ffi
+from ._ffi import ffi, lib
+from .errors import InvalidArgumentError, StateError, new_error, raise_for
+from .sampler import Sampler, check_settings, resolve_seed
+from .tokenizer import BOS, EOS, Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    head_size: int
+    kv_dim: int
+    shared_classifier: bool
+    version: int
+    weights: str  # "f32" or "q8_0": how the engine runs it
+    group_size: int
+    rope_theta: float
+    norm_eps: float
+    file_size: int
+    n_params: int
+
+
+def _config_from(c) -> ModelConfig:
+    return ModelConfig(
+        dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, seq_len=c.seq_len,
+        head_size=c.head_size, kv_dim=c.kv_dim, shared_classifier=bool(c.shared_classifier),
+        version=c.version, weights="q8_0" if c.weights == _ffi.WEIGHTS_Q8_0 else "f32",
+        group_size=c.group_size, rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
+        file_size=int(c.file_size), n_params=int(c.n_params),
+    )
+
+
+def _bytes(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a str, got {type(text).__name__}")
+    return text.encode("utf-8")
+
+
+def render_chat(messages: list[dict]) -> list[tuple[str, str | None]]:
+    """Splits a conversation into (user text, assistant reply or None) turns,
+    the system message folded into the first user text with the Llama 2
+    <<SYS>> markup. The last turn must be the user's."""
+    system = None
+    turns: list[list] = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            if turns or system is not None:
+                raise InvalidArgumentError("a system message may only come first")
+            system = content
+        elif role == "user":
+            if turns and turns[-1][1] is None:
+                raise InvalidArgumentError("two user messages in a row")
+            turns.append([content, None])
+        elif role == "assistant":
+            if not turns or turns[-1][1] is not None:
+                raise InvalidArgumentError("an assistant message must follow a user message")
+            turns[-1][1] = content
+        else:
+            raise InvalidArgumentError(f"unknown role {role!r} (system, user or assistant)")
+    if not turns or turns[-1][1] is not None:
+        raise InvalidArgumentError("the conversation must end with a user message")
+    if system:
+        turns[0][0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0][0]}"
+    return [(u, a) for u, a in turns]
+
+
+class Llama:
+    """A model loaded once and reused.
+
+    tokenizer=None uses tokenizer.bin beside the model file (loaded on first
+    use, so forward() works without one). quantize=True runs fp32 files with
+    the int8 engine (Q8_0, quantized while loading), as `runq` does."""
+
+    def __init__(self, model_path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                 n_threads: int | None = None, quantize: bool = False):
+        self.model_path = os.fspath(model_path)
+        err = new_error()
+        out = ffi.new("llama2_transformer **")
+        flags = _ffi.OPEN_QUANTIZE if quantize else 0
+        raise_for(lib.llama2_transformer_open(out, self.model_path.encode(), flags, err), err,
+                  self.model_path)
+        self._ptr = ffi.gc(out[0], lib.llama2_transformer_free)
+        self.config = _config_from(lib.llama2_transformer_config(self._ptr))
+        if n_threads is not None:
+            if int(n_threads) < 1:
+                raise InvalidArgumentError(f"n_threads must be >= 1 (got {n_threads})")
+            lib.llama2_transformer_set_threads(self._ptr, int(n_threads))
+        self._tokenizer_path = os.fspath(tokenizer) if tokenizer is not None else None
+        self._tokenizer: Tokenizer | None = None
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    # ---- exclusive use: one call at a time per model ----
+    def _acquire(self):
+        if self._owner == threading.get_ident():
+            raise StateError("this Llama is busy in this thread (an unfinished stream?): "
+                             "finish or close it first")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def _release(self):
+        self._owner = None
+        self._lock.release()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            path = self._tokenizer_path
+            if path is None:
+                path = os.fspath(Path(self.model_path).resolve().parent / "tokenizer.bin")
+                if not os.path.exists(path):
+                    raise FileNotFoundError(
+                        2, f"no tokenizer given and none beside the model ({path}); pass tokenizer=", path)
+            self._tokenizer = Tokenizer(path, vocab_size=self.config.vocab_size)
+        return self._tokenizer
+
+    # ---- tokens ----
+    def tokenize(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, bos=bos, eos=eos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits (float32, vocab_size) for token at position pos; the KV cache
+        holds whatever positions earlier calls filled."""
+        err = new_error()
+        logits = ffi.new("float **")
+        self._acquire()
+        try:
+            raise_for(lib.llama2_forward(self._ptr, int(token), int(pos), logits, err), err)
+            return np.frombuffer(ffi.buffer(logits[0], 4 * self.config.vocab_size), dtype=np.float32).copy()
+        finally:
+            self._release()
+
+    # ---- generation ----
+    def _session(self, prompt: str, steps: int, temperature: float, topp: float, seed: int | None):
+        check_settings(temperature, topp)
+        if int(steps) < 0:
+            raise InvalidArgumentError(f"steps must be >= 0 (got {steps})")
+        tok = self.tokenizer
+        sampler = Sampler(self.config.vocab_size, temperature=temperature, topp=topp, seed=resolve_seed(seed))
+        data = _bytes(prompt)
+        out = ffi.new("llama2_session **")
+        err = new_error()
+        raise_for(lib.llama2_session_new(out, self._ptr, tok._ptr, sampler._ptr, _ffi.MODE_GENERATE,
+                                         data, len(data), int(steps), err), err)
+        # the session borrows the sampler: keep it alive as long as the session
+        return ffi.gc(out[0], lib.llama2_session_free), sampler
+
+    def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None) -> str:
+        """The text `run` prints for these settings (prompt included), without
+        its final newline. steps=0 means the model's seq_len."""
+        self._acquire()
+        try:
+            session, _sampler = self._session(prompt, steps, temperature, topp, seed)
+            text = ffi.new("char **")
+            length = ffi.new("size_t *")
+            err = new_error()
+            raise_for(lib.llama2_session_run(session, text, length, ffi.NULL, err), err)
+            try:
+                return ffi.unpack(text[0], length[0]).decode("utf-8", errors="replace")
+            finally:
+                lib.llama2_free(text[0])
+        finally:
+            self._release()
+
+    def stream(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
+               topp: float = 0.9, seed: int | None = None) -> Iterator[str]:
+        """Yields the same text as generate(), piece by piece as it is made."""
+        self._acquire()
+        try:
+            session, _sampler = self._session(prompt, steps, temperature, topp, seed)
+            step = ffi.new("llama2_step *")
+            err = new_error()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            while True:
+                raise_for(lib.llama2_session_step(session, step, err), err)
+                if step.kind != _ffi.STEP_TOKEN:
+                    break
+                piece = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
+                if piece:
+                    yield piece
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            self._release()
+
+    # ---- chat (Llama 2 chat template) ----
+    def chat_session(self, system: str | None = None) -> "ChatSession":
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return ChatSession(self, system)
+
+    def chat(self, messages: str | list[dict], *, steps: int | None = None, temperature: float = 1.0,
+             topp: float = 0.9, seed: int | None = None, system: str | None = None) -> str:
+        """The assistant's reply to a conversation: a str (one user message) or
+        a list of {"role": "system"|"user"|"assistant", "content": str}."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + list(messages)
+        turns = render_chat(list(messages))
+        session = ChatSession(self, None)
+        for user, reply in turns[:-1]:
+            session._feed_history(user, reply)
+        return session.send(turns[-1][0], steps=steps, temperature=temperature, topp=topp, seed=seed)
+
+
+class ChatSession:
+    """Turns of a Llama 2 chat: each user turn is `[INST] ... [/INST]` after
+    BOS, the reply runs until EOS, and everything shares one KV cache."""
+
+    def __init__(self, llama: Llama, system: str | None):
+        self.llama = llama
+        self.system = system
+        self.pos = 0
+        self.turns = 0
+        self._pending: list[int] = []  # tokens to feed before the next turn (EOS)
+
+    def _user_tokens(self, user: str) -> list[int]:
+        text = user
+        if self.turns == 0 and self.system:
+            text = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{user}"
+        return self.llama.tokenize(f"[INST] {text} [/INST]", bos=True)
+
+    def _feed(self, tokens: list[int]) -> np.ndarray | None:
+        logits = None
+        for t in tokens:
+            if self.pos >= self.llama.config.seq_len:
+                raise InvalidArgumentError(f"the conversation is longer than the model's seq_len "
+                                           f"({self.llama.config.seq_len})")
+            logits = self.llama.forward(t, self.pos)
+            self.pos += 1
+        return logits
+
+    def _feed_history(self, user: str, reply: str) -> None:
+        toks = self._pending + self._user_tokens(user) + self.llama.tokenize(f" {reply.strip()} ", bos=False)
+        self._feed(toks)
+        self._pending = [EOS]
+        self.turns += 1
+
+    def stream(self, user: str, *, steps: int | None = None, temperature: float = 1.0,
+               topp: float = 0.9, seed: int | None = None) -> Iterator[str]:
+        check_settings(temperature, topp)
+        llama = self.llama
+        sampler = Sampler(llama.config.vocab_size, temperature=temperature, topp=topp, seed=resolve_seed(seed))
+        logits = self._feed(self._pending + self._user_tokens(user))
+        self._pending = []
+        self.turns += 1
+        budget = llama.config.seq_len - self.pos if steps is None else int(steps)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        filt = ffi.new("llama2_utf8_filter *")
+        buf = ffi.new("char[]", 4096)
+        piece, length, err = ffi.new("const char **"), ffi.new("int *"), new_error()
+        prev = None
+        for _ in range(max(budget, 0)):
+            token = sampler._sample_inplace(logits)
+            if token == EOS:
+                self._pending = [EOS]
+                break
+            raise_for(lib.llama2_decode(llama.tokenizer._ptr, prev if prev is not None else BOS, token,
+                                        piece, length, err), err)
+            n = lib.llama2_utf8_filter_push(filt, piece[0], min(length[0], 4000), buf)
+            text = decoder.decode(ffi.unpack(buf, n)) if n else ""
+            if text:
+                yield text
+            prev = token
+            if self.pos >= llama.config.seq_len:
+                break
+            logits = self._feed([token])
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def send(self, user: str, **kwargs) -> str:
+        return "".join(self.stream(user, **kwargs))
+
+
+def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
+             tokenizer: str | os.PathLike | None = None, steps: int = 256, temperature: float = 1.0,
+             topp: float = 0.9, seed: int | None = None) -> str:
+    """Loads a model and returns the text `run` prints for these settings,
+    prompt included, without the final newline. model_path=None uses the
+    model bundled with the package."""
+    if model_path is None:
+        from .models import bundled_model
+
+        model_path, default_tok = bundled_model()
+        tokenizer = tokenizer if tokenizer is not None else default_tok
+    llama = Llama(model_path, tokenizer=tokenizer)
+    return llama.generate(prompt, steps=steps, temperature=temperature, topp=topp, seed=seed)

@@ -1,0 +1,665 @@
+"""Pure numpy reference for the llama2c test suite.
+
+Everything here follows /work/shared/SPEC.md and docs/FORMAT.md directly:
+model file writers and readers for versions 0-3, Q8_0 quantization, the
+forward pass (fp32 math computed in float64, and the int8 engine's math),
+the tokenizer.bin writer plus a reference encoder, and the xorshift RNG and
+sampler computed in float32 like the C engine.
+
+It depends on numpy only and is used both by the tests and by hand, e.g.
+``python -c "import tests.reference"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 0x616B3432
+HEADER_BYTES = 256
+
+F32 = np.float32
+
+# ---------------------------------------------------------------------------
+# configuration and weights
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_size(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.dim * self.n_kv_heads // self.n_heads
+
+    @property
+    def kv_mul(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def params(self) -> tuple[int, ...]:
+        return (self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads,
+                self.vocab_size, self.seq_len)
+
+
+# (name, shape) of the per-layer matrices, in file order
+def _matrix_shapes(cfg: Config) -> list[tuple[str, tuple[int, int]]]:
+    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+    return [("wq", (d, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, d)),
+            ("w1", (h, d)), ("w2", (d, h)), ("w3", (h, d))]
+
+
+def weight_shapes(cfg: Config, shared: bool = True) -> dict[str, tuple[int, ...]]:
+    L = cfg.n_layers
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embedding": (cfg.vocab_size, cfg.dim),
+        "rms_att": (L, cfg.dim),
+        "rms_ffn": (L, cfg.dim),
+        "rms_final": (cfg.dim,),
+    }
+    for name, (r, c) in _matrix_shapes(cfg):
+        shapes[name] = (L, r, c)
+    if not shared:
+        shapes["wcls"] = (cfg.vocab_size, cfg.dim)
+    return shapes
+
+
+def is_shared(w: dict) -> bool:
+    return "wcls" not in w
+
+
+def random_weights(cfg: Config, seed: int, shared: bool = True) -> dict[str, np.ndarray]:
+    """Random float32 weights whose activations and logits stay O(1).
+
+    Matrices are normal / sqrt(fan_in) (a bit smaller for the residual
+    projections wo and w2 so the residual stream does not grow), norms are
+    1 +- 0.1, and the embedding / classifier are scaled so that logits have a
+    standard deviation around 1 (not degenerate, not huge).
+    """
+    rng = np.random.default_rng(seed)
+    L, d = cfg.n_layers, cfg.dim
+    w: dict[str, np.ndarray] = {}
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(F32)
+
+    w["token_embedding"] = normal((cfg.vocab_size, d), 1.0)
+    w["rms_att"] = (1.0 + rng.uniform(-0.1, 0.1, (L, d))).astype(F32)
+    w["rms_ffn"] = (1.0 + rng.uniform(-0.1, 0.1, (L, d))).astype(F32)
+    w["rms_final"] = (1.0 + rng.uniform(-0.1, 0.1, (d,))).astype(F32)
+    for name, (r, c) in _matrix_shapes(cfg):
+        std = 1.0 / np.sqrt(c)
+        if name in ("wo", "w2"):
+            std *= 0.5
+        if name in ("wq", "wk"):
+            std *= 1.5  # make attention scores non-trivial
+        w[name] = normal((L, r, c), std)
+    # the final rmsnorm output has entries ~1, so wcls rows with std 1/sqrt(d)
+    # give logits with std ~1.
+    if shared:
+        # the shared embedding is also the classifier: keep it at 1/sqrt(d)
+        # (the rmsnorm of the first layer rescales its input anyway)
+        w["token_embedding"] = normal((cfg.vocab_size, d), 1.0 / np.sqrt(d))
+    else:
+        w["wcls"] = normal((cfg.vocab_size, d), 1.0 / np.sqrt(d))
+    # a sorted dict in a canonical order
+    return {k: w[k] for k in weight_shapes(cfg, shared)}
+
+
+def check_weights(cfg: Config, w: dict) -> None:
+    shapes = weight_shapes(cfg, is_shared(w))
+    assert set(shapes) == set(k for k in w if not k.startswith("freq_cis")), sorted(w)
+    for k, s in shapes.items():
+        assert w[k].shape == s, (k, w[k].shape, s)
+
+
+def n_params(cfg: Config, w: dict) -> int:
+    return int(sum(w[k].size for k in weight_shapes(cfg, is_shared(w))))
+
+
+def default_group_size(dim: int) -> int:
+    gs = 64
+    while dim % gs != 0:
+        gs //= 2
+    return gs
+
+
+# ---------------------------------------------------------------------------
+# file writers
+# ---------------------------------------------------------------------------
+
+
+def _f32bytes(a) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+
+
+def _freq_cis(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    hs = cfg.head_size
+    freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, hs, 2)[: hs // 2] / hs))
+    ang = np.outer(np.arange(cfg.seq_len), freqs)
+    return np.cos(ang).astype(F32), np.sin(ang).astype(F32)
+
+
+def header_v0(cfg: Config, shared: bool) -> bytes:
+    p = list(cfg.params())
+    if not shared:
+        p[5] = -p[5]
+    return struct.pack("<7i", *p)
+
+
+def header_versioned(cfg: Config, version: int, shared: bool, group_size: int | None = None,
+                     rope_theta: float | None = None, norm_eps: float | None = None) -> bytes:
+    h = struct.pack("<Ii", MAGIC, version) + struct.pack("<7i", *cfg.params())
+    h += struct.pack("<B", 1 if shared else 0)
+    if version == 2:
+        h += struct.pack("<i", group_size)
+    elif version == 3:
+        h += b"\0\0\0" + struct.pack("<ff", cfg.rope_theta if rope_theta is None else rope_theta,
+                                     cfg.norm_eps if norm_eps is None else norm_eps)
+    assert len(h) <= HEADER_BYTES
+    return h + b"\0" * (HEADER_BYTES - len(h))
+
+
+def body_v0(cfg: Config, w: dict) -> bytes:
+    check_weights(cfg, w)
+    parts = [w["token_embedding"], w["rms_att"], w["wq"], w["wk"], w["wv"], w["wo"],
+             w["rms_ffn"], w["w1"], w["w2"], w["w3"], w["rms_final"]]
+    if "freq_cis_real" in w:
+        parts += [w["freq_cis_real"], w["freq_cis_imag"]]
+    else:
+        parts += list(_freq_cis(cfg))
+    if not is_shared(w):
+        parts.append(w["wcls"])
+    return b"".join(_f32bytes(p) for p in parts)
+
+
+def body_v1(cfg: Config, w: dict) -> bytes:
+    check_weights(cfg, w)
+    names = ["rms_att", "rms_ffn", "rms_final", "token_embedding",
+             "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+    if not is_shared(w):
+        names.append("wcls")
+    return b"".join(_f32bytes(w[n]) for n in names)
+
+
+def body_v2(cfg: Config, w: dict, group_size: int) -> bytes:
+    check_weights(cfg, w)
+    out = [_f32bytes(w["rms_att"]), _f32bytes(w["rms_ffn"]), _f32bytes(w["rms_final"])]
+    for m in q8_matrices(cfg, w):
+        q, s = quantize_q80(m.ravel(), group_size)
+        out.append(q.astype(np.int8).tobytes())
+        out.append(_f32bytes(s))
+    return b"".join(out)
+
+
+def q8_matrices(cfg: Config, w: dict) -> list[np.ndarray]:
+    """The matrices of a version 2 file, in file order."""
+    mats = [w["token_embedding"]]
+    for name, _ in _matrix_shapes(cfg):
+        mats += [w[name][l] for l in range(cfg.n_layers)]
+    if not is_shared(w):
+        mats.append(w["wcls"])
+    return mats
+
+
+def model_bytes(cfg: Config, w: dict, version: int, group_size: int | None = None) -> bytes:
+    shared = is_shared(w)
+    if version == 0:
+        return header_v0(cfg, shared) + body_v0(cfg, w)
+    if version == 1:
+        return header_versioned(cfg, 1, shared) + body_v1(cfg, w)
+    if version == 2:
+        gs = default_group_size(cfg.dim) if group_size is None else group_size
+        return header_versioned(cfg, 2, shared, gs) + body_v2(cfg, w, gs)
+    if version == 3:
+        return header_versioned(cfg, 3, shared) + body_v1(cfg, w)
+    raise ValueError(f"unknown version {version}")
+
+
+def _write(path, data: bytes) -> Path:
+    path = Path(path)
+    path.write_bytes(data)
+    return path
+
+
+def write_v0(path, cfg: Config, w: dict) -> Path:
+    return _write(path, model_bytes(cfg, w, 0))
+
+
+def write_v1(path, cfg: Config, w: dict) -> Path:
+    return _write(path, model_bytes(cfg, w, 1))
+
+
+def write_v2(path, cfg: Config, w: dict, group_size: int | None = None) -> Path:
+    return _write(path, model_bytes(cfg, w, 2, group_size))
+
+
+def write_v3(path, cfg: Config, w: dict) -> Path:
+    return _write(path, model_bytes(cfg, w, 3))
+
+
+def write_model(path, cfg: Config, w: dict, version: int, group_size: int | None = None) -> Path:
+    return _write(path, model_bytes(cfg, w, version, group_size))
+
+
+# ---------------------------------------------------------------------------
+# file readers (used to check the writers against the reference files)
+# ---------------------------------------------------------------------------
+
+
+def _take(buf: bytes, off: int, shape, dtype="<f4") -> tuple[np.ndarray, int]:
+    n = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+    a = np.frombuffer(buf, dtype=dtype, count=n, offset=off).reshape(shape)
+    return a.astype(F32 if dtype == "<f4" else np.int8), off + n * itemsize
+
+
+def read_v0(path) -> tuple[Config, dict[str, np.ndarray]]:
+    """Reads a legacy (version 0) file; keeps the freq_cis tables so that
+    write_v0 reproduces the file byte for byte."""
+    buf = Path(path).read_bytes()
+    p = struct.unpack_from("<7i", buf, 0)
+    shared = p[5] > 0
+    cfg = Config(p[0], p[1], p[2], p[3], p[4], abs(p[5]), p[6])
+    L, d, h, kv, V = cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.kv_dim, cfg.vocab_size
+    off = 28
+    w: dict[str, np.ndarray] = {}
+    for name, shape in [("token_embedding", (V, d)), ("rms_att", (L, d)), ("wq", (L, d, d)),
+                        ("wk", (L, kv, d)), ("wv", (L, kv, d)), ("wo", (L, d, d)),
+                        ("rms_ffn", (L, d)), ("w1", (L, h, d)), ("w2", (L, d, h)),
+                        ("w3", (L, h, d)), ("rms_final", (d,)),
+                        ("freq_cis_real", (cfg.seq_len, cfg.head_size // 2)),
+                        ("freq_cis_imag", (cfg.seq_len, cfg.head_size // 2))]:
+        w[name], off = _take(buf, off, shape)
+    if not shared:
+        w["wcls"], off = _take(buf, off, (V, d))
+    if off != len(buf):
+        raise ValueError(f"{path}: {len(buf) - off} unexpected trailing bytes")
+    return cfg, w
+
+
+def read_versioned(path) -> tuple[Config, dict[str, np.ndarray], int, int | None]:
+    """Reads a version 1, 2 or 3 file. Returns (cfg, weights, version, group_size);
+    version 2 weights come back dequantized."""
+    buf = Path(path).read_bytes()
+    magic, version = struct.unpack_from("<Ii", buf, 0)
+    if magic != MAGIC:
+        raise ValueError("bad magic")
+    p = struct.unpack_from("<7i", buf, 8)
+    shared = buf[36] != 0
+    theta, eps = 10000.0, 1e-5
+    gs = None
+    if version == 2:
+        (gs,) = struct.unpack_from("<i", buf, 37)
+    if version == 3:
+        theta, eps = (float(v) for v in struct.unpack_from("<ff", buf, 40))
+    cfg = Config(*p, rope_theta=theta, norm_eps=eps)
+    L, d = cfg.n_layers, cfg.dim
+    off = HEADER_BYTES
+    w: dict[str, np.ndarray] = {}
+    w["rms_att"], off = _take(buf, off, (L, d))
+    w["rms_ffn"], off = _take(buf, off, (L, d))
+    w["rms_final"], off = _take(buf, off, (d,))
+    shapes = weight_shapes(cfg, shared)
+    order = ["token_embedding"] + [n for n, _ in _matrix_shapes(cfg)] + ([] if shared else ["wcls"])
+    if version in (1, 3):
+        for name in order:
+            w[name], off = _take(buf, off, shapes[name])
+    elif version == 2:
+        def q8(shape):
+            nonlocal off
+            n = int(np.prod(shape))
+            q, off = _take(buf, off, (n,), "i1")
+            s, off = _take(buf, off, (n // gs,))
+            return dequantize(q, s, gs).reshape(shape)
+        for name in order:
+            shape = shapes[name]
+            if len(shape) == 3:
+                w[name] = np.stack([q8(shape[1:]) for _ in range(L)])
+            else:
+                w[name] = q8(shape)
+    else:
+        raise ValueError(f"unsupported version {version}")
+    if off != len(buf):
+        raise ValueError(f"{path}: {len(buf) - off} unexpected trailing bytes")
+    return cfg, {k: w[k] for k in shapes}, version, gs
+
+
+# ---------------------------------------------------------------------------
+# Q8_0
+# ---------------------------------------------------------------------------
+
+
+def quantize_q80(flat, gs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights as the exporter quantizes them: per group of gs consecutive
+    values scale = max|w| / 127 (float32), q = round half to even (w / scale);
+    a zero scale gives q = 0. len(flat) must be a multiple of gs."""
+    x = np.asarray(flat, dtype=F32).reshape(-1)
+    if gs <= 0 or x.size % gs != 0:
+        raise ValueError(f"{x.size} values do not split into groups of {gs}")
+    g = x.reshape(-1, gs)
+    scale = (np.abs(g).max(axis=1) / F32(127.0)).astype(F32)
+    safe = np.where(scale == 0, F32(1.0), scale).astype(F32)
+    q = np.rint(g / safe[:, None]).astype(F32)
+    q[scale == 0] = 0
+    q = np.clip(q, -127, 127).astype(np.int8)
+    return q.reshape(-1), scale
+
+
+def dequantize(q, s, gs: int) -> np.ndarray:
+    q = np.asarray(q, dtype=np.int8).reshape(-1, gs).astype(F32)
+    return (q * np.asarray(s, dtype=F32)[:, None]).reshape(-1).astype(F32)
+
+
+def q8_roundtrip(m: np.ndarray, gs: int) -> np.ndarray:
+    """A weight matrix as the int8 engine sees it (quantized over the
+    flattened matrix, then dequantized)."""
+    q, s = quantize_q80(m.reshape(-1), gs)
+    return dequantize(q, s, gs).reshape(m.shape)
+
+
+def c_round(v: np.ndarray) -> np.ndarray:
+    """C's round(): half away from zero."""
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def quantize_activation(x: np.ndarray, gs: int) -> np.ndarray:
+    """The int8 engine's activation quantization, returned dequantized:
+    groups of gs along the vector from index 0 (the last one may be partial),
+    scale = max|x| / 127, q = round half away from zero."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    for start in range(0, x.size, gs):
+        g = x[start:start + gs]
+        scale = np.abs(g).max() / 127.0
+        if scale == 0:
+            continue
+        out[start:start + gs] = c_round(g / scale) * scale
+    return out
+
+
+# ---------------------------------------------------------------------------
+# forward pass
+# ---------------------------------------------------------------------------
+
+
+def _rmsnorm(x, w, eps):
+    return x * w / np.sqrt(np.mean(x * x) + eps)
+
+
+def _rope(v: np.ndarray, pos: int, cfg: Config) -> np.ndarray:
+    """Rotates pairs (i, i+1) of v with the angle pos / theta^((i mod hs)/hs)."""
+    n = v.size
+    i = np.arange(0, n, 2)
+    freq = 1.0 / (float(cfg.rope_theta) ** ((i % cfg.head_size) / cfg.head_size))
+    a = pos * freq
+    c, s = np.cos(a), np.sin(a)
+    v0, v1 = v[0::2], v[1::2]
+    out = np.empty_like(v)
+    out[0::2] = v0 * c - v1 * s
+    out[1::2] = v0 * s + v1 * c
+    return out
+
+
+def _silu(z):
+    return z / (1.0 + np.exp(-z))
+
+
+class Runner:
+    """Incremental float64 forward pass with a KV cache, one token at a time;
+    act (if given) is applied to every matmul input vector (the int8 engine's
+    activation quantization)."""
+
+    def __init__(self, cfg: Config, w: dict, act=None):
+        self.cfg = cfg
+        self.f = {k: np.asarray(v, dtype=np.float64) for k, v in w.items()
+                  if not k.startswith("freq_cis")}
+        self.act = act if act is not None else (lambda v: v)
+        hs = cfg.head_size
+        self.kcache = np.zeros((cfg.n_layers, cfg.seq_len, cfg.n_kv_heads, hs))
+        self.vcache = np.zeros((cfg.n_layers, cfg.seq_len, cfg.n_kv_heads, hs))
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        cfg, f, act = self.cfg, self.f, self.act
+        hs = cfg.head_size
+        eps = float(cfg.norm_eps)
+        kvh = np.arange(cfg.n_heads) // cfg.kv_mul
+        x = f["token_embedding"][token].copy()
+        for l in range(cfg.n_layers):
+            xb = act(_rmsnorm(x, f["rms_att"][l], eps))
+            q = _rope(f["wq"][l] @ xb, pos, cfg)
+            k = _rope(f["wk"][l] @ xb, pos, cfg)
+            v = f["wv"][l] @ xb
+            self.kcache[l, pos] = k.reshape(cfg.n_kv_heads, hs)
+            self.vcache[l, pos] = v.reshape(cfg.n_kv_heads, hs)
+            qh = q.reshape(cfg.n_heads, hs)
+            keys = self.kcache[l, : pos + 1][:, kvh]      # (t, n_heads, hs)
+            vals = self.vcache[l, : pos + 1][:, kvh]
+            scores = np.einsum("hd,thd->ht", qh, keys) / np.sqrt(hs)
+            scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+            scores /= scores.sum(axis=1, keepdims=True)
+            att = np.einsum("ht,thd->hd", scores, vals).reshape(-1)
+            x = x + f["wo"][l] @ act(att)
+            xb = act(_rmsnorm(x, f["rms_ffn"][l], eps))
+            hb = _silu(f["w1"][l] @ xb) * (f["w3"][l] @ xb)
+            x = x + f["w2"][l] @ act(hb)
+        x = act(_rmsnorm(x, f["rms_final"], eps))
+        wcls = f["wcls"] if "wcls" in f else f["token_embedding"]
+        return wcls @ x
+
+
+def _run(cfg: Config, w: dict, tokens, act=None) -> np.ndarray:
+    tokens = list(tokens)
+    if len(tokens) > cfg.seq_len:
+        raise ValueError("more tokens than seq_len")
+    r = Runner(cfg, w, act)
+    return np.stack([r.step(t, p) for p, t in enumerate(tokens)]) if tokens else \
+        np.zeros((0, cfg.vocab_size))
+
+
+def forward(cfg: Config, w: dict, tokens) -> np.ndarray:
+    """Logits (len(tokens), vocab) in float64 for positions 0..n-1 (SPEC 3)."""
+    return _run(cfg, w, list(tokens))
+
+
+def dequantized_weights(cfg: Config, w: dict, group_size: int) -> dict[str, np.ndarray]:
+    """The weights as a Q8_0 engine holds them: every matrix (embedding,
+    per-layer matrices, wcls) quantized over its flattened values; norms as is."""
+    dq = {k: v for k, v in w.items() if not k.startswith("freq_cis")}
+    dq["token_embedding"] = q8_roundtrip(w["token_embedding"], group_size)
+    for name, _ in _matrix_shapes(cfg):
+        dq[name] = np.stack([q8_roundtrip(w[name][l], group_size) for l in range(cfg.n_layers)])
+    if "wcls" in w:
+        dq["wcls"] = q8_roundtrip(w["wcls"], group_size)
+    return dq
+
+
+def forward_q8(cfg: Config, w: dict, tokens, group_size: int | None = None,
+               quantize_activations: bool = True) -> np.ndarray:
+    """The int8 engine's math: Q8_0 weights (dequantized), and every matmul
+    input activation quantized per group (round half away from zero).
+    quantize_activations=False gives the same weights with exact activations
+    (useful to size tolerances)."""
+    gs = default_group_size(cfg.dim) if group_size is None else group_size
+    dq = dequantized_weights(cfg, w, gs)
+    act = (lambda v: quantize_activation(v, gs)) if quantize_activations else None
+    return _run(cfg, dq, list(tokens), act)
+
+
+def greedy(cfg: Config, w: dict, steps: int, prompt=(1,)) -> list[int]:
+    """Greedy decoding with the float64 reference, like the CLI with -t 0:
+    feeds the prompt (BOS by default), then argmax tokens; returns the tokens
+    chosen after the prompt, stopping before a BOS or after steps positions."""
+    r = Runner(cfg, w)
+    prompt = list(prompt)
+    token, out = prompt[0], []
+    for pos in range(min(steps, cfg.seq_len)):
+        logits = r.step(token, pos)
+        if pos + 1 < len(prompt):
+            token = prompt[pos + 1]
+            continue
+        token = int(np.argmax(logits))
+        if token == 1:
+            break
+        out.append(token)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------
+
+
+def write_tokenizer_bin(path, pieces: list[bytes], scores: list[float],
+                        max_len: int | None = None) -> Path:
+    if max_len is None:
+        max_len = max((len(p) for p in pieces), default=0)
+    out = [struct.pack("<I", max_len)]
+    for p, s in zip(pieces, scores, strict=True):
+        out.append(struct.pack("<fi", s, len(p)) + p)
+    return _write(path, b"".join(out))
+
+
+def read_tokenizer_bin(path) -> tuple[int, list[bytes], list[float]]:
+    buf = Path(path).read_bytes()
+    (max_len,) = struct.unpack_from("<I", buf, 0)
+    off = 4
+    pieces, scores = [], []
+    while off < len(buf):
+        s, n = struct.unpack_from("<fi", buf, off)
+        off += 8
+        pieces.append(buf[off:off + n])
+        scores.append(s)
+        off += n
+    return max_len, pieces, scores
+
+
+def tokenizer_from_sentencepiece(sp) -> tuple[list[bytes], list[float]]:
+    """Pieces and scores exported from a SentencePieceProcessor (SPEC 4)."""
+    pieces, scores = [], []
+    for i in range(sp.get_piece_size()):
+        t = sp.id_to_piece(i)
+        if i == sp.bos_id():
+            t = "\n<s>\n"
+        elif i == sp.eos_id():
+            t = "\n</s>\n"
+        pieces.append(t.replace("\u2581", " ").encode("utf-8"))
+        scores.append(sp.get_score(i))
+    return pieces, scores
+
+
+def _utf8_codepoints(b: bytes) -> list[bytes]:
+    out = []
+    i = 0
+    while i < len(b):
+        j = i + 1
+        while j < len(b) and (b[j] & 0xC0) == 0x80 and j - i < 4:
+            j += 1
+        out.append(b[i:j])
+        i = j
+    return out
+
+
+def encode(pieces: list[bytes], scores: list[float], text: str | bytes, bos: bool = True,
+           eos: bool = False) -> list[int]:
+    """SPEC 4 encode (BPE by piece score, leftmost on ties)."""
+    lookup = {}
+    for i, p in enumerate(pieces):
+        lookup.setdefault(p, i)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    toks: list[int] = [1] if bos else []
+    body: list[int] = []
+    if data:
+        body.append(lookup[b" "])
+    for cp in _utf8_codepoints(data):
+        if cp in lookup:
+            body.append(lookup[cp])
+        else:
+            body.extend(b + 3 for b in cp)
+    while True:
+        best, best_i, best_id = -np.inf, -1, -1
+        for i in range(len(body) - 1):
+            m = lookup.get(pieces[body[i]] + pieces[body[i + 1]])
+            if m is not None and scores[m] > best:
+                best, best_i, best_id = scores[m], i, m
+        if best_i < 0:
+            break
+        body[best_i: best_i + 2] = [best_id]
+    toks += body
+    if eos:
+        toks.append(2)
+    return toks
+
+
+# ---------------------------------------------------------------------------
+# RNG and sampler (float32 arithmetic, sequential sums, like the C code)
+# ---------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+class Rng:
+    """xorshift* RNG of SPEC 5."""
+
+    def __init__(self, seed: int):
+        self.state = seed & _M64
+
+    def u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & _M64
+        s ^= s >> 27
+        self.state = s
+        return ((s * 0x2545F4914F6CDD1D) & _M64) >> 32
+
+    def f32(self) -> np.float32:
+        return F32(self.u32() >> 8) / F32(16777216.0)
+
+
+def softmax_f32(x: np.ndarray) -> np.ndarray:
+    """C-style float softmax: max, expf(x - max), sequential float sum, divide.
+    expf is taken as the correctly rounded exp (glibc's is within 0.502 ulp)."""
+    x = np.asarray(x, dtype=F32)
+    m = x.max()
+    e = np.exp((x - m).astype(np.float64)).astype(F32)
+    total = np.add.accumulate(e, dtype=F32)[-1]  # sequential float32 sum
+    return (e / total).astype(F32)
+
+
+def sample(logits: np.ndarray, temperature: float, topp: float, rng: Rng) -> int:
+    """SPEC 5 sample() with float32 arithmetic (matches the C sampler)."""
+    logits = np.asarray(logits, dtype=F32)
+    n = logits.size
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    probs = softmax_f32((logits / F32(temperature)).astype(F32))
+    coin = rng.f32()
+    topp32 = F32(topp)
+    if topp32 <= 0 or topp32 >= 1:
+        cdf = np.add.accumulate(probs, dtype=F32)
+        hit = np.nonzero(coin < cdf)[0]
+        return int(hit[0]) if hit.size else n - 1
+    cutoff = F32(F32(1.0) - topp32) / F32(n - 1)
+    idx = np.nonzero(probs >= cutoff)[0]
+    order = idx[np.argsort(-probs[idx], kind="stable")]
+    p = probs[order]
+    cum = np.add.accumulate(p, dtype=F32)
+    over = np.nonzero(cum > topp32)[0]
+    last = int(over[0]) if over.size else len(order) - 1
+    r = F32(coin * cum[last])
+    hit = np.nonzero(r < cum[: last + 1])[0]
+    return int(order[hit[0]]) if hit.size else int(order[last])
