@@ -74,3 +74,8 @@ sanitize:
 clean:
 	rm -f run runq run.exe runq.exe llama2.dll testc $(SHLIB) llama2c/$(SHLIB)
 	rm -rf build
+
+# The test command README.md shows: C unit tests, then the Python suite.
+.PHONY: test
+test: run testcc
+	$(PYTHON) -m pytest -q

@@ -129,6 +129,7 @@ static void chat(llama2_session *ss, const char *cli_prompt, const char *cli_sys
             int first = llama2_session_pos(ss) == 0;
             if (first) {
                 system = cli_system ? copy_string(cli_system) : read_line("Enter system prompt (optional): ");
+                if (!system) system = copy_string(""); /* no input: no system prompt */
                 if (!system) break;
             }
             char *user = first && cli_prompt ? copy_string(cli_prompt) : read_line("User: ");

@@ -562,6 +562,71 @@ def tokenizer_from_sentencepiece(sp) -> tuple[list[bytes], list[float]]:
     return pieces, scores
 
 
+_SAMPLE_TEXT = (
+    "Once upon a time there was a little cat. The cat liked to play in the sun. "
+    "One day the cat saw a big dog. The dog said hello and they played together. "
+    "They were happy and the sun was warm. The end."
+)
+
+
+def make_vocab(vocab_size: int, text: str = _SAMPLE_TEXT) -> tuple[list[bytes], list[float]]:
+    """A small llama2.c-style vocabulary for random test models: <unk>, BOS,
+    EOS, the 256 byte pieces, printable ASCII characters, then BPE merges
+    learned from `text` (score = -merge rank), padded with unreachable pieces."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
+    scores = [0.0] * len(pieces)
+    chars = [chr(c) for c in range(32, 127) if chr(c) not in "<>"]
+    for i, c in enumerate(chars):
+        pieces.append(c.encode())
+        scores.append(-1e6 - i)
+    words = [[c.encode() for c in " " + wd] for wd in text.split()]
+    rank = 0
+    while len(pieces) < vocab_size:
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for wd in words:
+            for a, b in zip(wd, wd[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + 1
+        if not counts:
+            break
+        (a, b), _ = max(counts.items(), key=lambda kv: kv[1])
+        merged = a + b
+        if merged not in pieces:
+            pieces.append(merged)
+            scores.append(float(-rank))
+            rank += 1
+        for wd in words:
+            i = 0
+            while i < len(wd) - 1:
+                if wd[i] == a and wd[i + 1] == b:
+                    wd[i: i + 2] = [merged]
+                i += 1
+    while len(pieces) < vocab_size:
+        pieces.append(b"<pad%d>" % len(pieces))
+        scores.append(-1e9)
+    return pieces[:vocab_size], scores[:vocab_size]
+
+
+def render(pieces: list[bytes], tokens: list[int]) -> bytes:
+    """The bytes the CLI prints for a token sequence that starts with the
+    first fed token (normally BOS): SPEC 4 decode of each (prev, token) pair,
+    dropping single bytes that are neither printable ASCII nor whitespace
+    (multi-byte UTF-8 is passed through)."""
+    out = bytearray()
+    for prev, tok in zip(tokens, tokens[1:]):
+        p = pieces[tok]
+        if prev == 1 and p.startswith(b" "):
+            p = p[1:]
+        if len(p) == 6 and p.startswith(b"<0x") and p.endswith(b">"):
+            try:
+                p = bytes([int(p[3:5], 16)])
+            except ValueError:
+                pass
+        if len(p) == 1 and p[0] < 0x80 and not (32 <= p[0] < 127 or p in b" \t\n\v\f\r"):
+            continue
+        out += p
+    return bytes(out)
+
+
 def _utf8_codepoints(b: bytes) -> list[bytes]:
     out = []
     i = 0

@@ -1,0 +1,432 @@
+/*
+ * test_llama2.c - C unit tests for libllama2 (`make testcc`).
+ *
+ * Each check compares the library with an independent, deliberately simple
+ * computation written here (double-precision matmuls, a naive rescanning
+ * BPE merge loop, hand-derived token ids), or checks that malformed input
+ * is refused with the right status instead of crashing.
+ */
+#include "internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef VERBOSITY
+#define VERBOSITY 0
+#endif
+
+static int failures = 0, checks = 0;
+
+#define CHECK(cond, ...)                                        \
+    do {                                                        \
+        checks++;                                               \
+        if (!(cond)) {                                          \
+            failures++;                                         \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
+            printf(__VA_ARGS__);                                \
+            printf("\n");                                       \
+        } else if (VERBOSITY) {                                 \
+            printf("ok   ");                                    \
+            printf(__VA_ARGS__);                                \
+            printf("\n");                                       \
+        }                                                       \
+    } while (0)
+
+static uint64_t test_rng = 88172645463325252ull;
+static float frand(void) { /* uniform in [-1, 1) */
+    test_rng ^= test_rng << 13;
+    test_rng ^= test_rng >> 7;
+    test_rng ^= test_rng << 17;
+    return (float)((test_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+
+static char tmp_dir[256] = "/tmp";
+static const char *tmp_path(const char *name) {
+    static char buf[512];
+    snprintf(buf, sizeof(buf), "%s/llama2_testc_%s", tmp_dir, name);
+    return buf;
+}
+
+/* ---- kernels ---- */
+
+static void test_matmul_f32(void) {
+    int n = 37, d = 11;
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n), out[11];
+    for (int i = 0; i < n * d; i++) w[i] = frand();
+    for (int i = 0; i < n; i++) x[i] = frand();
+    llama2_matmul_f32(out, x, w, n, d, 1);
+    double worst = 0;
+    for (int i = 0; i < d; i++) {
+        double ref = 0;
+        for (int j = 0; j < n; j++) ref += (double)w[i * n + j] * x[j];
+        worst = fmax(worst, fabs(ref - out[i]));
+    }
+    CHECK(worst < 1e-5, "fp32 matmul matches double reference (max err %g)", worst);
+    free(w);
+    free(x);
+}
+
+/* q8 matmul against dequantized double math, for aligned and row-spanning groups */
+static void check_q8(int n, int d, int gs) {
+    int64_t total = (int64_t)n * d;
+    float *w = malloc(sizeof(float) * total), *x = malloc(sizeof(float) * n);
+    int8_t *wq = malloc(total), *xq = malloc(n);
+    float *ws = malloc(sizeof(float) * (total / gs)), *xs = malloc(sizeof(float) * (n / gs + 1));
+    float *out = malloc(sizeof(float) * d);
+    for (int64_t i = 0; i < total; i++) w[i] = frand();
+    for (int i = 0; i < n; i++) x[i] = frand() * 3;
+    llama2_quantize_weights(wq, ws, w, total, gs);
+    llama2_quantize(xq, xs, x, n, gs);
+    llama2_matrix m = {d, n, NULL, wq, ws};
+    llama2_matmul_q8(out, xq, xs, &m, n, d, gs, 1);
+    double worst = 0, worst_q = 0;
+    for (int i = 0; i < d; i++) {
+        double ref = 0;
+        for (int j = 0; j < n; j++) {
+            int64_t flat = (int64_t)i * n + j;
+            double wdq = (double)wq[flat] * ws[flat / gs];
+            double xdq = (double)xq[j] * xs[j / gs];
+            ref += wdq * xdq;
+            /* quantization error stays within half a step */
+            worst_q = fmax(worst_q, fabs(wdq - w[flat]) - 0.5 * ws[flat / gs] * 1.0001);
+        }
+        worst = fmax(worst, fabs(ref - out[i]) / (1 + fabs(ref)));
+    }
+    CHECK(worst < 1e-5, "q8 matmul n=%d d=%d gs=%d matches dequantized math (rel err %g)", n, d, gs, worst);
+    CHECK(worst_q <= 1e-7, "q8 weights within half a step of fp32 (n=%d gs=%d)", n, gs);
+    free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(out);
+}
+
+static void test_quantize_edges(void) {
+    float x[8] = {0, 0, 0, 0, 1.0f, -2.0f, 0.5f, 127.0f};
+    int8_t q[8];
+    float s[2];
+    llama2_quantize(q, s, x, 8, 4);
+    CHECK(s[0] == 0.0f && q[0] == 0 && q[3] == 0, "all-zero group quantizes to 0 with scale 0");
+    CHECK(s[1] == 1.0f && q[7] == 127 && q[5] == -2 && q[6] == 1, "activation rounding is half away from zero");
+    float w[4] = {0.5f, 1.5f, 2.5f, 127.0f};
+    llama2_quantize_weights(q, s, w, 4, 4);
+    CHECK(q[0] == 0 && q[1] == 2 && q[2] == 2 && q[3] == 127, "weight rounding is half to even (%d %d %d)", q[0], q[1], q[2]);
+}
+
+static void test_softmax_rmsnorm(void) {
+    float x[5] = {1, 2, 3, 4, 1000};
+    llama2_softmax(x, 5);
+    CHECK(fabsf(x[4] - 1.0f) < 1e-6 && x[0] >= 0.0f, "softmax is stable for large inputs");
+    float v[4] = {3, 4, 0, 0}, wt[4] = {1, 1, 1, 2}, o[4];
+    llama2_rmsnorm(o, v, wt, 4, 0.0f);
+    CHECK(fabsf(o[0] - 1.2f) < 1e-6 && fabsf(o[1] - 1.6f) < 1e-6, "rmsnorm scales by 1/rms");
+}
+
+/* ---- sampler ---- */
+
+static void test_sampler(void) {
+    uint64_t s = 42, t = 42;
+    for (int i = 0; i < 100; i++) {
+        /* the xorshift64* recurrence, written out independently */
+        t ^= t >> 12; t ^= t << 25; t ^= t >> 27;
+        uint32_t expect = (uint32_t)((t * 0x2545F4914F6CDD1Dull) >> 32);
+        uint32_t got = llama2_random_u32(&s);
+        if (got != expect) { CHECK(0, "rng step %d", i); return; }
+    }
+    CHECK(s == t, "rng follows xorshift64*");
+    uint64_t f = 7;
+    float r = llama2_random_f32(&f);
+    CHECK(r >= 0.0f && r < 1.0f, "random_f32 in [0,1)");
+
+    llama2_sampler *sm;
+    llama2_sampler_params greedy = {0.0f, 0.9f};
+    llama2_sampler_new(&sm, 5, &greedy, 1, NULL);
+    float logits[5] = {0.1f, 3.0f, 3.0f, -1.0f, 2.0f};
+    CHECK(llama2_sample(sm, logits) == 1, "greedy takes the first maximum");
+    llama2_sampler_free(sm);
+
+    /* top-p with a tiny topp on a uniform distribution must not crash */
+    llama2_sampler_params tiny = {1.0f, 1e-6f};
+    llama2_sampler_new(&sm, 512, &tiny, 3, NULL);
+    float flat[512];
+    for (int i = 0; i < 512; i++) flat[i] = 0.0f;
+    int tok = llama2_sample(sm, flat);
+    CHECK(tok >= 0 && tok < 512, "top-p on a flat distribution returns a valid token");
+    llama2_sampler_free(sm);
+
+    /* top-p never returns a token outside the nucleus */
+    llama2_sampler_params nucleus = {1.0f, 0.5f};
+    llama2_sampler_new(&sm, 4, &nucleus, 9, NULL);
+    int outside = 0;
+    for (int i = 0; i < 200; i++) {
+        float l[4] = {5.0f, 0.0f, 0.0f, 0.0f}; /* p0 ~ 0.98 > 0.5: nucleus is {0} */
+        if (llama2_sample(sm, l) != 0) outside++;
+    }
+    CHECK(outside == 0, "top-p keeps to the nucleus");
+    llama2_sampler_free(sm);
+}
+
+/* ---- tokenizer ---- */
+
+static void write_tokenizer(const char *path, const char **pieces, const float *scores, int n) {
+    FILE *f = fopen(path, "wb");
+    unsigned max_len = 0;
+    for (int i = 0; i < n; i++)
+        if (strlen(pieces[i]) > max_len) max_len = (unsigned)strlen(pieces[i]);
+    fwrite(&max_len, 4, 1, f);
+    for (int i = 0; i < n; i++) {
+        int len = (int)strlen(pieces[i]);
+        fwrite(&scores[i], 4, 1, f);
+        fwrite(&len, 4, 1, f);
+        fwrite(pieces[i], 1, (size_t)len, f);
+    }
+    fclose(f);
+}
+
+/* the rescanning merge loop, for comparison with the heap-based encoder */
+static int naive_encode(llama2_tokenizer *tk, const char *text, int *out) {
+    int n = 0;
+    out[n++] = 1;
+    const char *sp;
+    int l;
+    int space = -1;
+    for (int i = 0; i < llama2_tokenizer_vocab_size(tk); i++) {
+        llama2_tokenizer_piece(tk, i, &sp, &l, NULL, NULL);
+        if (l == 1 && sp[0] == ' ') { space = i; break; }
+    }
+    if (text[0] && space >= 0) out[n++] = space;
+    for (const char *c = text; *c; c++) {
+        int id = -1;
+        for (int i = 0; i < llama2_tokenizer_vocab_size(tk); i++) {
+            llama2_tokenizer_piece(tk, i, &sp, &l, NULL, NULL);
+            if (l == 1 && sp[0] == *c) { id = i; break; }
+        }
+        out[n++] = id >= 0 ? id : (unsigned char)*c + 3;
+    }
+    char buf[256];
+    for (;;) {
+        float best = -1e10f;
+        int best_id = -1, best_i = -1;
+        for (int i = 0; i + 1 < n; i++) {
+            const char *a, *b;
+            int la, lb;
+            llama2_tokenizer_piece(tk, out[i], &a, &la, NULL, NULL);
+            llama2_tokenizer_piece(tk, out[i + 1], &b, &lb, NULL, NULL);
+            memcpy(buf, a, la);
+            memcpy(buf + la, b, lb);
+            for (int id = 0; id < llama2_tokenizer_vocab_size(tk); id++) {
+                const char *p;
+                int lp;
+                float sc;
+                llama2_tokenizer_piece(tk, id, &p, &lp, &sc, NULL);
+                if (lp == la + lb && memcmp(p, buf, lp) == 0) {
+                    if (sc > best) { best = sc; best_id = id; best_i = i; }
+                    break;
+                }
+            }
+        }
+        if (best_i < 0) break;
+        out[best_i] = best_id;
+        memmove(out + best_i + 1, out + best_i + 2, sizeof(int) * (n - best_i - 2));
+        n--;
+    }
+    return n;
+}
+
+static void test_tokenizer(void) {
+    /* 0-2 specials, 3..258 bytes, then pieces */
+    const char *pieces[300];
+    float scores[300];
+    static char bytes[256][8];
+    pieces[0] = "<unk>"; pieces[1] = "\n<s>\n"; pieces[2] = "\n</s>\n";
+    for (int i = 0; i < 256; i++) {
+        snprintf(bytes[i], sizeof(bytes[i]), "<0x%02X>", i);
+        pieces[3 + i] = bytes[i];
+    }
+    for (int i = 0; i < 259; i++) scores[i] = 0.0f;
+    const char *extra[] = {" ", "a", "b", "c", "ab", "bc", " a", "abc", " ab", "ca", "é"};
+    float extra_scores[] = {-1, -2, -3, -4, -5, -5, -6, -7, -8, -9, -10};
+    int n_extra = (int)(sizeof(extra) / sizeof(extra[0]));
+    for (int i = 0; i < n_extra; i++) { pieces[259 + i] = extra[i]; scores[259 + i] = extra_scores[i]; }
+    int vocab = 259 + n_extra;
+    const char *path = tmp_path("tok.bin");
+    write_tokenizer(path, pieces, scores, vocab);
+
+    llama2_tokenizer *tk;
+    llama2_error err;
+    int rc = llama2_tokenizer_open(&tk, path, -1, &err);
+    CHECK(rc == LLAMA2_OK, "tokenizer opens (%s)", err.message);
+    if (rc) return;
+    int toks[64], n;
+    llama2_encode(tk, "", 0, 1, 0, toks, &n, NULL);
+    CHECK(n == 1 && toks[0] == 1, "empty text encodes to BOS only");
+    llama2_encode(tk, "ab", 2, 1, 1, toks, &n, NULL);
+    /* " " "a" "b": " a"(-6) vs "ab"(-5): "ab" wins, then " ab"(-8) */
+    CHECK(n == 3 && toks[0] == 1 && toks[1] == 259 + 8 && toks[2] == 2, "encode 'ab' -> BOS ' ab' EOS (got n=%d %d)", n, toks[1]);
+    llama2_encode(tk, "\x01", 1, 0, 0, toks, &n, NULL);
+    CHECK(n == 2 && toks[1] == 0x01 + 3, "unknown byte falls back to its byte token");
+    llama2_encode(tk, "\xc3\xa9", 2, 0, 0, toks, &n, NULL);
+    CHECK(n == 2 && toks[1] == 259 + 10, "a known multi-byte code point is one token");
+    llama2_encode(tk, "\xe2\x82\xac", 3, 0, 0, toks, &n, NULL);
+    CHECK(n == 4 && toks[1] == 0xe2 + 3 && toks[3] == 0xac + 3, "an unknown code point is its bytes");
+
+    /* heap merge == rescanning merge on many random strings */
+    const char alphabet[] = "abc ";
+    int mismatches = 0;
+    for (int trial = 0; trial < 300; trial++) {
+        char text[40];
+        int len = 1 + (int)((frand() + 1) * 15);
+        for (int i = 0; i < len; i++) text[i] = alphabet[(int)((frand() + 1) * 2) % 4];
+        text[len] = '\0';
+        int a[64], b[64], na, nb;
+        llama2_encode(tk, text, (size_t)len, 1, 0, a, &na, NULL);
+        nb = naive_encode(tk, text, b);
+        if (na != nb || memcmp(a, b, sizeof(int) * na) != 0) mismatches++;
+    }
+    CHECK(mismatches == 0, "heap-based merges equal the rescanning loop (%d mismatches)", mismatches);
+
+    const char *piece;
+    int len;
+    llama2_decode(tk, 1, 259 + 6, &piece, &len, NULL);
+    CHECK(len == 1 && piece[0] == 'a', "leading space dropped after BOS");
+    llama2_decode(tk, 5, 259 + 6, &piece, &len, NULL);
+    CHECK(len == 2 && piece[0] == ' ', "leading space kept elsewhere");
+    llama2_decode(tk, 5, 3 + 0x41, &piece, &len, NULL);
+    CHECK(len == 1 && piece[0] == 'A', "<0x41> decodes to the byte A");
+    rc = llama2_decode(tk, 5, vocab, &piece, &len, &err);
+    CHECK(rc == LLAMA2_ERR_ARGUMENT, "decode refuses a token out of range");
+    llama2_tokenizer_free(tk);
+
+    rc = llama2_tokenizer_open(&tk, path, vocab + 1, &err);
+    CHECK(rc == LLAMA2_ERR_FORMAT, "a tokenizer with fewer entries than the model is refused: %s", err.message);
+    rc = llama2_tokenizer_open(&tk, tmp_path("missing.bin"), -1, &err);
+    CHECK(rc == LLAMA2_ERR_NOT_FOUND, "a missing tokenizer file is NOT_FOUND");
+    remove(path);
+}
+
+static void test_utf8_filter(void) {
+    llama2_utf8_filter f;
+    llama2_utf8_filter_reset(&f);
+    char out[16];
+    CHECK(llama2_utf8_filter_push(&f, "\xe4", 1, out) == 0, "lead byte is held");
+    CHECK(llama2_utf8_filter_push(&f, "\xbd", 1, out) == 0, "continuation is held");
+    int n = llama2_utf8_filter_push(&f, "\xa0", 1, out);
+    CHECK(n == 3 && memcmp(out, "\xe4\xbd\xa0", 3) == 0, "completed code point is printed");
+    CHECK(llama2_utf8_filter_push(&f, "\x01", 1, out) == 0, "control byte dropped like llama2.c");
+    CHECK(llama2_utf8_filter_push(&f, "\n", 1, out) == 1, "newline printed");
+    CHECK(llama2_utf8_filter_push(&f, "\x80", 1, out) == 0, "stray continuation dropped");
+    llama2_utf8_filter_push(&f, "\xf0", 1, out);
+    n = llama2_utf8_filter_push(&f, "hi", 2, out);
+    CHECK(n == 2 && out[0] == 'h', "a whole piece after a broken sequence prints as is");
+}
+
+/* ---- model files ---- */
+
+static void write_bytes(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    fwrite(data, 1, n, f);
+    fclose(f);
+}
+
+static int open_status(const void *data, size_t n, llama2_error *err) {
+    const char *path = tmp_path("model.bin");
+    write_bytes(path, data, n);
+    llama2_transformer *t = NULL;
+    int rc = llama2_transformer_open(&t, path, 0, err);
+    llama2_transformer_free(t);
+    remove(path);
+    return rc;
+}
+
+static void test_model_errors(void) {
+    llama2_error err;
+    int hdr[7] = {8, 16, 1, 2, 2, 4, 4};
+    /* exact v0 size: 28 + 4*(V*d + L*d + 4*L*d*d + L*d + 3*L*h*d + d + seq*hs) */
+    size_t floats = 4 * 8 + 8 + 4 * 64 + 8 + 3 * 16 * 8 + 8 + 4 * 4;
+    size_t size = 28 + 4 * floats;
+    unsigned char *buf = calloc(1, size + 64);
+    memcpy(buf, hdr, sizeof(hdr));
+    CHECK(open_status(buf, size, &err) == LLAMA2_OK, "a well-formed v0 file opens (%s)", err.message);
+    CHECK(open_status(buf, size - 1, &err) == LLAMA2_ERR_FORMAT && strstr(err.message, "truncated"),
+          "truncated v0: %s", err.message);
+    CHECK(open_status(buf, size + 4, &err) == LLAMA2_ERR_FORMAT, "trailing bytes: %s", err.message);
+    CHECK(open_status(buf, 10, &err) == LLAMA2_ERR_FORMAT, "cut inside the header: %s", err.message);
+    CHECK(open_status(buf, 0, &err) == LLAMA2_ERR_FORMAT, "empty file: %s", err.message);
+    int bad[][7] = {
+        {0, 16, 1, 2, 2, 4, 4}, {8, -16, 1, 2, 2, 4, 4}, {8, 16, 1, 3, 3, 4, 4}, {8, 16, 1, 2, 4, 4, 4},
+        {8, 16, 1, 8, 8, 4, 4}, {8, 16, 1, 2, 2, 4, 0}, {8, 16, 1, 2, 2, 0, 4},
+        {65536, 1 << 20, 1024, 1, 1, 1 << 22, 1 << 22}, {1 << 30, 16, 1, 2, 2, 4, 4},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        memcpy(buf, bad[i], sizeof(hdr));
+        int rc = open_status(buf, size, &err);
+        CHECK(rc == LLAMA2_ERR_FORMAT, "bad dims #%zu refused: %s", i, err.message);
+    }
+    /* versioned headers */
+    unsigned char vh[256 + 64];
+    memset(vh, 0, sizeof(vh));
+    uint32_t magic = 0x616b3432u;
+    int version = 7;
+    memcpy(vh, &magic, 4);
+    memcpy(vh + 4, &version, 4);
+    memcpy(vh + 8, hdr, sizeof(hdr));
+    CHECK(open_status(vh, 256, &err) == LLAMA2_ERR_FORMAT && strstr(err.message, "version"),
+          "unknown version: %s", err.message);
+    version = 2;
+    memcpy(vh + 4, &version, 4);
+    int gs = 3;
+    memcpy(vh + 37, &gs, 4);
+    CHECK(open_status(vh, 256, &err) == LLAMA2_ERR_FORMAT && strstr(err.message, "group_size"),
+          "bad group size: %s", err.message);
+    gs = 0;
+    memcpy(vh + 37, &gs, 4);
+    CHECK(open_status(vh, 256, &err) == LLAMA2_ERR_FORMAT, "zero group size: %s", err.message);
+    CHECK(open_status(vh, 100, &err) == LLAMA2_ERR_FORMAT, "truncated versioned header: %s", err.message);
+    version = 3;
+    memcpy(vh + 4, &version, 4);
+    float theta = -1.0f;
+    memcpy(vh + 40, &theta, 4);
+    CHECK(open_status(vh, 256, &err) == LLAMA2_ERR_FORMAT, "negative rope_theta: %s", err.message);
+
+    llama2_transformer *t;
+    CHECK(llama2_transformer_open(&t, tmp_path("does-not-exist.bin"), 0, &err) == LLAMA2_ERR_NOT_FOUND,
+          "missing model is NOT_FOUND");
+    CHECK(llama2_transformer_open(&t, tmp_dir, 0, &err) == LLAMA2_ERR_IO, "a directory is an IO error: %s", err.message);
+
+    /* forward refuses tokens and positions out of range */
+    memcpy(buf, hdr, sizeof(hdr));
+    for (size_t i = 28; i < size; i += 4) { float v = 0.01f * (float)(i % 7); memcpy(buf + i, &v, 4); }
+    const char *path = tmp_path("ok.bin");
+    write_bytes(path, buf, size);
+    if (llama2_transformer_open(&t, path, 0, &err) == LLAMA2_OK) {
+        float *logits;
+        CHECK(llama2_forward(t, 4, 0, &logits, &err) == LLAMA2_ERR_ARGUMENT, "token == vocab refused");
+        CHECK(llama2_forward(t, -1, 0, &logits, &err) == LLAMA2_ERR_ARGUMENT, "negative token refused");
+        CHECK(llama2_forward(t, 0, 4, &logits, &err) == LLAMA2_ERR_ARGUMENT, "pos == seq_len refused");
+        CHECK(llama2_forward(t, 3, 3, &logits, &err) == LLAMA2_OK, "last position runs");
+        llama2_transformer_free(t);
+    }
+    if (llama2_transformer_open(&t, path, LLAMA2_OPEN_QUANTIZE, &err) == LLAMA2_OK) {
+        CHECK(llama2_transformer_config(t)->group_size == 8, "quantize on load picks the group size dividing dim");
+        llama2_transformer_free(t);
+    }
+    remove(path);
+    free(buf);
+}
+
+int main(void) {
+    const char *env = getenv("TMPDIR");
+    if (env && strlen(env) < 200) snprintf(tmp_dir, sizeof(tmp_dir), "%s", env);
+    test_matmul_f32();
+    check_q8(64, 16, 64);
+    check_q8(64, 16, 8);
+    check_q8(172, 10, 8); /* hidden_dim 172: groups span rows */
+    check_q8(172, 16, 64);
+    check_q8(100, 8, 32);
+    test_quantize_edges();
+    test_softmax_rmsnorm();
+    test_sampler();
+    test_tokenizer();
+    test_utf8_filter();
+    test_model_errors();
+    printf("%d passed, %d failed\n", checks - failures, failures);
+    return failures ? 1 : 0;
+}

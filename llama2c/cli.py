@@ -1,0 +1,140 @@
+"""The `llama2c` command line: one entry point with subcommands.
+
+  llama2c generate [PROMPT] [--model M] [--tokenizer T] [--temperature ...]
+  llama2c chat [--model M] [--system S]
+  llama2c run MODEL [-t -p -s -n -i -z -m -y]     (llama2.c's flags)
+  llama2c info MODEL
+
+Errors print one line on stderr and exit with status 1 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import Llama2Error
+
+
+def _load(model, tokenizer, n_threads=None, quantize=False):
+    from .generate import Llama
+    from .models import bundled_model
+
+    if model is None:
+        model, default_tok = bundled_model()
+        tokenizer = tokenizer or default_tok
+    return Llama(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize)
+
+
+def cmd_generate(args) -> int:
+    llama = _load(args.model, args.tokenizer, args.threads, args.quantize)
+    start, n = None, 0
+    for piece in llama.stream(args.prompt, steps=args.steps, temperature=args.temperature,
+                              topp=args.top_p, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        n += 1
+        if start is None:
+            start = time.perf_counter()
+    sys.stdout.write("\n")
+    if start is not None and n > 1 and args.verbose:
+        print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):.1f}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llama = _load(args.model, args.tokenizer, args.threads, args.quantize)
+    session = llama.chat_session(system=args.system)
+    while True:
+        try:
+            user = input("User: ")
+        except EOFError:
+            print()
+            return 0
+        sys.stdout.write("Assistant: ")
+        for piece in session.stream(user, temperature=args.temperature, topp=args.top_p, seed=args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if session.pos >= llama.config.seq_len:
+            print("(the model's context is full)", file=sys.stderr)
+            return 0
+
+
+def cmd_run(args) -> int:
+    from . import run_compat
+
+    return run_compat.main(args.argv)
+
+
+def cmd_info(args) -> int:
+    from .generate import Llama
+
+    c = Llama(args.model).config
+    kinds = {0: "version 0 (legacy llama2.c, fp32)", 1: "version 1 (fp32)", 2: "version 2 (int8 Q8_0)",
+             3: "version 3 (fp32 + rope_theta/norm_eps)"}
+    print(f"file:        {args.model}")
+    print(f"format:      {kinds.get(c.version, c.version)}")
+    if c.version == 2:
+        print(f"group size:  {c.group_size}")
+    print(f"dims:        dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads {c.n_heads}, "
+          f"kv heads {c.n_kv_heads}, head size {c.head_size}")
+    print(f"vocab:       {c.vocab_size} ({'shared' if c.shared_classifier else 'separate'} classifier)")
+    print(f"seq_len:     {c.seq_len}")
+    print(f"rope_theta:  {c.rope_theta:g}, norm_eps: {c.norm_eps:g}")
+    print(f"parameters:  {c.n_params:,} ({c.n_params / 1e6:.2f} M)")
+    print(f"file size:   {c.file_size:,} bytes ({c.file_size / 2**20:.2f} MiB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama2c", description="Llama 2 inference with a small fast C engine.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def sampling(sp):
+        sp.add_argument("--model", "-m", default=None, help="model .bin (default: the bundled model)")
+        sp.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
+        sp.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
+        sp.add_argument("--top-p", "-p", type=float, default=0.9, help="nucleus threshold (default 0.9)")
+        sp.add_argument("--seed", "-s", type=int, default=None, help="random seed (default: random)")
+        sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+        sp.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", nargs="?", default="", help="prompt text")
+    sampling(g)
+    g.add_argument("--steps", "-n", type=int, default=256, help="tokens to run, 0 = seq_len (default 256)")
+    g.add_argument("--verbose", "-v", action="store_true", help="report tokens/s on stderr")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat (Llama 2 chat template)")
+    sampling(c)
+    c.add_argument("--system", "-y", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
+    r = sub.add_parser("run", help="llama2.c's `run` flags: run MODEL [-t -p -s -n -i -z -m -y]",
+                       add_help=False)
+    r.add_argument("argv", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="format, dimensions, parameters and size of a model file")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (Llama2Error, OSError, ValueError) as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"llama2c: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
