@@ -35,16 +35,6 @@ class Cli:
                               timeout=timeout, **kw)
 
 
-def _stale(binary: Path) -> bool:
-    if not binary.exists():
-        return True
-    newest = max((p.stat().st_mtime for p in (REPO / "csrc").glob("*.[ch]")), default=0.0)
-    mk = REPO / "Makefile"
-    if mk.exists():
-        newest = max(newest, mk.stat().st_mtime)
-    return binary.stat().st_mtime < newest
-
-
 # ---------------------------------------------------------------------------
 # tiny random models
 # ---------------------------------------------------------------------------
