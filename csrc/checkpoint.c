@@ -315,6 +315,16 @@ static int quantize_matrix(llama2_transformer *t, llama2_matrix *m, llama2_error
     return LLAMA2_OK;
 }
 
+/* The embedding is looked up row by row: keep a dequantized fp32 copy. */
+static int dequantize_embedding(llama2_transformer *t, const llama2_matrix *emb, llama2_error *err) {
+    int64_t n = (int64_t)emb->rows * emb->cols;
+    float *e = (float *)llama2_own(t, (size_t)n * 4);
+    if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory dequantizing the embedding");
+    for (int64_t i = 0; i < n; i++) e[i] = emb->q[i] * emb->s[i / t->gs];
+    t->token_embedding = e;
+    return LLAMA2_OK;
+}
+
 static int map_weights(llama2_transformer *t, const unsigned char *body, unsigned flags,
                        llama2_error *err) {
     llama2_config *c = &t->config;
@@ -365,12 +375,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         } else if ((rc = set_q8_matrices(t, &t->wcls, 1, &cur, V, d, err))) {
             return rc;
         }
-        /* the embedding is looked up row by row: keep a dequantized copy */
-        float *e = (float *)llama2_own(t, (size_t)V * d * 4);
-        if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory dequantizing the embedding");
-        for (int64_t i = 0; i < (int64_t)V * d; i++) e[i] = emb.q[i] * emb.s[i / t->gs];
-        t->token_embedding = e;
-        return LLAMA2_OK;
+        return dequantize_embedding(t, &emb, err);
     }
 
     if (c->version != 0) {
@@ -392,15 +397,24 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     }
 
     if (flags & LLAMA2_OPEN_QUANTIZE) {
-        /* group size as the exporter picks it: 64 halved until it divides dim */
+        /* exactly what the exporter's version 2 file of these weights runs:
+         * group size 64 halved until it divides dim, every matrix quantized,
+         * the embedding looked up dequantized */
         t->gs = 64;
         while (d % t->gs != 0) t->gs /= 2;
         for (int i = 0; i < 7 * L; i++) {
             int rc = quantize_matrix(t, &t->matrices[i], err);
             if (rc) return rc;
         }
-        int rc = quantize_matrix(t, &t->wcls, err);
+        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL};
+        int rc = quantize_matrix(t, &emb, err);
         if (rc) return rc;
+        if (c->shared_classifier) {
+            t->wcls = emb;
+        } else if ((rc = quantize_matrix(t, &t->wcls, err))) {
+            return rc;
+        }
+        if ((rc = dequantize_embedding(t, &emb, err))) return rc;
         c->weights = LLAMA2_WEIGHTS_Q8_0;
         c->group_size = t->gs;
     }

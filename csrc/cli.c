@@ -167,7 +167,7 @@ int main(int argc, char *argv[]) {
         switch (flag) {
         case 't': temperature = (float)atof(val); break;
         case 'p': topp = (float)atof(val); break;
-        case 's': seed = atoi(val); break;
+        case 's': seed = atoi(val); break; /* an int, as in llama2.c (glibc: low 32 bits) */
         case 'n': steps = atoi(val); break;
         case 'i': prompt = val; break;
         case 'z': tokenizer_path = val; break;

@@ -39,6 +39,12 @@ def _c_atoi(s: str) -> int:
     return sign * int(digits) if digits else 0
 
 
+def _to_int32(v: int) -> int:
+    """What C's atoi leaves of a larger number on glibc: the low 32 bits, signed."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def _c_atof(s: str) -> float:
     s = s.strip()
     for end in range(len(s), 0, -1):
@@ -69,7 +75,7 @@ def main(argv: list[str]) -> int:
     if opts["m"] not in ("generate", "chat"):
         return _usage("mode must be generate or chat")
     temperature, topp = _c_atof(opts["t"]), _c_atof(opts["p"])
-    seed, steps = _c_atoi(opts["s"]), _c_atoi(opts["n"])
+    seed, steps = _to_int32(_c_atoi(opts["s"])), _to_int32(_c_atoi(opts["n"]))
     if seed <= 0:
         seed = int(time.time()) & 0xFFFFFFFF
     temperature = max(temperature, 0.0)

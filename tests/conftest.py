@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def cli() -> Cli:
+    # CI points LLAMA2C_BIN_DIR at the sanitizer build (make sanitize)
+    bin_dir = os.environ.get("LLAMA2C_BIN_DIR")
+    if bin_dir:
+        run, runq = Path(bin_dir) / "run", Path(bin_dir) / "runq"
+        if not run.exists() or not runq.exists():
+            pytest.fail(f"LLAMA2C_BIN_DIR={bin_dir} holds no run/runq")
+        return Cli(run, runq)
     run, runq = REPO / "run", REPO / "runq"
     # Built only when missing: `make run` also copies libllama2 into llama2c/,
     # which must not be rewritten under a process that has it loaded.

@@ -23,6 +23,39 @@ STORIES = SHARED_DATA / "tinyllamas" / "stories260K"
 AIDREAMS = SHARED_DATA / "aidreams260K"
 LLAMA2_TOK = SHARED_DATA / "llama2"
 
+# texts for the tokenizer tests: ASCII, code, accents, CJK, emoji (byte
+# fallback), control whitespace, Llama 2 chat markup, runs of spaces, digits
+STRINGS = [
+    "Hello, world!",
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "class Foo:\n\tdef bar(self):\n\t\treturn {'a': [1, 2, 3]}\n",
+    "Crème brûlée, naïve café, jalapeño, Ærøskøbing, Straße",
+    "Привет, мир! Καλημέρα κόσμε.",
+    "日本語のテキストと中文文本，还有한국어.",
+    "emoji: 🦙🚀😀👍🏽 and 🇫🇷 flags",
+    "🦙",
+    "mixed\ttabs\tand\nnew\nlines\r\nwindows",
+    "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\nWhat is the capital of France? [/INST]",
+    "[INST] Tell me a joke. [/INST]",
+    "   three leading spaces",
+    " a",
+    "trailing spaces   ",
+    "multiple    spaces   between     words",
+    "1234567890 3.14159 2024-01-01 0x1F 1e-5",
+    "a",
+    " ",
+    "\n",
+    "\n\n\n",
+    "",
+    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX!",
+    "unicode math: ∑ ∫ √ ∞ ≠ ≤ ≥ → λ π",
+    "zero\u200bwidth and non\u00a0breaking",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+    "incididunt ut labore et dolore magna aliqua.",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Cli:
@@ -139,37 +172,42 @@ def assert_f32_close(c: np.ndarray, ref: np.ndarray, what: str = "") -> None:
 
 
 Q8_TIGHT = 2e-4   # x max|logit|: the same int8 math up to float rounding
-Q8_LOOSE = 0.05   # x max|logit|: one activation rounded the other way
 Q8_VS_F32 = 0.2   # x max|logit|: int8 engine vs the exact fp32 model
+Q8_MAX_FLIPS = 4  # activations allowed to round the other way in one sequence
 
 
-def assert_q8_close(c: np.ndarray, ref_q8: np.ndarray, ref_f32: np.ndarray | None = None,
-                    what: str = "") -> None:
-    """C int8 logits vs reference.forward_q8.
+def assert_q8_close(c: np.ndarray, cfg: R.Config, w: dict, tokens, group_size: int,
+                    ref_f32: np.ndarray | None = None, what: str = "") -> np.ndarray:
+    """C int8 logits vs the int8 engine's math (reference.forward_q8).
 
     The C engine computes activations in float32 and the reference in
-    float64, so once in a while an activation that sits within float32
-    rounding of a .5 quantization boundary rounds the other way (one int8
-    step on one element). That changes the logits of that position (and,
-    through the KV cache, a little of later ones) by up to ~1% of the logit
-    range. So: most positions must agree to Q8_TIGHT (any systematic error -
-    unquantized activations, dropped row tails, wrong groups or scales - hits
-    every position), at most a quarter may be off, but none by more than
-    Q8_LOOSE, and the argmax must agree wherever the error cannot explain a
-    swap."""
-    assert c.shape == ref_q8.shape, (c.shape, ref_q8.shape)
+    float64, so now and then an activation within float32 rounding of a .5
+    quantization boundary rounds the other way (one int8 step on one
+    element). That moves the logits of its position, and through the KV cache
+    of every later position, by up to ~1% of the logit range - more than any
+    useful tolerance. reference.forward_q8_explain replays forward_q8 with
+    such near ties (within 2e-3 of a boundary) rounded the other way until
+    the C logits agree; at most Q8_MAX_FLIPS may be needed. Every position
+    must then agree to Q8_TIGHT x max|logit|: unquantized activations,
+    dropped row tails, wrong groups or scales miss by far more. Returns the
+    reference logits used."""
+    tokens = list(tokens)
+    assert c.shape == (len(tokens), cfg.vocab_size), c.shape
     assert np.all(np.isfinite(c)), f"{what}: non-finite logits"
-    m = float(np.abs(ref_q8).max())
-    per_pos = np.abs(c - ref_q8).max(axis=1)
-    info = f"{what}: per-position max |C - forward_q8| / max|logit| = " \
-           f"{np.array2string(per_pos / m, precision=2)}"
-    n_off = int((per_pos > Q8_TIGHT * m).sum())
-    assert n_off <= len(per_pos) // 4, f"{n_off} positions beyond {Q8_TIGHT}; {info}"
-    assert per_pos.max() <= Q8_LOOSE * m, info
-    top2 = np.sort(ref_q8, axis=1)[:, -2:]
+    tol = Q8_TIGHT * float(np.abs(c).max())
+    ref, flips = R.forward_q8_explain(cfg, w, tokens, group_size, c, tol,
+                                      max_flips=Q8_MAX_FLIPS)
+    per_pos = np.abs(c - ref).max(axis=1)
+    assert per_pos.max() <= tol, (
+        f"{what}: per-position max |C - forward_q8| / max|logit| = "
+        f"{np.array2string(per_pos / np.abs(c).max(), precision=2)} "
+        f"(tolerance {Q8_TIGHT}; activation flips tried: {flips})")
+    assert len(flips) <= Q8_MAX_FLIPS
+    top2 = np.sort(ref, axis=1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 2 * per_pos
-    assert np.array_equal(c.argmax(axis=1)[clear], ref_q8.argmax(axis=1)[clear]), info
+    assert np.array_equal(c.argmax(axis=1)[clear], ref.argmax(axis=1)[clear]), what
     if ref_f32 is not None:
         err = np.abs(c - ref_f32).max()
         assert err <= Q8_VS_F32 * np.abs(ref_f32).max(), \
             f"{what}: int8 logits too far from the fp32 model: {err:.3g}"
+    return ref

@@ -3,42 +3,10 @@ stories260K's tok512) and against reference.encode (SPEC 4)."""
 from __future__ import annotations
 
 import pytest
+import sentencepiece
 
 import llama2c
-from helpers import LLAMA2_TOK, STORIES, R
-
-import sentencepiece  # noqa: E402
-
-STRINGS = [
-    "Hello, world!",
-    "I believe the meaning of life is",
-    "Simply put, the theory of relativity states that ",
-    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
-    "class Foo:\n\tdef bar(self):\n\t\treturn {'a': [1, 2, 3]}\n",
-    "Crème brûlée, naïve café, jalapeño, Ærøskøbing, Straße",
-    "Привет, мир! Καλημέρα κόσμε.",
-    "日本語のテキストと中文文本，还有한국어.",
-    "emoji: 🦙🚀😀👍🏽 and 🇫🇷 flags",
-    "🦙",
-    "mixed\ttabs\tand\nnew\nlines\r\nwindows",
-    "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\nWhat is the capital of France? [/INST]",
-    "[INST] Tell me a joke. [/INST]",
-    "   three leading spaces",
-    " a",
-    "trailing spaces   ",
-    "multiple    spaces   between     words",
-    "1234567890 3.14159 2024-01-01 0x1F 1e-5",
-    "a",
-    " ",
-    "\n",
-    "\n\n\n",
-    "",
-    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX!",
-    "unicode math: ∑ ∫ √ ∞ ≠ ≤ ≥ → λ π",
-    "zero\u200bwidth and non\u00a0breaking",
-    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
-    "incididunt ut labore et dolore magna aliqua.",
-]
+from helpers import LLAMA2_TOK, STORIES, STRINGS, R
 
 
 @pytest.fixture(scope="module")
