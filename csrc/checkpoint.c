@@ -278,6 +278,8 @@ static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows,
         m[i].rows = rows;
         m[i].cols = cols;
         m[i].f = take_f32(cur, (int64_t)rows * cols);
+        m[i].q = NULL;
+        m[i].s = NULL;
     }
 }
 
@@ -288,6 +290,7 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
     for (int i = 0; i < count; i++) {
         m[i].rows = rows;
         m[i].cols = cols;
+        m[i].f = NULL;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -360,7 +363,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     }
 
     if (c->version == 2) {
-        llama2_matrix emb;
+        llama2_matrix emb = {0, 0, NULL, NULL, NULL};
         int rc = set_q8_matrices(t, &emb, 1, &cur, V, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wq, L, &cur, d, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wk, L, &cur, kv, d, err);
