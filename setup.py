@@ -16,8 +16,9 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 LIB_SOURCES = ["csrc/checkpoint.c", "csrc/run.c", "csrc/runq.c", "csrc/forward.c",
-               "csrc/tokenizer.c", "csrc/sampler.c", "csrc/session.c"]
-HEADERS = ["csrc/llama2.h", "csrc/internal.h"]
+               "csrc/tokenizer.c", "csrc/sampler.c", "csrc/session.c", "csrc/kernels.c",
+               "csrc/kernels_avx2.c"]
+HEADERS = ["csrc/llama2.h", "csrc/internal.h", "csrc/kernels.h"]
 
 if sys.platform == "win32":
     LIB_NAME = "llama2.dll"

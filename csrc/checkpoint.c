@@ -7,7 +7,7 @@
  * matches what the header implies, so a malformed file is an error, never a
  * crash. All sizes are 64-bit.
  */
-#include "internal.h"
+#include "kernels.h"
 
 #include <errno.h>
 #include <math.h>
@@ -278,6 +278,7 @@ static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows,
         m[i].rows = rows;
         m[i].cols = cols;
         m[i].f = take_f32(cur, (int64_t)rows * cols);
+        m[i].p = NULL;
         m[i].q = NULL;
         m[i].s = NULL;
     }
@@ -291,6 +292,7 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
         m[i].rows = rows;
         m[i].cols = cols;
         m[i].f = NULL;
+        m[i].p = NULL;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -315,6 +317,7 @@ static int quantize_matrix(llama2_transformer *t, llama2_matrix *m, llama2_error
     m->q = q;
     m->s = s;
     m->f = NULL;
+    m->p = NULL;
     return LLAMA2_OK;
 }
 
@@ -363,7 +366,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     }
 
     if (c->version == 2) {
-        llama2_matrix emb = {0, 0, NULL, NULL, NULL};
+        llama2_matrix emb = {0, 0, NULL, NULL, NULL, NULL};
         int rc = set_q8_matrices(t, &emb, 1, &cur, V, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wq, L, &cur, d, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wk, L, &cur, kv, d, err);
@@ -409,7 +412,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
             int rc = quantize_matrix(t, &t->matrices[i], err);
             if (rc) return rc;
         }
-        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL};
+        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL, NULL};
         int rc = quantize_matrix(t, &emb, err);
         if (rc) return rc;
         if (c->shared_classifier) {
@@ -422,6 +425,20 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         c->group_size = t->gs;
     }
     return LLAMA2_OK;
+}
+
+/* Picks the kernels for this CPU and repacks fp32 weights if they want it. */
+static int select_kernels(llama2_transformer *t, llama2_error *err) {
+    const llama2_kernels *k = llama2_kernels_select();
+    t->kernels = k;
+    if (!k->packs_f32) return LLAMA2_OK;
+    for (int i = 0; i < 7 * t->config.n_layers; i++) {
+        if (t->matrices[i].f) {
+            int rc = llama2_pack_f32(t, &t->matrices[i], err);
+            if (rc) return rc;
+        }
+    }
+    return t->wcls.f ? llama2_pack_f32(t, &t->wcls, err) : LLAMA2_OK;
 }
 
 static int64_t count_params(const llama2_config *c) {
@@ -470,6 +487,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
         t->config.n_params = count_params(&t->config);
         rc = map_weights(t, (const unsigned char *)data + header_bytes, flags, err);
     }
+    if (!rc) rc = select_kernels(t, err);
     if (!rc) rc = llama2_alloc_state(t, err);
     if (rc) {
         llama2_transformer_free(t);

@@ -121,20 +121,20 @@ int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, ll
 
         llama2_rmsnorm(t->xb, x, t->rms_att + (size_t)l * dim, dim, c->norm_eps);
         prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->q, &a, &t->wq[l], gs, nt);
-        llama2_matvec(k, &a, &t->wk[l], gs, nt);
-        llama2_matvec(v, &a, &t->wv[l], gs, nt);
+        llama2_matvec(t->q, &a, &t->wq[l], gs, t->kernels, nt);
+        llama2_matvec(k, &a, &t->wk[l], gs, t->kernels, nt);
+        llama2_matvec(v, &a, &t->wv[l], gs, t->kernels, nt);
         rope(t->q, k, pos, c);
 
         attention(t, l, pos, nt);
         prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->xb2, &a, &t->wo[l], gs, nt);
+        llama2_matvec(t->xb2, &a, &t->wo[l], gs, t->kernels, nt);
         for (int i = 0; i < dim; i++) x[i] += t->xb2[i];
 
         llama2_rmsnorm(t->xb, x, t->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
         prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->hb, &a, &t->w1[l], gs, nt);
-        llama2_matvec(t->hb2, &a, &t->w3[l], gs, nt);
+        llama2_matvec(t->hb, &a, &t->w1[l], gs, t->kernels, nt);
+        llama2_matvec(t->hb2, &a, &t->w3[l], gs, t->kernels, nt);
         for (int i = 0; i < hidden; i++) { /* SwiGLU */
             float val = t->hb[i];
             val *= (1.0f / (1.0f + expf(-val)));
@@ -142,12 +142,12 @@ int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, ll
             t->hb[i] = val;
         }
         prepare(&a, t->hb, hidden, t->hq, t->hs, gs);
-        llama2_matvec(t->xb, &a, &t->w2[l], gs, nt);
+        llama2_matvec(t->xb, &a, &t->w2[l], gs, t->kernels, nt);
         for (int i = 0; i < dim; i++) x[i] += t->xb[i];
     }
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
     prepare(&a, x, dim, t->xq, t->xs, gs);
-    llama2_matvec(t->logits, &a, &t->wcls, gs, nt);
+    llama2_matvec(t->logits, &a, &t->wcls, gs, t->kernels, nt);
     if (logits) *logits = t->logits;
     llama2_ok(err);
     return LLAMA2_OK;

@@ -25,7 +25,8 @@ void llama2_ok(llama2_error *err);
  * values; scale g covers flat elements [g*gs, (g+1)*gs). */
 typedef struct {
     int rows, cols;
-    const float *f;  /* fp32 data, or NULL */
+    const float *f;  /* fp32 data (row-major), or NULL */
+    const float *p;  /* fp32 data packed for SIMD kernels (kernels.h), or NULL */
     const int8_t *q; /* int8 data, or NULL */
     const float *s;  /* scales */
 } llama2_matrix;
@@ -43,6 +44,7 @@ struct llama2_transformer {
     llama2_config config;
     int gs; /* group size for Q8_0 matrices, 0 for fp32 */
     int n_threads;
+    const struct llama2_kernels_s *kernels;
 
     /* weights (pointers into the mapping or into owned buffers) */
     const float *rms_att, *rms_ffn, *rms_final;
@@ -70,15 +72,15 @@ void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t *
 /* run.c: fp32 pieces (also used by the int8 path) */
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
 void llama2_softmax(float *x, int n);
-void llama2_matmul_f32(float *out, const float *x, const float *w, int n, int d, int nt);
+struct llama2_kernels_s;
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                   int nt);
+                   const struct llama2_kernels_s *k, int nt);
 
 /* runq.c: int8 pieces */
 void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs);
 void llama2_quantize_weights(int8_t *q, float *s, const float *x, int64_t n, int gs);
-void llama2_matmul_q8(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
-                      int n, int d, int gs, int nt);
+void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                           int gs, int r0, int r1);
 
 /* forward.c */
 int llama2_alloc_state(llama2_transformer *t, llama2_error *err);

@@ -4,11 +4,15 @@
  * int8 kernel (runq.c) according to how the weights are stored.
  *
  * The arithmetic follows llama2.c's order exactly (sequential float sums,
- * no fast-math), so sampled outputs match it bit for bit.
+ * no fast-math), so sampled outputs match it bit for bit; the SIMD kernels
+ * (kernels_avx2.c) reproduce these loops exactly, lane by lane.
  */
-#include "internal.h"
+#include "kernels.h"
 
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
     float ss = 0.0f;
@@ -31,23 +35,54 @@ void llama2_softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* out[d] = W[d][n] x[n] */
-void llama2_matmul_f32(float *out, const float *x, const float *w, int n, int d, int nt) {
-    (void)nt;
-    int i;
-#pragma omp parallel for num_threads(nt) if (nt > 1)
-    for (i = 0; i < d; i++) {
-        const float *row = w + (int64_t)i * n;
+/* Rows [r0, r1) of out = W x for a row-major W of n columns: the portable
+ * kernel every SIMD kernel must match bit for bit. */
+static void matmul_f32_rows(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
+    const int n = w->cols;
+    for (int i = r0; i < r1; i++) {
+        const float *row = w->f + (int64_t)i * n;
         float val = 0.0f;
         for (int j = 0; j < n; j++) val += row[j] * x[j];
         out[i] = val;
     }
 }
 
+const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, llama2_matmul_q8_rows};
+
+/* One thread's share of a matmul, with the best kernel that fits the matrix. */
+static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
+                        const llama2_kernels *k, int r0, int r1) {
+    if (w->f) {
+        if (w->p && k->packs_f32)
+            k->matmul_f32(out, a->x, w, r0, r1);
+        else
+            matmul_f32_rows(out, a->x, w, r0, r1);
+    } else if (w->cols % gs == 0 && gs % 32 == 0) {
+        k->matmul_q8(out, a->q, a->s, w, gs, r0, r1);
+    } else {
+        llama2_matmul_q8_rows(out, a->q, a->s, w, gs, r0, r1);
+    }
+}
+
+/* out = W x, rows split over nt threads in blocks of LLAMA2_PACK_ROWS. */
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                   int nt) {
-    if (w->f)
-        llama2_matmul_f32(out, a->x, w->f, w->cols, w->rows, nt);
-    else
-        llama2_matmul_q8(out, a->q, a->s, w, w->cols, w->rows, gs, nt);
+                   const llama2_kernels *k, int nt) {
+    const int d = w->rows;
+    if (nt <= 1 || d < 8 * LLAMA2_PACK_ROWS) {
+        matvec_rows(out, a, w, gs, k, 0, d);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+        int r0 = (int)((int64_t)blocks * tid / nth) * LLAMA2_PACK_ROWS;
+        int r1 = (int)((int64_t)blocks * (tid + 1) / nth) * LLAMA2_PACK_ROWS;
+        if (r1 > d) r1 = d;
+        if (r0 < r1) matvec_rows(out, a, w, gs, k, r0, r1);
+    }
+#else
+    matvec_rows(out, a, w, gs, k, 0, d);
+#endif
 }

@@ -65,13 +65,12 @@ static float row_dot_unaligned(const int8_t *xq, const float *xs, const int8_t *
     return val;
 }
 
-void llama2_matmul_q8(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
-                      int n, int d, int gs, int nt) {
-    (void)nt;
-    int aligned = n % gs == 0;
-    int i;
-#pragma omp parallel for num_threads(nt) if (nt > 1)
-    for (i = 0; i < d; i++) {
+/* Rows [r0, r1) of the Q8_0 product: the portable kernel. */
+void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                           int gs, int r0, int r1) {
+    const int n = w->cols;
+    const int aligned = n % gs == 0;
+    for (int i = r0; i < r1; i++) {
         int64_t base = (int64_t)i * n;
         const int8_t *wq = w->q + base;
         if (!aligned) {

@@ -6,7 +6,7 @@
  * BPE merge loop, hand-derived token ids), or checks that malformed input
  * is refused with the right status instead of crashing.
  */
-#include "internal.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -51,21 +51,61 @@ static const char *tmp_path(const char *name) {
 
 /* ---- kernels ---- */
 
-static void test_matmul_f32(void) {
-    int n = 37, d = 11;
-    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n), out[11];
+/* every kernel this CPU can run, scalar first */
+static const llama2_kernels *kernel_list[4];
+static int n_kernels = 0;
+
+static void find_kernels(void) {
+    const char *names[] = {"scalar", "avx2"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const llama2_kernels *k = llama2_kernels_by_name(names[i]);
+        if (k) kernel_list[n_kernels++] = k;
+    }
+    printf("kernels on this CPU:");
+    for (int i = 0; i < n_kernels; i++) printf(" %s", kernel_list[i]->name);
+    printf("\n");
+}
+
+/* a dummy transformer that owns packed buffers */
+static llama2_transformer *owner(void) { return (llama2_transformer *)calloc(1, sizeof(llama2_transformer)); }
+static void free_owner(llama2_transformer *t) {
+    for (int i = 0; i < t->n_owned; i++) free(t->owned[i]);
+    free(t->owned);
+    free(t);
+}
+
+static void check_f32(int n, int d) {
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n);
+    float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
     for (int i = 0; i < n * d; i++) w[i] = frand();
     for (int i = 0; i < n; i++) x[i] = frand();
-    llama2_matmul_f32(out, x, w, n, d, 1);
+    llama2_transformer *t = owner();
+    llama2_matrix m = {.rows = d, .cols = n, .f = w};
+    llama2_pack_f32(t, &m, NULL);
+    llama2_kernels_scalar.matmul_f32(ref, x, &m, 0, d);
     double worst = 0;
     for (int i = 0; i < d; i++) {
-        double ref = 0;
-        for (int j = 0; j < n; j++) ref += (double)w[i * n + j] * x[j];
-        worst = fmax(worst, fabs(ref - out[i]));
+        double exact = 0;
+        for (int j = 0; j < n; j++) exact += (double)w[i * n + j] * x[j];
+        worst = fmax(worst, fabs(exact - ref[i]));
     }
-    CHECK(worst < 1e-5, "fp32 matmul matches double reference (max err %g)", worst);
-    free(w);
-    free(x);
+    CHECK(worst < 1e-5, "scalar fp32 matmul %dx%d matches double math (max err %g)", d, n, worst);
+    for (int k = 1; k < n_kernels; k++) {
+        /* whole range, and an 8-aligned sub-range as a thread would get */
+        for (int i = 0; i < d; i++) out[i] = -1.0f;
+        kernel_list[k]->matmul_f32(out, x, &m, 0, d);
+        CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s fp32 matmul %dx%d is bit-identical to scalar",
+              kernel_list[k]->name, d, n);
+        if (d > 16) {
+            for (int i = 0; i < d; i++) out[i] = -1.0f;
+            kernel_list[k]->matmul_f32(out, x, &m, 8, d - 3);
+            int ok = out[7] == -1.0f && out[d - 3] == -1.0f &&
+                     memcmp(out + 8, ref + 8, sizeof(float) * (d - 11)) == 0;
+            CHECK(ok, "%s fp32 matmul writes exactly rows [8, %d)", kernel_list[k]->name, d - 3);
+        }
+    }
+    free_owner(t);
+    free(w); free(x); free(ref); free(out);
 }
 
 /* q8 matmul against dequantized double math, for aligned and row-spanning groups */
@@ -74,29 +114,37 @@ static void check_q8(int n, int d, int gs) {
     float *w = malloc(sizeof(float) * total), *x = malloc(sizeof(float) * n);
     int8_t *wq = malloc(total), *xq = malloc(n);
     float *ws = malloc(sizeof(float) * (total / gs)), *xs = malloc(sizeof(float) * (n / gs + 1));
-    float *out = malloc(sizeof(float) * d);
+    float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
     for (int64_t i = 0; i < total; i++) w[i] = frand();
     for (int i = 0; i < n; i++) x[i] = frand() * 3;
     llama2_quantize_weights(wq, ws, w, total, gs);
     llama2_quantize(xq, xs, x, n, gs);
-    llama2_matrix m = {d, n, NULL, wq, ws};
-    llama2_matmul_q8(out, xq, xs, &m, n, d, gs, 1);
+    llama2_matrix m = {.rows = d, .cols = n, .q = wq, .s = ws};
+    llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m, gs, 0, d);
     double worst = 0, worst_q = 0;
     for (int i = 0; i < d; i++) {
-        double ref = 0;
+        double exact = 0;
         for (int j = 0; j < n; j++) {
             int64_t flat = (int64_t)i * n + j;
             double wdq = (double)wq[flat] * ws[flat / gs];
             double xdq = (double)xq[j] * xs[j / gs];
-            ref += wdq * xdq;
+            exact += wdq * xdq;
             /* quantization error stays within half a step */
             worst_q = fmax(worst_q, fabs(wdq - w[flat]) - 0.5 * ws[flat / gs] * 1.0001);
         }
-        worst = fmax(worst, fabs(ref - out[i]) / (1 + fabs(ref)));
+        worst = fmax(worst, fabs(exact - ref[i]) / (1 + fabs(exact)));
     }
     CHECK(worst < 1e-5, "q8 matmul n=%d d=%d gs=%d matches dequantized math (rel err %g)", n, d, gs, worst);
     CHECK(worst_q <= 1e-7, "q8 weights within half a step of fp32 (n=%d gs=%d)", n, gs);
-    free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(out);
+    if (n % gs == 0 && gs % 32 == 0) {
+        for (int k = 1; k < n_kernels; k++) {
+            for (int i = 0; i < d; i++) out[i] = -1.0f;
+            kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
+            CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s q8 matmul n=%d d=%d gs=%d is bit-identical to scalar",
+                  kernel_list[k]->name, n, d, gs);
+        }
+    }
+    free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
 
 static void test_quantize_edges(void) {
@@ -415,8 +463,14 @@ static void test_model_errors(void) {
 int main(void) {
     const char *env = getenv("TMPDIR");
     if (env && strlen(env) < 200) snprintf(tmp_dir, sizeof(tmp_dir), "%s", env);
-    test_matmul_f32();
+    find_kernels();
+    check_f32(37, 11);
+    check_f32(288, 288);
+    check_f32(64, 50);   /* rows not a multiple of 8: padded block */
+    check_f32(172, 64);
     check_q8(64, 16, 64);
+    check_q8(256, 45, 64);  /* rows not a multiple of 8 */
+    check_q8(288, 32, 32);
     check_q8(64, 16, 8);
     check_q8(172, 10, 8); /* hidden_dim 172: groups span rows */
     check_q8(172, 16, 64);

@@ -1,0 +1,65 @@
+/*
+ * kernels.c - picking the matrix-vector kernels for this CPU at run time,
+ * and repacking fp32 weights for the kernels that want it. One build runs
+ * on any x86-64 (and compiles anywhere else with the scalar kernels).
+ */
+#include "kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+#if defined(_MSC_VER)
+#include <intrin.h>
+#endif
+
+static int cpu_has_avx2(void) {
+#if defined(LLAMA2_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+#elif defined(LLAMA2_HAVE_AVX2_KERNELS) && defined(_MSC_VER)
+    int info[4];
+    __cpuid(info, 0);
+    if (info[0] < 7) return 0;
+    __cpuid(info, 1);
+    int osxsave = (info[2] >> 27) & 1, avx = (info[2] >> 28) & 1;
+    if (!osxsave || !avx || (_xgetbv(0) & 6) != 6) return 0;
+    __cpuidex(info, 7, 0);
+    return (info[1] >> 5) & 1;
+#else
+    return 0;
+#endif
+}
+
+const llama2_kernels *llama2_kernels_by_name(const char *name) {
+    if (!name) return NULL;
+    if (strcmp(name, "scalar") == 0) return &llama2_kernels_scalar;
+#ifdef LLAMA2_HAVE_AVX2_KERNELS
+    if (strcmp(name, "avx2") == 0) return cpu_has_avx2() ? &llama2_kernels_avx2 : NULL;
+#endif
+    return NULL;
+}
+
+const llama2_kernels *llama2_kernels_select(void) {
+    const llama2_kernels *forced = llama2_kernels_by_name(getenv("LLAMA2_KERNELS"));
+    if (forced) return forced;
+#ifdef LLAMA2_HAVE_AVX2_KERNELS
+    if (cpu_has_avx2()) return &llama2_kernels_avx2;
+#endif
+    return &llama2_kernels_scalar;
+}
+
+int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err) {
+    const int n = m->cols, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    float *p = (float *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)n * sizeof(float));
+    if (!p) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory repacking weights");
+    for (int b = 0; b < blocks; b++) {
+        float *dst = p + (size_t)b * n * LLAMA2_PACK_ROWS;
+        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+            int row = b * LLAMA2_PACK_ROWS + r;
+            if (row >= m->rows) break; /* padding stays zero */
+            const float *src = m->f + (int64_t)row * n;
+            for (int j = 0; j < n; j++) dst[(size_t)j * LLAMA2_PACK_ROWS + r] = src[j];
+        }
+    }
+    m->p = p;
+    return LLAMA2_OK;
+}

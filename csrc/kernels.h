@@ -1,0 +1,43 @@
+/*
+ * kernels.h - the matrix-vector kernels and how one is chosen at run time.
+ *
+ * Every kernel computes exactly what the portable scalar loops in run.c and
+ * runq.c compute, bit for bit: SIMD lanes hold different output rows, and
+ * each lane adds its row's products in the scalar order (separate multiply
+ * and add, no fused multiply-add). Integer dot products are exact in any
+ * order. So outputs never depend on which kernel the CPU gets.
+ */
+#ifndef LLAMA2_KERNELS_H
+#define LLAMA2_KERNELS_H
+
+#include "internal.h"
+
+/* fp32 rows are repacked in blocks of PACK_ROWS rows, interleaved by column:
+ * packed[(block * n + j) * PACK_ROWS + r] = W[block * PACK_ROWS + r][j]
+ * (the last block zero-padded). */
+#define LLAMA2_PACK_ROWS 8
+
+typedef struct llama2_kernels_s {
+    const char *name;
+    int packs_f32; /* wants fp32 matrices packed at load */
+    /* rows [r0, r1) of out = W x; r0 is a multiple of LLAMA2_PACK_ROWS */
+    void (*matmul_f32)(float *out, const float *x, const llama2_matrix *w, int r0, int r1);
+    /* rows [r0, r1) of the Q8_0 product, for n % gs == 0 */
+    void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                      int gs, int r0, int r1);
+} llama2_kernels;
+
+extern const llama2_kernels llama2_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+#define LLAMA2_HAVE_AVX2_KERNELS 1
+extern const llama2_kernels llama2_kernels_avx2;
+#endif
+
+/* The best kernels this CPU runs; LLAMA2_KERNELS=scalar|avx2 overrides. */
+const llama2_kernels *llama2_kernels_select(void);
+const llama2_kernels *llama2_kernels_by_name(const char *name); /* NULL if unknown/unsupported */
+
+/* Repacks an fp32 matrix for kernels that want it (owned by t). */
+int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err);
+
+#endif
