@@ -105,8 +105,8 @@ static void generate(llama2_session *ss, llama2_error *err) {
     for (;;) {
         if (llama2_session_step(ss, &st, err)) die(err);
         pos = st.pos;
-        if (st.kind != LLAMA2_STEP_TOKEN) break;
         print_text(&st);
+        if (st.kind != LLAMA2_STEP_TOKEN) break;
         if (start == 0) start = time_in_ms(); /* the first step warms up: not timed */
     }
     printf("\n");
@@ -189,7 +189,10 @@ int main(int argc, char *argv[]) {
     const llama2_config *c = llama2_transformer_config(t);
     llama2_tokenizer *tk;
     if (llama2_tokenizer_open(&tk, tokenizer_path, c->vocab_size, &err)) die(&err);
-    llama2_sampler_params params = {temperature, topp};
+    llama2_sampler_params params;
+    llama2_sampler_params_default(&params);
+    params.temperature = temperature;
+    params.topp = topp;
     llama2_sampler *sampler;
     if (llama2_sampler_new(&sampler, c->vocab_size, &params, (uint64_t)seed, &err)) die(&err);
     llama2_session *ss;

@@ -118,10 +118,18 @@ LLAMA2_API int llama2_utf8_filter_push(llama2_utf8_filter *f, const char *piece,
 
 /* ---- sampler ----------------------------------------------------------- */
 
+/* The defaults (temperature 1, topp 0.9, the rest off) sample exactly as
+ * llama2.c does; top-k, min-p and the repetition penalty are extensions. */
 typedef struct {
-    float temperature; /* 0: greedy */
-    float topp;        /* nucleus; <= 0 or >= 1 disables it */
+    float temperature;        /* 0: greedy */
+    float topp;               /* nucleus; <= 0 or >= 1 disables it */
+    int topk;                 /* keep the k most likely tokens; 0 disables it */
+    float minp;               /* keep tokens with p >= minp * p_max; 0 disables it */
+    float repetition_penalty; /* > 1 discourages tokens seen in the window; 1 disables it */
+    int repetition_window;    /* how many recent tokens count; 0: 64 */
 } llama2_sampler_params;
+
+LLAMA2_API void llama2_sampler_params_default(llama2_sampler_params *p);
 
 typedef struct llama2_sampler llama2_sampler;
 
@@ -131,6 +139,9 @@ LLAMA2_API int llama2_sampler_new(llama2_sampler **out, int vocab_size,
 LLAMA2_API void llama2_sampler_free(llama2_sampler *s);
 /* Samples a token; the logits are modified in place (scaled, softmaxed). */
 LLAMA2_API int llama2_sample(llama2_sampler *s, float *logits);
+/* Records a token of the context, for the repetition penalty (sessions call
+ * it for every token they feed). */
+LLAMA2_API void llama2_sampler_accept(llama2_sampler *s, int token);
 LLAMA2_API uint64_t llama2_sampler_rng_state(const llama2_sampler *s);
 
 /* The xorshift RNG of the sampler, exposed for tests. */
@@ -144,7 +155,7 @@ LLAMA2_API float llama2_random_f32(uint64_t *state);
 
 typedef enum {
     LLAMA2_STEP_TOKEN = 0,      /* a token was produced; text may be empty */
-    LLAMA2_STEP_DONE = 1,       /* steps exhausted or BOS sampled: finished */
+    LLAMA2_STEP_DONE = 1,       /* finished (steps, BOS, EOS or a stop string); may carry text */
     LLAMA2_STEP_NEED_INPUT = 2, /* chat: the user's turn; call llama2_session_chat_input */
     LLAMA2_STEP_ERROR = -1
 } llama2_step_kind;
@@ -175,6 +186,13 @@ LLAMA2_API int llama2_session_new(llama2_session **out, llama2_transformer *t,
                                   llama2_error *err);
 LLAMA2_API void llama2_session_free(llama2_session *ss);
 LLAMA2_API int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);
+/* Generate mode, before the first step: also stop when EOS is sampled
+ * (chat / instruct models; llama2.c stops only at BOS), and when the
+ * generated text contains one of the n_stops strings (cut before it).
+ * Text that might begin a stop string is held back until it cannot. */
+LLAMA2_API int llama2_session_set_stops(llama2_session *ss, int stop_at_eos,
+                                        const char *const *stops, const size_t *lens, int n_stops,
+                                        llama2_error *err);
 /* Chat: renders the Llama 2 template for the user's turn (system only used
  * on the first turn, when non-empty) and queues it. */
 LLAMA2_API int llama2_session_chat_input(llama2_session *ss, const char *system,

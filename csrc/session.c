@@ -20,6 +20,15 @@ struct llama2_session {
     llama2_utf8_filter filter;
     char *text; /* output of the current step */
     int cap_text;
+    /* generate mode stops (off by default, as in llama2.c) */
+    int stop_at_eos;
+    char **stops;
+    size_t *stop_lens;
+    int n_stops;
+    char *hold;    /* generated text held back: it may start a stop string */
+    size_t n_hold, cap_hold;
+    char *out;     /* text handed out when stops are active */
+    size_t cap_out;
 };
 
 /* Encodes text (with BOS) into the session's prompt buffer. */
@@ -42,11 +51,96 @@ static int set_prompt(llama2_session *ss, const char *text, size_t len, llama2_e
     return LLAMA2_OK;
 }
 
+static void free_stops(llama2_session *ss) {
+    for (int i = 0; i < ss->n_stops; i++) free(ss->stops[i]);
+    free(ss->stops);
+    free(ss->stop_lens);
+    ss->stops = NULL;
+    ss->stop_lens = NULL;
+    ss->n_stops = 0;
+}
+
 void llama2_session_free(llama2_session *ss) {
     if (!ss) return;
     free(ss->prompt);
     free(ss->text);
+    free_stops(ss);
+    free(ss->hold);
+    free(ss->out);
     free(ss);
+}
+
+int llama2_session_set_stops(llama2_session *ss, int stop_at_eos, const char *const *stops,
+                             const size_t *lens, int n_stops, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss || n_stops < 0 || (n_stops > 0 && (!stops || !lens)))
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "bad stop list");
+    if (ss->mode != LLAMA2_MODE_GENERATE)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "stops apply to generate mode");
+    if (ss->pos > 0) return llama2_fail(err, LLAMA2_ERR_STATE, "set stops before the first step");
+    free_stops(ss);
+    ss->stop_at_eos = stop_at_eos != 0;
+    if (n_stops == 0) return LLAMA2_OK;
+    ss->stops = (char **)calloc((size_t)n_stops, sizeof(char *));
+    ss->stop_lens = (size_t *)calloc((size_t)n_stops, sizeof(size_t));
+    if (!ss->stops || !ss->stop_lens) { free_stops(ss); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+    for (int i = 0; i < n_stops; i++) {
+        if (lens[i] == 0) { free_stops(ss); return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "empty stop string"); }
+        ss->stops[i] = (char *)malloc(lens[i]);
+        if (!ss->stops[i]) { ss->n_stops = i; free_stops(ss); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+        memcpy(ss->stops[i], stops[i], lens[i]);
+        ss->stop_lens[i] = lens[i];
+        ss->n_stops = i + 1;
+    }
+    return LLAMA2_OK;
+}
+
+static int reserve(char **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 1;
+    size_t c = *cap ? *cap : 64;
+    while (c < need) c *= 2;
+    char *grown = (char *)realloc(*buf, c);
+    if (!grown) return 0;
+    *buf = grown;
+    *cap = c;
+    return 1;
+}
+
+/* Earliest position in the held text where a stop string starts (complete,
+ * or cut off by the end of the text when `partial`); n_hold if none. */
+static size_t stop_position(const llama2_session *ss, int partial, int *complete) {
+    *complete = 0;
+    for (size_t i = 0; i < ss->n_hold; i++) {
+        for (int k = 0; k < ss->n_stops; k++) {
+            size_t left = ss->n_hold - i, len = ss->stop_lens[k];
+            if (left >= len && memcmp(ss->hold + i, ss->stops[k], len) == 0) { *complete = 1; return i; }
+            if (partial && left < len && memcmp(ss->hold + i, ss->stops[k], left) == 0) return i;
+        }
+    }
+    return ss->n_hold;
+}
+
+/* Passes generated text through the stop strings: st->text becomes what
+ * can be printed now; a complete stop string ends the session. */
+static int apply_stops(llama2_session *ss, llama2_step *st, int finishing, llama2_error *err) {
+    if (!reserve(&ss->hold, &ss->cap_hold, ss->n_hold + (size_t)st->text_len))
+        return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    memcpy(ss->hold + ss->n_hold, st->text, (size_t)st->text_len);
+    ss->n_hold += (size_t)st->text_len;
+    int complete;
+    size_t cut = stop_position(ss, !finishing, &complete);
+    if (complete) ss->done = 1;
+    if (!reserve(&ss->out, &ss->cap_out, cut + 1)) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    memcpy(ss->out, ss->hold, cut);
+    if (complete || finishing) {
+        ss->n_hold = 0;
+    } else {
+        memmove(ss->hold, ss->hold + cut, ss->n_hold - cut);
+        ss->n_hold -= cut;
+    }
+    st->text = ss->out;
+    st->text_len = (int)cut;
+    return LLAMA2_OK;
 }
 
 int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_tokenizer *tk,
@@ -105,17 +199,20 @@ static int step_generate(llama2_session *ss, llama2_step *st, llama2_error *err)
     if (rc) return rc;
     st->token = ss->token;
     st->in_prompt = ss->pos < ss->n_prompt - 1;
+    llama2_sampler_accept(ss->s, ss->token);
     ss->next = st->in_prompt ? ss->prompt[ss->pos + 1] : llama2_sample(ss->s, logits);
     ss->pos++;
     st->next = ss->next;
     st->pos = ss->pos;
-    if (ss->next == LLAMA2_TOKEN_BOS) { /* the model starts a new text: stop */
+    if (ss->next == LLAMA2_TOKEN_BOS || (ss->stop_at_eos && ss->next == LLAMA2_TOKEN_EOS)) {
+        /* BOS: the model starts a new text; EOS: an instruct model is done */
         ss->done = 1;
         st->kind = LLAMA2_STEP_DONE;
-        return LLAMA2_OK;
+        return ss->n_stops ? apply_stops(ss, st, 1, err) : LLAMA2_OK;
     }
     st->text_len = emit(ss, ss->token, ss->next, 0);
     ss->token = ss->next;
+    if (ss->n_stops && !st->in_prompt) return apply_stops(ss, st, ss->pos >= ss->steps, err);
     return LLAMA2_OK;
 }
 
@@ -127,6 +224,7 @@ static int step_chat(llama2_session *ss, llama2_step *st, llama2_error *err) {
     float *logits;
     int rc = llama2_forward(ss->t, token, ss->pos, &logits, err);
     if (rc) return rc;
+    llama2_sampler_accept(ss->s, token);
     ss->next = llama2_sample(ss->s, logits);
     ss->pos++;
     st->token = token;
@@ -212,7 +310,6 @@ int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_step
     for (;;) {
         int rc = llama2_session_step(ss, &st, err);
         if (rc) { free(buf); return rc; }
-        if (st.kind != LLAMA2_STEP_TOKEN) break;
         if (n + (size_t)st.text_len + 1 > cap) {
             while (n + (size_t)st.text_len + 1 > cap) cap *= 2;
             char *grown = (char *)realloc(buf, cap);
@@ -221,6 +318,7 @@ int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_step
         }
         memcpy(buf + n, st.text, (size_t)st.text_len);
         n += (size_t)st.text_len;
+        if (st.kind != LLAMA2_STEP_TOKEN) break;
     }
     buf[n] = '\0';
     *text = buf;

@@ -185,14 +185,18 @@ static void test_sampler(void) {
     CHECK(r >= 0.0f && r < 1.0f, "random_f32 in [0,1)");
 
     llama2_sampler *sm;
-    llama2_sampler_params greedy = {0.0f, 0.9f};
+    llama2_sampler_params greedy;
+    llama2_sampler_params_default(&greedy);
+    greedy.temperature = 0.0f;
     llama2_sampler_new(&sm, 5, &greedy, 1, NULL);
     float logits[5] = {0.1f, 3.0f, 3.0f, -1.0f, 2.0f};
     CHECK(llama2_sample(sm, logits) == 1, "greedy takes the first maximum");
     llama2_sampler_free(sm);
 
     /* top-p with a tiny topp on a uniform distribution must not crash */
-    llama2_sampler_params tiny = {1.0f, 1e-6f};
+    llama2_sampler_params tiny;
+    llama2_sampler_params_default(&tiny);
+    tiny.topp = 1e-6f;
     llama2_sampler_new(&sm, 512, &tiny, 3, NULL);
     float flat[512];
     for (int i = 0; i < 512; i++) flat[i] = 0.0f;
@@ -201,7 +205,9 @@ static void test_sampler(void) {
     llama2_sampler_free(sm);
 
     /* top-p never returns a token outside the nucleus */
-    llama2_sampler_params nucleus = {1.0f, 0.5f};
+    llama2_sampler_params nucleus;
+    llama2_sampler_params_default(&nucleus);
+    nucleus.topp = 0.5f;
     llama2_sampler_new(&sm, 4, &nucleus, 9, NULL);
     int outside = 0;
     for (int i = 0; i < 200; i++) {

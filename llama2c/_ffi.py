@@ -51,12 +51,16 @@ typedef struct { unsigned char pending[4]; int n_pending; int n_needed; } llama2
 void llama2_utf8_filter_reset(llama2_utf8_filter *f);
 int llama2_utf8_filter_push(llama2_utf8_filter *f, const char *piece, int len, char *out);
 
-typedef struct { float temperature; float topp; } llama2_sampler_params;
+typedef struct {
+    float temperature; float topp; int topk; float minp; float repetition_penalty; int repetition_window;
+} llama2_sampler_params;
+void llama2_sampler_params_default(llama2_sampler_params *p);
 typedef struct llama2_sampler llama2_sampler;
 int llama2_sampler_new(llama2_sampler **out, int vocab_size, const llama2_sampler_params *params, uint64_t seed, llama2_error *err);
 void llama2_sampler_free(llama2_sampler *s);
 int llama2_sample(llama2_sampler *s, float *logits);
 uint64_t llama2_sampler_rng_state(const llama2_sampler *s);
+void llama2_sampler_accept(llama2_sampler *s, int token);
 uint32_t llama2_random_u32(uint64_t *state);
 float llama2_random_f32(uint64_t *state);
 
@@ -68,6 +72,7 @@ typedef struct llama2_session llama2_session;
 int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_tokenizer *tk, llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps, llama2_error *err);
 void llama2_session_free(llama2_session *ss);
 int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);
+int llama2_session_set_stops(llama2_session *ss, int stop_at_eos, const char *const *stops, const size_t *lens, int n_stops, llama2_error *err);
 int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len, const char *user, size_t user_len, llama2_error *err);
 int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps, llama2_error *err);
 int llama2_session_pos(const llama2_session *ss);

@@ -30,7 +30,9 @@ def cmd_generate(args) -> int:
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize)
     start, n = None, 0
     for piece in llama.stream(args.prompt, steps=args.steps, temperature=args.temperature,
-                              topp=args.top_p, seed=args.seed):
+                              topp=args.top_p, seed=args.seed, top_k=args.top_k, min_p=args.min_p,
+                              repetition_penalty=args.repeat_penalty, stop=args.stop,
+                              stop_at_eos=args.stop_at_eos):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
@@ -52,7 +54,9 @@ def cmd_chat(args) -> int:
             print()
             return 0
         sys.stdout.write("Assistant: ")
-        for piece in session.stream(user, temperature=args.temperature, topp=args.top_p, seed=args.seed):
+        for piece in session.stream(user, temperature=args.temperature, topp=args.top_p, seed=args.seed,
+                                    top_k=args.top_k, min_p=args.min_p,
+                                    repetition_penalty=args.repeat_penalty):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -98,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
         sp.add_argument("--top-p", "-p", type=float, default=0.9, help="nucleus threshold (default 0.9)")
         sp.add_argument("--seed", "-s", type=int, default=None, help="random seed (default: random)")
+        sp.add_argument("--top-k", "-k", type=int, default=0, help="keep the k most likely tokens (default off)")
+        sp.add_argument("--min-p", type=float, default=0.0,
+                        help="keep tokens with p >= MIN_P * p_max (default off)")
+        sp.add_argument("--repeat-penalty", type=float, default=1.0,
+                        help="penalize tokens seen in the last 64 (e.g. 1.1; default 1 = off)")
         sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
         sp.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
 
@@ -105,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default="", help="prompt text")
     sampling(g)
     g.add_argument("--steps", "-n", type=int, default=256, help="tokens to run, 0 = seq_len (default 256)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the generated text contains TEXT (repeatable)")
+    g.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (chat/instruct models)")
     g.add_argument("--verbose", "-v", action="store_true", help="report tokens/s on stderr")
     g.set_defaults(func=cmd_generate)
 

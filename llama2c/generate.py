@@ -160,27 +160,42 @@ class Llama:
             self._release()
 
     # ---- generation ----
-    def _session(self, prompt: str, steps: int, temperature: float, topp: float, seed: int | None):
-        check_settings(temperature, topp)
+    def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
         if int(steps) < 0:
             raise InvalidArgumentError(f"steps must be >= 0 (got {steps})")
         tok = self.tokenizer
-        sampler = Sampler(self.config.vocab_size, temperature=temperature, topp=topp, seed=resolve_seed(seed))
+        sampler = _make_sampler(self.config.vocab_size, sampling)
         data = _bytes(prompt)
         out = ffi.new("llama2_session **")
         err = new_error()
         raise_for(lib.llama2_session_new(out, self._ptr, tok._ptr, sampler._ptr, _ffi.MODE_GENERATE,
                                          data, len(data), int(steps), err), err)
+        session = ffi.gc(out[0], lib.llama2_session_free)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops or stop_at_eos:
+            encoded = [_bytes(x) for x in stops]
+            if any(not b for b in encoded):
+                raise InvalidArgumentError("stop strings must not be empty")
+            keep = [ffi.new("char[]", b) for b in encoded]
+            raise_for(lib.llama2_session_set_stops(session, int(bool(stop_at_eos)), ffi.new("char *[]", keep),
+                                                   ffi.new("size_t[]", [len(b) for b in encoded]),
+                                                   len(encoded), err), err)
         # the session borrows the sampler: keep it alive as long as the session
-        return ffi.gc(out[0], lib.llama2_session_free), sampler
+        return session, sampler
 
     def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None) -> str:
+                 topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+                 stop_at_eos: bool = False) -> str:
         """The text `run` prints for these settings (prompt included), without
-        its final newline. steps=0 means the model's seq_len."""
+        its final newline. steps=0 means the model's seq_len. top_k, min_p,
+        repetition_penalty, stop strings and stop_at_eos are extensions, off
+        by default so outputs stay comparable with llama2.c."""
+        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
         self._acquire()
         try:
-            session, _sampler = self._session(prompt, steps, temperature, topp, seed)
+            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
             text = ffi.new("char **")
             length = ffi.new("size_t *")
             err = new_error()
@@ -193,21 +208,25 @@ class Llama:
             self._release()
 
     def stream(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-               topp: float = 0.9, seed: int | None = None) -> Iterator[str]:
+               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+               stop_at_eos: bool = False) -> Iterator[str]:
         """Yields the same text as generate(), piece by piece as it is made."""
+        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
         self._acquire()
         try:
-            session, _sampler = self._session(prompt, steps, temperature, topp, seed)
+            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
             step = ffi.new("llama2_step *")
             err = new_error()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             while True:
                 raise_for(lib.llama2_session_step(session, step, err), err)
-                if step.kind != _ffi.STEP_TOKEN:
-                    break
                 piece = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
                 if piece:
                     yield piece
+                if step.kind != _ffi.STEP_TOKEN:
+                    break
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail
@@ -220,7 +239,8 @@ class Llama:
         return ChatSession(self, system)
 
     def chat(self, messages: str | list[dict], *, steps: int | None = None, temperature: float = 1.0,
-             topp: float = 0.9, seed: int | None = None, system: str | None = None) -> str:
+             topp: float = 0.9, seed: int | None = None, system: str | None = None, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0) -> str:
         """The assistant's reply to a conversation: a str (one user message) or
         a list of {"role": "system"|"user"|"assistant", "content": str}."""
         if isinstance(messages, str):
@@ -231,7 +251,8 @@ class Llama:
         session = ChatSession(self, None)
         for user, reply in turns[:-1]:
             session._feed_history(user, reply)
-        return session.send(turns[-1][0], steps=steps, temperature=temperature, topp=topp, seed=seed)
+        return session.send(turns[-1][0], steps=steps, temperature=temperature, topp=topp, seed=seed,
+                            top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
 
 
 class ChatSession:
@@ -244,6 +265,8 @@ class ChatSession:
         self.pos = 0
         self.turns = 0
         self._pending: list[int] = []  # tokens to feed before the next turn (EOS)
+        self._history: list[int] = []  # every token fed, for the repetition penalty
+        self._sampler: Sampler | None = None
 
     def _user_tokens(self, user: str) -> list[int]:
         text = user
@@ -254,6 +277,9 @@ class ChatSession:
     def _feed(self, tokens: list[int]) -> np.ndarray | None:
         logits = None
         for t in tokens:
+            if self._sampler is not None:
+                self._sampler.accept(t)
+            self._history.append(t)
             if self.pos >= self.llama.config.seq_len:
                 raise InvalidArgumentError(f"the conversation is longer than the model's seq_len "
                                            f"({self.llama.config.seq_len})")
@@ -268,10 +294,16 @@ class ChatSession:
         self.turns += 1
 
     def stream(self, user: str, *, steps: int | None = None, temperature: float = 1.0,
-               topp: float = 0.9, seed: int | None = None) -> Iterator[str]:
-        check_settings(temperature, topp)
+               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0) -> Iterator[str]:
+        """The reply to one user turn, piece by piece; it ends at EOS."""
         llama = self.llama
-        sampler = Sampler(llama.config.vocab_size, temperature=temperature, topp=topp, seed=resolve_seed(seed))
+        sampler = _make_sampler(llama.config.vocab_size, dict(
+            temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty))
+        for t in self._history[-64:]:
+            sampler.accept(t)
+        self._sampler = sampler
         logits = self._feed(self._pending + self._user_tokens(user))
         self._pending = []
         self.turns += 1
@@ -304,9 +336,18 @@ class ChatSession:
         return "".join(self.stream(user, **kwargs))
 
 
+def _make_sampler(vocab_size: int, sampling: dict) -> Sampler:
+    check_settings(sampling["temperature"], sampling["topp"], sampling.get("top_k", 0),
+                   sampling.get("min_p", 0.0), sampling.get("repetition_penalty", 1.0))
+    return Sampler(vocab_size, temperature=sampling["temperature"], topp=sampling["topp"],
+                   seed=resolve_seed(sampling.get("seed")), top_k=sampling.get("top_k", 0),
+                   min_p=sampling.get("min_p", 0.0),
+                   repetition_penalty=sampling.get("repetition_penalty", 1.0))
+
+
 def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
              tokenizer: str | os.PathLike | None = None, steps: int = 256, temperature: float = 1.0,
-             topp: float = 0.9, seed: int | None = None) -> str:
+             topp: float = 0.9, seed: int | None = None, **extensions) -> str:
     """Loads a model and returns the text `run` prints for these settings,
     prompt included, without the final newline. model_path=None uses the
     model bundled with the package."""
@@ -316,4 +357,4 @@ def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
         model_path, default_tok = bundled_model()
         tokenizer = tokenizer if tokenizer is not None else default_tok
     llama = Llama(model_path, tokenizer=tokenizer)
-    return llama.generate(prompt, steps=steps, temperature=temperature, topp=topp, seed=seed)
+    return llama.generate(prompt, steps=steps, temperature=temperature, topp=topp, seed=seed, **extensions)

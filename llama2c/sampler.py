@@ -11,11 +11,18 @@ from .errors import InvalidArgumentError, new_error, raise_for
 U64 = (1 << 64) - 1
 
 
-def check_settings(temperature: float, topp: float) -> None:
+def check_settings(temperature: float, topp: float, top_k: int = 0, min_p: float = 0.0,
+                   repetition_penalty: float = 1.0) -> None:
     if not temperature >= 0.0:
         raise InvalidArgumentError(f"temperature must be >= 0 (got {temperature})")
     if not 0.0 <= topp <= 1.0:
         raise InvalidArgumentError(f"topp must be in [0, 1] (got {topp})")
+    if int(top_k) < 0:
+        raise InvalidArgumentError(f"top_k must be >= 0 (got {top_k})")
+    if not 0.0 <= min_p <= 1.0:
+        raise InvalidArgumentError(f"min_p must be in [0, 1] (got {min_p})")
+    if not repetition_penalty > 0.0:
+        raise InvalidArgumentError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -26,11 +33,20 @@ def resolve_seed(seed: int | None) -> int:
 
 
 class Sampler:
+    """temperature, topp: llama2.c's sampler. top_k, min_p, repetition_penalty
+    (over the last repetition_window tokens passed to accept()): extensions,
+    off by default."""
+
     def __init__(self, vocab_size: int, *, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int | None = None):
-        check_settings(temperature, topp)
+                 seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, repetition_window: int = 64):
+        check_settings(temperature, topp, top_k, min_p, repetition_penalty)
         self.vocab_size = int(vocab_size)
-        params = ffi.new("llama2_sampler_params *", {"temperature": temperature, "topp": topp})
+        params = ffi.new("llama2_sampler_params *")
+        lib.llama2_sampler_params_default(params)
+        params.temperature, params.topp = temperature, topp
+        params.topk, params.minp = int(top_k), min_p
+        params.repetition_penalty, params.repetition_window = repetition_penalty, int(repetition_window)
         out = ffi.new("llama2_sampler **")
         err = new_error()
         raise_for(lib.llama2_sampler_new(out, self.vocab_size, params, resolve_seed(seed), err), err)
@@ -45,6 +61,10 @@ class Sampler:
 
     def _sample_inplace(self, buf: np.ndarray) -> int:
         return lib.llama2_sample(self._ptr, ffi.from_buffer("float[]", buf))
+
+    def accept(self, token: int) -> None:
+        """Records a context token for the repetition penalty."""
+        lib.llama2_sampler_accept(self._ptr, int(token))
 
     @property
     def rng_state(self) -> int:
