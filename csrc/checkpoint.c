@@ -281,6 +281,7 @@ static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows,
         m[i].p = NULL;
         m[i].q = NULL;
         m[i].s = NULL;
+        m[i].ps = NULL;
     }
 }
 
@@ -293,6 +294,7 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
         m[i].cols = cols;
         m[i].f = NULL;
         m[i].p = NULL;
+        m[i].ps = NULL;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -366,7 +368,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     }
 
     if (c->version == 2) {
-        llama2_matrix emb = {0, 0, NULL, NULL, NULL, NULL};
+        llama2_matrix emb = {0, 0, NULL, NULL, NULL, NULL, NULL};
         int rc = set_q8_matrices(t, &emb, 1, &cur, V, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wq, L, &cur, d, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wk, L, &cur, kv, d, err);
@@ -412,7 +414,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
             int rc = quantize_matrix(t, &t->matrices[i], err);
             if (rc) return rc;
         }
-        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL, NULL};
+        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL, NULL, NULL};
         int rc = quantize_matrix(t, &emb, err);
         if (rc) return rc;
         if (c->shared_classifier) {
@@ -427,18 +429,17 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     return LLAMA2_OK;
 }
 
-/* Picks the kernels for this CPU and repacks fp32 weights if they want it. */
+/* Picks the kernels for this CPU and repacks weights if they want it. */
 static int select_kernels(llama2_transformer *t, llama2_error *err) {
     const llama2_kernels *k = llama2_kernels_select();
     t->kernels = k;
-    if (!k->packs_f32) return LLAMA2_OK;
-    for (int i = 0; i < 7 * t->config.n_layers; i++) {
-        if (t->matrices[i].f) {
-            int rc = llama2_pack_f32(t, &t->matrices[i], err);
-            if (rc) return rc;
-        }
+    if (!k->packs) return LLAMA2_OK;
+    for (int i = 0; i <= 7 * t->config.n_layers; i++) {
+        llama2_matrix *m = i < 7 * t->config.n_layers ? &t->matrices[i] : &t->wcls;
+        int rc = m->f ? llama2_pack_f32(t, m, err) : llama2_pack_scales(t, m, t->gs, err);
+        if (rc) return rc;
     }
-    return t->wcls.f ? llama2_pack_f32(t, &t->wcls, err) : LLAMA2_OK;
+    return LLAMA2_OK;
 }
 
 static int64_t count_params(const llama2_config *c) {

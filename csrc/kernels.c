@@ -63,3 +63,19 @@ int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err) 
     m->p = p;
     return LLAMA2_OK;
 }
+
+int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
+    if (m->cols % gs != 0) return LLAMA2_OK; /* groups span rows: the scalar kernel handles it */
+    const int groups = m->cols / gs, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    float *ps = (float *)llama2_own(t, (size_t)blocks * groups * LLAMA2_PACK_ROWS * sizeof(float));
+    if (!ps) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping scales");
+    for (int b = 0; b < blocks; b++)
+        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+            int row = b * LLAMA2_PACK_ROWS + r;
+            if (row >= m->rows) break;
+            for (int g = 0; g < groups; g++)
+                ps[((size_t)b * groups + g) * LLAMA2_PACK_ROWS + r] = m->s[(int64_t)row * groups + g];
+        }
+    m->ps = ps;
+    return LLAMA2_OK;
+}

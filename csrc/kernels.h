@@ -14,12 +14,14 @@
 
 /* fp32 rows are repacked in blocks of PACK_ROWS rows, interleaved by column:
  * packed[(block * n + j) * PACK_ROWS + r] = W[block * PACK_ROWS + r][j]
- * (the last block zero-padded). */
+ * (the last block zero-padded). Q8_0 scales of a matrix whose rows hold
+ * whole groups are regrouped the same way:
+ * ps[(block * groups + g) * PACK_ROWS + r] = scale of row block*8+r, group g. */
 #define LLAMA2_PACK_ROWS 8
 
 typedef struct llama2_kernels_s {
     const char *name;
-    int packs_f32; /* wants fp32 matrices packed at load */
+    int packs; /* wants the packed layouts at load */
     /* rows [r0, r1) of out = W x; r0 is a multiple of LLAMA2_PACK_ROWS */
     void (*matmul_f32)(float *out, const float *x, const llama2_matrix *w, int r0, int r1);
     /* rows [r0, r1) of the Q8_0 product, for n % gs == 0 */
@@ -37,7 +39,9 @@ extern const llama2_kernels llama2_kernels_avx2;
 const llama2_kernels *llama2_kernels_select(void);
 const llama2_kernels *llama2_kernels_by_name(const char *name); /* NULL if unknown/unsupported */
 
-/* Repacks an fp32 matrix for kernels that want it (owned by t). */
+/* Repacks an fp32 matrix / the scales of a Q8_0 matrix for kernels that
+ * want it (buffers owned by t). */
 int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err);
+int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err);
 
 #endif

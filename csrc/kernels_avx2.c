@@ -87,22 +87,27 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
     const int n = w->cols, groups = n / gs, chunks = gs / 32;
     int i = r0;
     for (; i + 8 <= r1; i += 8) {
-        const int8_t *wr = w->q + (int64_t)i * n;
+        const int8_t *w0 = w->q + (int64_t)i * n;
+        const int8_t *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n, *w4 = w3 + n, *w5 = w4 + n,
+                     *w6 = w5 + n, *w7 = w6 + n;
         const float *sr = w->s + (int64_t)i * groups;
+        const float *ps = w->ps ? w->ps + (int64_t)(i / 8) * groups * 8 : NULL;
         __m256 acc = _mm256_setzero_ps();
         for (int g = 0; g < groups; g++) {
-            __m256i s[8];
-            for (int r = 0; r < 8; r++) s[r] = _mm256_setzero_si256();
-            for (int c = 0; c < chunks; c++) {
-                int off = g * gs + 32 * c;
+            __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0,
+                    s7 = s0;
+            for (int c = 0, off = g * gs; c < chunks; c++, off += 32) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + off));
-                for (int r = 0; r < 8; r++)
-                    s[r] = dot32(s[r], xv, _mm256_loadu_si256((const __m256i *)(wr + (int64_t)r * n + off)));
+#define DOT_ROW(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(w##k + off)))
+                DOT_ROW(0); DOT_ROW(1); DOT_ROW(2); DOT_ROW(3);
+                DOT_ROW(4); DOT_ROW(5); DOT_ROW(6); DOT_ROW(7);
+#undef DOT_ROW
             }
-            __m256 isum = _mm256_cvtepi32_ps(sum8(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]));
-            __m256 ws = _mm256_set_ps(sr[7 * groups + g], sr[6 * groups + g], sr[5 * groups + g],
-                                      sr[4 * groups + g], sr[3 * groups + g], sr[2 * groups + g],
-                                      sr[groups + g], sr[g]);
+            __m256 isum = _mm256_cvtepi32_ps(sum8(s0, s1, s2, s3, s4, s5, s6, s7));
+            __m256 ws = ps ? _mm256_loadu_ps(ps + 8 * g)
+                           : _mm256_set_ps(sr[7 * groups + g], sr[6 * groups + g], sr[5 * groups + g],
+                                           sr[4 * groups + g], sr[3 * groups + g], sr[2 * groups + g],
+                                           sr[groups + g], sr[g]);
             __m256 t = _mm256_mul_ps(_mm256_mul_ps(isum, ws), _mm256_set1_ps(xs[g]));
             acc = _mm256_add_ps(acc, t);
         }

@@ -53,7 +53,7 @@ const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, llam
 static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
                         const llama2_kernels *k, int r0, int r1) {
     if (w->f) {
-        if (w->p && k->packs_f32)
+        if (w->p && k->packs)
             k->matmul_f32(out, a->x, w, r0, r1);
         else
             matmul_f32_rows(out, a->x, w, r0, r1);

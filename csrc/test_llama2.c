@@ -137,12 +137,24 @@ static void check_q8(int n, int d, int gs) {
     CHECK(worst < 1e-5, "q8 matmul n=%d d=%d gs=%d matches dequantized math (rel err %g)", n, d, gs, worst);
     CHECK(worst_q <= 1e-7, "q8 weights within half a step of fp32 (n=%d gs=%d)", n, gs);
     if (n % gs == 0 && gs % 32 == 0) {
-        for (int k = 1; k < n_kernels; k++) {
-            for (int i = 0; i < d; i++) out[i] = -1.0f;
-            kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
-            CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s q8 matmul n=%d d=%d gs=%d is bit-identical to scalar",
-                  kernel_list[k]->name, n, d, gs);
+        llama2_transformer *t = owner();
+        for (int packed = 0; packed < 2; packed++) {
+            if (packed) llama2_pack_scales(t, &m, gs, NULL);
+            for (int k = 1; k < n_kernels; k++) {
+                for (int i = 0; i < d; i++) out[i] = -1.0f;
+                kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
+                CHECK(memcmp(out, ref, sizeof(float) * d) == 0,
+                      "%s q8 matmul n=%d d=%d gs=%d (%s scales) is bit-identical to scalar",
+                      kernel_list[k]->name, n, d, gs, packed ? "regrouped" : "plain");
+                if (d > 16) { /* a thread's share: rows [8, d) */
+                    for (int i = 0; i < d; i++) out[i] = -1.0f;
+                    kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 8, d);
+                    CHECK(out[7] == -1.0f && memcmp(out + 8, ref + 8, sizeof(float) * (d - 8)) == 0,
+                          "%s q8 matmul writes exactly rows [8, %d)", kernel_list[k]->name, d);
+                }
+            }
         }
+        free_owner(t);
     }
     free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
