@@ -101,20 +101,23 @@ static void print_text(const llama2_step *st) {
 static void generate(llama2_session *ss, llama2_error *err) {
     llama2_step st;
     long long start = 0;
-    int pos = 0;
+    int pos = 0, timed_from = 0;
     for (;;) {
         if (llama2_session_step(ss, &st, err)) die(err);
         pos = st.pos;
         print_text(&st);
         if (st.kind != LLAMA2_STEP_TOKEN) break;
-        if (start == 0) start = time_in_ms(); /* the first step warms up: not timed */
+        if (start == 0) { /* the first step warms up (and runs a batched prompt): not timed */
+            start = time_in_ms();
+            timed_from = pos;
+        }
     }
     printf("\n");
     fflush(stdout);
-    if (pos > 1) {
+    if (pos > 1 && start != 0) {
         long long end = time_in_ms();
         double elapsed = (double)(end - start);
-        fprintf(stderr, "achieved tok/s: %f\n", elapsed > 0 ? (pos - 1) / elapsed * 1000 : 0.0);
+        fprintf(stderr, "achieved tok/s: %f\n", elapsed > 0 ? (pos - timed_from) / elapsed * 1000 : 0.0);
     }
 }
 

@@ -3,7 +3,7 @@
  * shared by the fp32 and int8 engines (each matmul goes to the kernel that
  * matches its weights), and the run state it works in.
  */
-#include "internal.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -70,8 +70,9 @@ static void rope(float *q, float *k, int pos, const llama2_config *c) {
     }
 }
 
-/* Multi-head attention of q over positions 0..pos of one layer's cache. */
-static void attention(llama2_transformer *t, int layer, int pos, int nt) {
+/* Multi-head attention of q (at position pos) over positions 0..pos of one
+ * layer's cache; the result goes to out (dim floats). */
+static void attention(llama2_transformer *t, int layer, int pos, const float *q_all, float *out, int nt) {
     const llama2_config *c = &t->config;
     int hs = c->head_size, kv_mul = c->n_heads / c->n_kv_heads;
     size_t loff = (size_t)layer * (size_t)c->seq_len * (size_t)c->kv_dim;
@@ -80,7 +81,7 @@ static void attention(llama2_transformer *t, int layer, int pos, int nt) {
     int h;
 #pragma omp parallel for num_threads(nt) if (nt > 1 && pos > 32)
     for (h = 0; h < c->n_heads; h++) {
-        const float *q = t->q + (size_t)h * hs;
+        const float *q = q_all + (size_t)h * hs;
         float *att = t->att + (size_t)h * c->seq_len;
         size_t koff = loff + (size_t)(h / kv_mul) * hs;
         for (int p = 0; p <= pos; p++) {
@@ -91,7 +92,7 @@ static void attention(llama2_transformer *t, int layer, int pos, int nt) {
             att[p] = score;
         }
         llama2_softmax(att, pos + 1);
-        float *xb = t->xb + (size_t)h * hs;
+        float *xb = out + (size_t)h * hs;
         memset(xb, 0, (size_t)hs * sizeof(float));
         for (int p = 0; p <= pos; p++) {
             const float *v = t->value_cache + koff + (size_t)p * c->kv_dim;
@@ -101,53 +102,139 @@ static void attention(llama2_transformer *t, int layer, int pos, int nt) {
     }
 }
 
+/* Where one forward pass keeps its activations: n tokens' worth of rows. */
+typedef struct {
+    float *x, *xb, *xb2, *hb, *hb2, *q;
+    int8_t *xq, *hq;
+    float *xs, *hs;
+} buffers;
+
+static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
+
+static int alloc_batch(llama2_transformer *t, llama2_error *err) {
+    if (t->batch_ready) return LLAMA2_OK;
+    const llama2_config *c = &t->config;
+    size_t B = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    int ok = (t->bx = (float *)llama2_own(t, B * d * 4)) && (t->bxb = (float *)llama2_own(t, B * d * 4)) &&
+             (t->bxb2 = (float *)llama2_own(t, B * d * 4)) && (t->bhb = (float *)llama2_own(t, B * h * 4)) &&
+             (t->bhb2 = (float *)llama2_own(t, B * h * 4)) && (t->bq = (float *)llama2_own(t, B * d * 4));
+    if (ok && t->gs > 0)
+        ok = (t->bxq = (int8_t *)llama2_own(t, B * d)) && (t->bhq = (int8_t *)llama2_own(t, B * h)) &&
+             (t->bxs = (float *)llama2_own(t, B * groups_of(c->dim, t->gs) * 4)) &&
+             (t->bhs = (float *)llama2_own(t, B * groups_of(c->hidden_dim, t->gs) * 4));
+    if (!ok) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
+    t->batch_ready = 1;
+    return LLAMA2_OK;
+}
+
+/* Runs tokens[0..n) at positions pos..pos+n-1 (n <= LLAMA2_MAX_BATCH),
+ * filling the KV cache; with want_logits, the last token's logits. Every
+ * token goes through exactly the arithmetic of a single-token pass: the
+ * batch only shares the reading of the weights. */
+static void forward_tokens(llama2_transformer *t, const buffers *B, const int *tokens, int n, int pos,
+                           int want_logits) {
+    const llama2_config *c = &t->config;
+    const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
+    const size_t gd = groups_of(dim, gs), gh = groups_of(hidden, gs);
+    const int nt = resolve_threads(t);
+    const llama2_kernels *k = t->kernels;
+    llama2_activation a[LLAMA2_MAX_BATCH];
+
+    for (int b = 0; b < n; b++)
+        memcpy(B->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        size_t loff = (size_t)l * (size_t)c->seq_len * (size_t)kv_dim;
+        float *k0 = t->key_cache + loff + (size_t)pos * kv_dim;
+        float *v0 = t->value_cache + loff + (size_t)pos * kv_dim;
+
+        for (int b = 0; b < n; b++) {
+            float *xb = B->xb + (size_t)b * dim;
+            llama2_rmsnorm(xb, B->x + (size_t)b * dim, t->rms_att + (size_t)l * dim, dim, c->norm_eps);
+            prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
+        }
+        llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, nt);
+        llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, nt);
+        llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, nt);
+        for (int b = 0; b < n; b++) {
+            rope(B->q + (size_t)b * dim, k0 + (size_t)b * kv_dim, pos + b, c);
+            attention(t, l, pos + b, B->q + (size_t)b * dim, B->xb + (size_t)b * dim, nt);
+            prepare(&a[b], B->xb + (size_t)b * dim, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
+        }
+        llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, nt);
+        for (int b = 0; b < n; b++) {
+            float *x = B->x + (size_t)b * dim, *xb = B->xb + (size_t)b * dim;
+            const float *xb2 = B->xb2 + (size_t)b * dim;
+            for (int i = 0; i < dim; i++) x[i] += xb2[i];
+            llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+            prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
+        }
+        llama2_matvec_batch(B->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, nt);
+        llama2_matvec_batch(B->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, nt);
+        for (int b = 0; b < n; b++) {
+            float *hb = B->hb + (size_t)b * hidden;
+            const float *hb2 = B->hb2 + (size_t)b * hidden;
+            for (int i = 0; i < hidden; i++) { /* SwiGLU */
+                float val = hb[i];
+                val *= (1.0f / (1.0f + expf(-val)));
+                val *= hb2[i];
+                hb[i] = val;
+            }
+            prepare(&a[b], hb, hidden, B->hq + (size_t)b * hidden, B->hs + b * gh, gs);
+        }
+        llama2_matvec_batch(B->xb, (size_t)dim, a, n, &t->w2[l], gs, k, nt);
+        for (int b = 0; b < n; b++) {
+            float *x = B->x + (size_t)b * dim;
+            const float *xb = B->xb + (size_t)b * dim;
+            for (int i = 0; i < dim; i++) x[i] += xb[i];
+        }
+    }
+    if (!want_logits) return;
+    float *x = B->x + (size_t)(n - 1) * dim;
+    llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
+    prepare(&a[0], x, dim, B->xq, B->xs, gs);
+    llama2_matvec(t->logits, &a[0], &t->wcls, gs, k, nt);
+}
+
+static int check_token(const llama2_config *c, int token, llama2_error *err) {
+    if (token < 0 || token >= c->vocab_size)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "token %d out of range [0, %d)", token, c->vocab_size);
+    return LLAMA2_OK;
+}
+
 int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err) {
     if (!t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null transformer");
     const llama2_config *c = &t->config;
-    if (token < 0 || token >= c->vocab_size)
-        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "token %d out of range [0, %d)", token, c->vocab_size);
+    int rc = check_token(c, token, err);
+    if (rc) return rc;
     if (pos < 0 || pos >= c->seq_len)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, c->seq_len);
-    int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
-    int nt = resolve_threads(t);
-    float *x = t->x;
-    llama2_activation a;
+    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->xq, t->hq, t->xs, t->hs};
+    forward_tokens(t, &one, &token, 1, pos, 1);
+    if (logits) *logits = t->logits;
+    llama2_ok(err);
+    return LLAMA2_OK;
+}
 
-    memcpy(x, t->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float));
-    for (int l = 0; l < c->n_layers; l++) {
-        size_t loff = (size_t)l * (size_t)c->seq_len * (size_t)kv_dim;
-        float *k = t->key_cache + loff + (size_t)pos * kv_dim;
-        float *v = t->value_cache + loff + (size_t)pos * kv_dim;
-
-        llama2_rmsnorm(t->xb, x, t->rms_att + (size_t)l * dim, dim, c->norm_eps);
-        prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->q, &a, &t->wq[l], gs, t->kernels, nt);
-        llama2_matvec(k, &a, &t->wk[l], gs, t->kernels, nt);
-        llama2_matvec(v, &a, &t->wv[l], gs, t->kernels, nt);
-        rope(t->q, k, pos, c);
-
-        attention(t, l, pos, nt);
-        prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->xb2, &a, &t->wo[l], gs, t->kernels, nt);
-        for (int i = 0; i < dim; i++) x[i] += t->xb2[i];
-
-        llama2_rmsnorm(t->xb, x, t->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
-        prepare(&a, t->xb, dim, t->xq, t->xs, gs);
-        llama2_matvec(t->hb, &a, &t->w1[l], gs, t->kernels, nt);
-        llama2_matvec(t->hb2, &a, &t->w3[l], gs, t->kernels, nt);
-        for (int i = 0; i < hidden; i++) { /* SwiGLU */
-            float val = t->hb[i];
-            val *= (1.0f / (1.0f + expf(-val)));
-            val *= t->hb2[i];
-            t->hb[i] = val;
-        }
-        prepare(&a, t->hb, hidden, t->hq, t->hs, gs);
-        llama2_matvec(t->xb, &a, &t->w2[l], gs, t->kernels, nt);
-        for (int i = 0; i < dim; i++) x[i] += t->xb[i];
+int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits,
+                         llama2_error *err) {
+    if (!t || (!tokens && n > 0)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    const llama2_config *c = &t->config;
+    if (n <= 0) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "a batch needs at least one token (got %d)", n);
+    if (pos < 0 || pos > c->seq_len - n)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "positions %d..%d out of range [0, %d)", pos, pos + n - 1,
+                           c->seq_len);
+    for (int i = 0; i < n; i++) {
+        int rc = check_token(c, tokens[i], err);
+        if (rc) return rc;
     }
-    llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
-    prepare(&a, x, dim, t->xq, t->xs, gs);
-    llama2_matvec(t->logits, &a, &t->wcls, gs, t->kernels, nt);
+    if (n == 1) return llama2_forward(t, tokens[0], pos, logits, err);
+    int rc = alloc_batch(t, err);
+    if (rc) return rc;
+    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->bxq, t->bhq, t->bxs, t->bhs};
+    for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
+        int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
+        forward_tokens(t, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
+    }
     if (logits) *logits = t->logits;
     llama2_ok(err);
     return LLAMA2_OK;

@@ -65,7 +65,16 @@ struct llama2_transformer {
     float *key_cache, *value_cache;
     int8_t *xq;  float *xs;  /* quantized dim-sized activation */
     int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
+
+    /* batched prefill state, allocated on first use: the same buffers for
+     * LLAMA2_MAX_BATCH tokens (rows of dim / hidden_dim) */
+    int batch_ready;
+    float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq;
+    int8_t *bxq, *bhq;
+    float *bxs, *bhs;
 };
+
+#define LLAMA2_MAX_BATCH 32
 
 /* checkpoint.c */
 void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t */
@@ -76,12 +85,18 @@ void llama2_softmax(float *x, int n);
 struct llama2_kernels_s;
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
                    const struct llama2_kernels_s *k, int nt);
+/* out[b] = W a[b] for b < n_batch; out[b] is out_base + b * out_stride. */
+void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activation *a, int n_batch,
+                         const llama2_matrix *w, int gs, const struct llama2_kernels_s *k, int nt);
 
 /* runq.c: int8 pieces */
 void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs);
 void llama2_quantize_weights(int8_t *q, float *s, const float *x, int64_t n, int gs);
 void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                            int gs, int r0, int r1);
+
+/* sampler.c: advance the RNG as one sample would, without sampling */
+void llama2_sampler_skip(llama2_sampler *s);
 
 /* forward.c */
 int llama2_alloc_state(llama2_transformer *t, llama2_error *err);

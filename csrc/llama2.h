@@ -80,6 +80,12 @@ LLAMA2_API void llama2_transformer_set_threads(llama2_transformer *t, int n);
 LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,
                               llama2_error *err);
 
+/* Runs n tokens at positions pos..pos+n-1 in one pass over the weights
+ * (prompt processing). The KV cache and, when logits is not NULL, the last
+ * token's logits are bit-identical to n calls of llama2_forward. */
+LLAMA2_API int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos,
+                                    float **logits, llama2_error *err);
+
 /* ---- tokenizer --------------------------------------------------------- */
 
 typedef struct llama2_tokenizer llama2_tokenizer;

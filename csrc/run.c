@@ -64,12 +64,29 @@ static void matvec_rows(float *out, const llama2_activation *a, const llama2_mat
     }
 }
 
-/* out = W x, rows split over nt threads in blocks of LLAMA2_PACK_ROWS. */
-void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                   const llama2_kernels *k, int nt) {
+/* Rows [r0, r1) for every activation of a batch. The rows are walked in
+ * tiles small enough to stay in cache while each activation uses them, so
+ * the weights are read from memory once per batch instead of once per token;
+ * every output is computed exactly as in the single-token product. */
+static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_activation *a,
+                              int n_batch, const llama2_matrix *w, int gs, const llama2_kernels *k,
+                              int r0, int r1) {
+    size_t row_bytes = (size_t)w->cols * (w->f ? 4 : 1);
+    int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
+    tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS : tile / LLAMA2_PACK_ROWS * LLAMA2_PACK_ROWS;
+    for (int t0 = r0; t0 < r1; t0 += tile) {
+        int t1 = t0 + tile < r1 ? t0 + tile : r1;
+        for (int b = 0; b < n_batch; b++) matvec_rows(out_base + b * out_stride, &a[b], w, gs, k, t0, t1);
+    }
+}
+
+/* Splits rows [0, d) over nt threads in blocks of LLAMA2_PACK_ROWS and runs
+ * the batch on each share (a single activation is a batch of one). */
+void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activation *a, int n_batch,
+                         const llama2_matrix *w, int gs, const llama2_kernels *k, int nt) {
     const int d = w->rows;
     if (nt <= 1 || d < 8 * LLAMA2_PACK_ROWS) {
-        matvec_rows(out, a, w, gs, k, 0, d);
+        matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
         return;
     }
 #ifdef _OPENMP
@@ -80,9 +97,15 @@ void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *
         int r0 = (int)((int64_t)blocks * tid / nth) * LLAMA2_PACK_ROWS;
         int r1 = (int)((int64_t)blocks * (tid + 1) / nth) * LLAMA2_PACK_ROWS;
         if (r1 > d) r1 = d;
-        if (r0 < r1) matvec_rows(out, a, w, gs, k, r0, r1);
+        if (r0 < r1) matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, r0, r1);
     }
 #else
-    matvec_rows(out, a, w, gs, k, 0, d);
+    matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
 #endif
+}
+
+/* out = W x */
+void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
+                   const llama2_kernels *k, int nt) {
+    llama2_matvec_batch(out, 0, a, 1, w, gs, k, nt);
 }

@@ -193,7 +193,47 @@ static int emit(llama2_session *ss, int prev, int token, int at) {
     return at + llama2_utf8_filter_push(&ss->filter, piece, len, ss->text + at);
 }
 
+/* Feeds prompt[from .. from+m) at positions pos.. in one batched pass (their
+ * logits are not needed) and returns in st the text those m steps print.
+ * chat: each of those steps would also have drawn a sample. */
+static int prefill(llama2_session *ss, llama2_step *st, int from, int m, int chat, llama2_error *err) {
+    int rc = llama2_forward_batch(ss->t, ss->prompt + from, m, ss->pos, NULL, err);
+    if (rc) return rc;
+    size_t n = 0;
+    for (int i = 0; i < m; i++) {
+        llama2_sampler_accept(ss->s, ss->prompt[from + i]);
+        if (chat) llama2_sampler_skip(ss->s);
+        if (chat) continue; /* chat prints nothing while its prompt is fed */
+        if (!reserve(&ss->out, &ss->cap_out, n + (size_t)ss->cap_text))
+            return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+        int len = emit(ss, ss->prompt[from + i], ss->prompt[from + i + 1], 0);
+        memcpy(ss->out + n, ss->text, (size_t)len);
+        n += (size_t)len;
+    }
+    ss->pos += m;
+    st->token = ss->prompt[from + m - 1];
+    st->next = ss->prompt[from + m];
+    st->pos = ss->pos;
+    st->in_prompt = 1;
+    st->text = ss->out;
+    st->text_len = (int)n;
+    return LLAMA2_OK;
+}
+
 static int step_generate(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    if (ss->pos == 0) {
+        /* steps that feed the prompt up to its last token, before a BOS in it */
+        int m = ss->n_prompt - 1 < ss->steps ? ss->n_prompt - 1 : ss->steps;
+        for (int i = 0; i < m; i++)
+            if (ss->prompt[i + 1] == LLAMA2_TOKEN_BOS) { m = i; break; }
+        if (m >= 2) {
+            int rc = prefill(ss, st, 0, m, 0, err);
+            if (rc) return rc;
+            ss->token = ss->prompt[m];
+            ss->next = ss->prompt[m];
+            return LLAMA2_OK;
+        }
+    }
     float *logits;
     int rc = llama2_forward(ss->t, ss->token, ss->pos, &logits, err);
     if (rc) return rc;
@@ -219,6 +259,13 @@ static int step_generate(llama2_session *ss, llama2_step *st, llama2_error *err)
 /* One step of llama2.c's chat loop, kept exactly: the token after EOS is
  * still run (and sampled) before the user's next turn. */
 static int step_chat(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    int m = ss->n_prompt - 1 - ss->user_idx; /* prompt tokens before the last */
+    if (m > ss->steps - ss->pos) m = ss->steps - ss->pos;
+    if (m >= 2) {
+        int rc = prefill(ss, st, ss->user_idx, m, 1, err);
+        ss->user_idx += m;
+        return rc;
+    }
     int token = ss->user_idx < ss->n_prompt ? ss->prompt[ss->user_idx++] : ss->next;
     if (token == LLAMA2_TOKEN_EOS) ss->user_turn = 1;
     float *logits;

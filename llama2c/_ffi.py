@@ -38,6 +38,7 @@ void llama2_transformer_free(llama2_transformer *t);
 const llama2_config *llama2_transformer_config(const llama2_transformer *t);
 void llama2_transformer_set_threads(llama2_transformer *t, int n);
 int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err);
+int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 
 typedef struct llama2_tokenizer llama2_tokenizer;
 int llama2_tokenizer_open(llama2_tokenizer **out, const char *path, int vocab_size, llama2_error *err);

@@ -159,6 +159,20 @@ class Llama:
         finally:
             self._release()
 
+    def forward_batch(self, tokens, pos: int) -> np.ndarray:
+        """Runs tokens at positions pos, pos+1, ... in one pass over the weights
+        (prompt processing) and returns the last token's logits: bit-identical
+        to calling forward() for each token in turn."""
+        ids = [int(t) for t in tokens]
+        err = new_error()
+        logits = ffi.new("float **")
+        self._acquire()
+        try:
+            raise_for(lib.llama2_forward_batch(self._ptr, ffi.new("int[]", ids), len(ids), int(pos), logits, err), err)
+            return np.frombuffer(ffi.buffer(logits[0], 4 * self.config.vocab_size), dtype=np.float32).copy()
+        finally:
+            self._release()
+
     # ---- generation ----
     def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
         if int(steps) < 0:
