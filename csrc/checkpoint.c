@@ -8,6 +8,7 @@
  * crash. All sizes are 64-bit.
  */
 #include "kernels.h"
+#include "threadpool.h"
 
 #include <errno.h>
 #include <math.h>
@@ -500,6 +501,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
 
 void llama2_transformer_free(llama2_transformer *t) {
     if (!t) return;
+    llama2_pool_free(t->pool);
     unmap_file(t->map, t->map_size);
     for (int i = 0; i < t->n_owned; i++) free(t->owned[i]);
     free(t->owned);
@@ -511,5 +513,8 @@ const llama2_config *llama2_transformer_config(const llama2_transformer *t) {
 }
 
 void llama2_transformer_set_threads(llama2_transformer *t, int n) {
-    if (t) t->n_threads = n > 0 ? n : 0;
+    if (!t) return;
+    t->n_threads = n > 0 ? n : 0;
+    llama2_pool_free(t->pool); /* restarted with the new count on the next pass */
+    t->pool = NULL;
 }

@@ -7,17 +7,16 @@
 
 #include <math.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int resolve_threads(const llama2_transformer *t) {
-    if (t->n_threads > 0) return t->n_threads;
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
+#include "threadpool.h"
+
+/* The thread pool, started on first use with the requested thread count. */
+static llama2_pool *pool_for(llama2_transformer *t) {
+    if (!t->pool) {
+        int n = t->n_threads > 0 ? t->n_threads : llama2_default_threads();
+        if (n > 1) t->pool = llama2_pool_new(n); /* NULL: run on this thread */
+    }
+    return t->pool;
 }
 
 int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
@@ -70,35 +69,50 @@ static void rope(float *q, float *k, int pos, const llama2_config *c) {
     }
 }
 
-/* Multi-head attention of q (at position pos) over positions 0..pos of one
- * layer's cache; the result goes to out (dim floats). */
-static void attention(llama2_transformer *t, int layer, int pos, const float *q_all, float *out, int nt) {
+typedef struct {
+    llama2_transformer *t;
+    int layer, pos;
+    const float *q_all;
+    float *out;
+} attention_job;
+
+/* One head's attention of q (at position pos) over positions 0..pos of one
+ * layer's cache, written to its slice of out. */
+static void attention_head(void *ctx, int h) {
+    const attention_job *j = (const attention_job *)ctx;
+    const llama2_transformer *t = j->t;
     const llama2_config *c = &t->config;
-    int hs = c->head_size, kv_mul = c->n_heads / c->n_kv_heads;
-    size_t loff = (size_t)layer * (size_t)c->seq_len * (size_t)c->kv_dim;
+    int hs = c->head_size, kv_mul = c->n_heads / c->n_kv_heads, pos = j->pos;
+    size_t loff = (size_t)j->layer * (size_t)c->seq_len * (size_t)c->kv_dim;
+    const float *q = j->q_all + (size_t)h * hs;
+    float *att = t->att + (size_t)h * c->seq_len;
+    size_t koff = loff + (size_t)(h / kv_mul) * hs;
     float scale = sqrtf((float)hs);
-    (void)nt;
-    int h;
-#pragma omp parallel for num_threads(nt) if (nt > 1 && pos > 32)
-    for (h = 0; h < c->n_heads; h++) {
-        const float *q = q_all + (size_t)h * hs;
-        float *att = t->att + (size_t)h * c->seq_len;
-        size_t koff = loff + (size_t)(h / kv_mul) * hs;
-        for (int p = 0; p <= pos; p++) {
-            const float *k = t->key_cache + koff + (size_t)p * c->kv_dim;
-            float score = 0.0f;
-            for (int i = 0; i < hs; i++) score += q[i] * k[i];
-            score /= scale;
-            att[p] = score;
-        }
-        llama2_softmax(att, pos + 1);
-        float *xb = out + (size_t)h * hs;
-        memset(xb, 0, (size_t)hs * sizeof(float));
-        for (int p = 0; p <= pos; p++) {
-            const float *v = t->value_cache + koff + (size_t)p * c->kv_dim;
-            float a = att[p];
-            for (int i = 0; i < hs; i++) xb[i] += a * v[i];
-        }
+    for (int p = 0; p <= pos; p++) {
+        const float *k = t->key_cache + koff + (size_t)p * c->kv_dim;
+        float score = 0.0f;
+        for (int i = 0; i < hs; i++) score += q[i] * k[i];
+        score /= scale;
+        att[p] = score;
+    }
+    llama2_softmax(att, pos + 1);
+    float *xb = j->out + (size_t)h * hs;
+    memset(xb, 0, (size_t)hs * sizeof(float));
+    for (int p = 0; p <= pos; p++) {
+        const float *v = t->value_cache + koff + (size_t)p * c->kv_dim;
+        float a = att[p];
+        for (int i = 0; i < hs; i++) xb[i] += a * v[i];
+    }
+}
+
+/* Multi-head attention, heads split over threads once the context is long. */
+static void attention(llama2_transformer *t, int layer, int pos, const float *q_all, float *out,
+                      llama2_pool *pool) {
+    attention_job job = {t, layer, pos, q_all, out};
+    if (pos > 32 && pool) {
+        llama2_pool_run(pool, attention_head, &job, t->config.n_heads);
+    } else {
+        for (int h = 0; h < t->config.n_heads; h++) attention_head(&job, h);
     }
 }
 
@@ -136,7 +150,7 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
     const size_t gd = groups_of(dim, gs), gh = groups_of(hidden, gs);
-    const int nt = resolve_threads(t);
+    llama2_pool *pool = pool_for(t);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
 
@@ -152,15 +166,15 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
             llama2_rmsnorm(xb, B->x + (size_t)b * dim, t->rms_att + (size_t)l * dim, dim, c->norm_eps);
             prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
         }
-        llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, nt);
-        llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, nt);
-        llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, nt);
+        llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
+        llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
+        llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
         for (int b = 0; b < n; b++) {
             rope(B->q + (size_t)b * dim, k0 + (size_t)b * kv_dim, pos + b, c);
-            attention(t, l, pos + b, B->q + (size_t)b * dim, B->xb + (size_t)b * dim, nt);
+            attention(t, l, pos + b, B->q + (size_t)b * dim, B->xb + (size_t)b * dim, pool);
             prepare(&a[b], B->xb + (size_t)b * dim, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
         }
-        llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, nt);
+        llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
         for (int b = 0; b < n; b++) {
             float *x = B->x + (size_t)b * dim, *xb = B->xb + (size_t)b * dim;
             const float *xb2 = B->xb2 + (size_t)b * dim;
@@ -168,8 +182,8 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
             llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
             prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
         }
-        llama2_matvec_batch(B->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, nt);
-        llama2_matvec_batch(B->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, nt);
+        llama2_matvec_batch(B->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, pool);
+        llama2_matvec_batch(B->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, pool);
         for (int b = 0; b < n; b++) {
             float *hb = B->hb + (size_t)b * hidden;
             const float *hb2 = B->hb2 + (size_t)b * hidden;
@@ -181,7 +195,7 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
             }
             prepare(&a[b], hb, hidden, B->hq + (size_t)b * hidden, B->hs + b * gh, gs);
         }
-        llama2_matvec_batch(B->xb, (size_t)dim, a, n, &t->w2[l], gs, k, nt);
+        llama2_matvec_batch(B->xb, (size_t)dim, a, n, &t->w2[l], gs, k, pool);
         for (int b = 0; b < n; b++) {
             float *x = B->x + (size_t)b * dim;
             const float *xb = B->xb + (size_t)b * dim;
@@ -192,7 +206,7 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
     float *x = B->x + (size_t)(n - 1) * dim;
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
     prepare(&a[0], x, dim, B->xq, B->xs, gs);
-    llama2_matvec(t->logits, &a[0], &t->wcls, gs, k, nt);
+    llama2_matvec(t->logits, &a[0], &t->wcls, gs, k, pool);
 }
 
 static int check_token(const llama2_config *c, int token, llama2_error *err) {

@@ -44,7 +44,8 @@ typedef struct {
 struct llama2_transformer {
     llama2_config config;
     int gs; /* group size for Q8_0 matrices, 0 for fp32 */
-    int n_threads;
+    int n_threads;          /* asked for; 0 = default */
+    struct llama2_pool *pool; /* started on the first forward pass */
     const struct llama2_kernels_s *kernels;
 
     /* weights (pointers into the mapping or into owned buffers) */
@@ -83,11 +84,13 @@ void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t *
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
 void llama2_softmax(float *x, int n);
 struct llama2_kernels_s;
+struct llama2_pool;
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                   const struct llama2_kernels_s *k, int nt);
+                   const struct llama2_kernels_s *k, struct llama2_pool *pool);
 /* out[b] = W a[b] for b < n_batch; out[b] is out_base + b * out_stride. */
 void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activation *a, int n_batch,
-                         const llama2_matrix *w, int gs, const struct llama2_kernels_s *k, int nt);
+                         const llama2_matrix *w, int gs, const struct llama2_kernels_s *k,
+                         struct llama2_pool *pool);
 
 /* runq.c: int8 pieces */
 void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs);

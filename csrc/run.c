@@ -8,11 +8,9 @@
  * (kernels_avx2.c) reproduce these loops exactly, lane by lane.
  */
 #include "kernels.h"
+#include "threadpool.h"
 
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
     float ss = 0.0f;
@@ -80,32 +78,43 @@ static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_a
     }
 }
 
-/* Splits rows [0, d) over nt threads in blocks of LLAMA2_PACK_ROWS and runs
- * the batch on each share (a single activation is a batch of one). */
+typedef struct {
+    float *out_base;
+    size_t out_stride;
+    const llama2_activation *a;
+    int n_batch, gs, rows_per_chunk;
+    const llama2_matrix *w;
+    const llama2_kernels *k;
+} matvec_job;
+
+static void matvec_chunk(void *ctx, int chunk) {
+    const matvec_job *j = (const matvec_job *)ctx;
+    int r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
+    if (r1 > j->w->rows) r1 = j->w->rows;
+    matvec_batch_rows(j->out_base, j->out_stride, j->a, j->n_batch, j->w, j->gs, j->k, r0, r1);
+}
+
+/* Splits rows [0, d) into chunks of whole LLAMA2_PACK_ROWS blocks, several
+ * per thread so that a thread the OS holds back holds up little work;
+ * products too small to pay for the hand-off run on the calling thread. */
 void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activation *a, int n_batch,
-                         const llama2_matrix *w, int gs, const llama2_kernels *k, int nt) {
-    const int d = w->rows;
-    if (nt <= 1 || d < 8 * LLAMA2_PACK_ROWS) {
+                         const llama2_matrix *w, int gs, const llama2_kernels *k, llama2_pool *pool) {
+    const int d = w->rows, threads = llama2_pool_threads(pool);
+    const int64_t work = (int64_t)d * w->cols * n_batch;
+    if (threads <= 1 || work < 32 * 1024 || d < 4 * LLAMA2_PACK_ROWS) {
         matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
         return;
     }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-    {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
-        int r0 = (int)((int64_t)blocks * tid / nth) * LLAMA2_PACK_ROWS;
-        int r1 = (int)((int64_t)blocks * (tid + 1) / nth) * LLAMA2_PACK_ROWS;
-        if (r1 > d) r1 = d;
-        if (r0 < r1) matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, r0, r1);
-    }
-#else
-    matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
-#endif
+    int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    int chunks = threads * 8 < blocks ? threads * 8 : blocks;
+    int blocks_per_chunk = (blocks + chunks - 1) / chunks;
+    matvec_job job = {out_base, out_stride, a, n_batch, gs, blocks_per_chunk * LLAMA2_PACK_ROWS, w, k};
+    chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+    llama2_pool_run(pool, matvec_chunk, &job, chunks);
 }
 
 /* out = W x */
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                   const llama2_kernels *k, int nt) {
-    llama2_matvec_batch(out, 0, a, 1, w, gs, k, nt);
+                   const llama2_kernels *k, llama2_pool *pool) {
+    llama2_matvec_batch(out, 0, a, 1, w, gs, k, pool);
 }
