@@ -82,3 +82,9 @@ clean:
 .PHONY: test
 test: run testcc
 	$(PYTHON) -m pytest -q
+
+# Times each kernel alone (one thread): `make bench-kernels`.
+.PHONY: bench-kernels
+bench-kernels:
+	$(CC) $(BASE_FLAGS) -O3 -o build/bench_kernels csrc/bench_kernels.c $(LIB_SRC) $(LIBS) || (mkdir -p build && $(CC) $(BASE_FLAGS) -O3 -o build/bench_kernels csrc/bench_kernels.c $(LIB_SRC) $(LIBS))
+	./build/bench_kernels

@@ -283,6 +283,7 @@ static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows,
         m[i].q = NULL;
         m[i].s = NULL;
         m[i].ps = NULL;
+        m[i].pq = NULL;
     }
 }
 
@@ -296,6 +297,7 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
         m[i].f = NULL;
         m[i].p = NULL;
         m[i].ps = NULL;
+        m[i].pq = NULL;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -369,7 +371,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     }
 
     if (c->version == 2) {
-        llama2_matrix emb = {0, 0, NULL, NULL, NULL, NULL, NULL};
+        llama2_matrix emb = {0};
         int rc = set_q8_matrices(t, &emb, 1, &cur, V, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wq, L, &cur, d, d, err);
         if (!rc) rc = set_q8_matrices(t, t->wk, L, &cur, kv, d, err);
@@ -415,7 +417,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
             int rc = quantize_matrix(t, &t->matrices[i], err);
             if (rc) return rc;
         }
-        llama2_matrix emb = {V, d, t->token_embedding, NULL, NULL, NULL, NULL};
+        llama2_matrix emb = {.rows = V, .cols = d, .f = t->token_embedding};
         int rc = quantize_matrix(t, &emb, err);
         if (rc) return rc;
         if (c->shared_classifier) {

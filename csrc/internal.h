@@ -30,6 +30,7 @@ typedef struct {
     const int8_t *q; /* int8 data, or NULL */
     const float *s;  /* scales */
     const float *ps; /* scales regrouped for SIMD kernels (kernels.h), or NULL */
+    const int8_t *pq; /* int8 values regrouped for SIMD kernels (kernels.h), or NULL */
 } llama2_matrix;
 
 /* An activation vector ready for a matmul: fp32 values and, for int8

@@ -77,5 +77,18 @@ int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_e
                 ps[((size_t)b * groups + g) * LLAMA2_PACK_ROWS + r] = m->s[(int64_t)row * groups + g];
         }
     m->ps = ps;
+    if (gs % 32 != 0) return LLAMA2_OK;
+    const int runs = m->cols / 32;
+    int8_t *pq = (int8_t *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)m->cols);
+    if (!pq) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping weights");
+    for (int b = 0; b < blocks; b++)
+        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+            int row = b * LLAMA2_PACK_ROWS + r;
+            if (row >= m->rows) break; /* padding stays zero */
+            for (int c = 0; c < runs; c++)
+                memcpy(pq + (((size_t)b * runs + c) * LLAMA2_PACK_ROWS + r) * 32,
+                       m->q + (int64_t)row * m->cols + 32 * c, 32);
+        }
+    m->pq = pq;
     return LLAMA2_OK;
 }

@@ -16,7 +16,10 @@
  * packed[(block * n + j) * PACK_ROWS + r] = W[block * PACK_ROWS + r][j]
  * (the last block zero-padded). Q8_0 scales of a matrix whose rows hold
  * whole groups are regrouped the same way:
- * ps[(block * groups + g) * PACK_ROWS + r] = scale of row block*8+r, group g. */
+ * ps[(block * groups + g) * PACK_ROWS + r] = scale of row block*8+r, group g,
+ * and, when the group size is a multiple of 32, their int8 values in runs of 32:
+ * pq[((block * n / 32 + c) * PACK_ROWS + r) * 32 + i] = Q[block*8+r][32*c + i],
+ * so a block of 8 rows is read as one sequential stream. */
 #define LLAMA2_PACK_ROWS 8
 
 typedef struct llama2_kernels_s {

@@ -87,9 +87,9 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
     const int n = w->cols, groups = n / gs, chunks = gs / 32;
     int i = r0;
     for (; i + 8 <= r1; i += 8) {
+        /* the 8 rows' runs of 32 values: regrouped into one stream, or in place */
+        const int8_t *pq = w->pq ? w->pq + (int64_t)(i / 8) * 8 * n : NULL;
         const int8_t *w0 = w->q + (int64_t)i * n;
-        const int8_t *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n, *w4 = w3 + n, *w5 = w4 + n,
-                     *w6 = w5 + n, *w7 = w6 + n;
         const float *sr = w->s + (int64_t)i * groups;
         const float *ps = w->ps ? w->ps + (int64_t)(i / 8) * groups * 8 : NULL;
         __m256 acc = _mm256_setzero_ps();
@@ -98,10 +98,18 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
                     s7 = s0;
             for (int c = 0, off = g * gs; c < chunks; c++, off += 32) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + off));
-#define DOT_ROW(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(w##k + off)))
-                DOT_ROW(0); DOT_ROW(1); DOT_ROW(2); DOT_ROW(3);
-                DOT_ROW(4); DOT_ROW(5); DOT_ROW(6); DOT_ROW(7);
+                if (pq) {
+                    const int8_t *run = pq + (int64_t)off * 8; /* 8 rows x 32 values */
+#define DOT_RUN(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(run + 32 * k)))
+                    DOT_RUN(0); DOT_RUN(1); DOT_RUN(2); DOT_RUN(3);
+                    DOT_RUN(4); DOT_RUN(5); DOT_RUN(6); DOT_RUN(7);
+#undef DOT_RUN
+                } else {
+#define DOT_ROW(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(w0 + (int64_t)k * n + off)))
+                    DOT_ROW(0); DOT_ROW(1); DOT_ROW(2); DOT_ROW(3);
+                    DOT_ROW(4); DOT_ROW(5); DOT_ROW(6); DOT_ROW(7);
 #undef DOT_ROW
+                }
             }
             __m256 isum = _mm256_cvtepi32_ps(sum8(s0, s1, s2, s3, s4, s5, s6, s7));
             __m256 ws = ps ? _mm256_loadu_ps(ps + 8 * g)
