@@ -1,0 +1,113 @@
+"""The .bin model format (SPEC.md section 2, docs/FORMAT.md): headers, tensor
+order, Q8_0 quantization and the legacy RoPE tables. numpy only (the legacy
+tables use torch, imported when they are computed)."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+MAGIC = 0x616B3432          # "ak42"
+HEADER_BYTES = 256
+LEGACY_HEADER_BYTES = 28
+VERSIONS = (0, 1, 2, 3)
+
+# per-layer matrices of the file formats, in file order:
+# (file name, canonical key inside layer i)
+LAYER_MATRICES = [
+    ("wq", "attention.wq.weight"),
+    ("wk", "attention.wk.weight"),
+    ("wv", "attention.wv.weight"),
+    ("wo", "attention.wo.weight"),
+    ("w1", "feed_forward.w1.weight"),
+    ("w2", "feed_forward.w2.weight"),
+    ("w3", "feed_forward.w3.weight"),
+]
+
+
+def layer_key(i: int, name: str) -> str:
+    return f"layers.{i}.{name}"
+
+
+def default_group_size(dim: int, start: int = 64) -> int:
+    """`start` (64 by default) halved until it divides dim."""
+    gs = int(start)
+    if gs <= 0:
+        raise ValueError(f"group size must be positive, got {start}")
+    while dim % gs != 0:
+        gs //= 2
+    return gs
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 over the flattened array: per group of group_size consecutive
+    values scale = max|w| / 127 (float32) and q = w / scale rounded half to
+    even (float32 division), in [-127, 127]; an all-zero group has scale 0
+    and q 0. Returns (int8 values, float32 scales)."""
+    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    if x.size % group_size != 0:
+        raise ValueError(f"{x.size} values do not split into groups of {group_size}")
+    g = x.reshape(-1, group_size)
+    scale = np.abs(g).max(axis=1) / np.float32(127.0)
+    scale = scale.astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1.0), scale)
+    q = np.rint(g / safe[:, None])
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8).reshape(-1), scale
+
+
+def dequantize_q80(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+    """float32 q * scale per group (one rounding, like the engine)."""
+    qf = np.asarray(q, dtype=np.int8).reshape(-1, group_size).astype(np.float32)
+    return (qf * np.asarray(scale, dtype=np.float32)[:, None]).reshape(-1)
+
+
+def legacy_freq_cis(head_size: int, seq_len: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """The freq_cis_real / freq_cis_imag tables of a version 0 file,
+    (seq_len, head_size/2) each, computed the way llama2.c's legacy export
+    does: in float32 torch ops (inverse frequencies 1 / theta^(2i/hs) from a
+    float32 arange, outer product with the positions, cos and sin). The
+    engine ignores them; this reproduces existing files bit for bit."""
+    import torch
+
+    with torch.device("cpu"):
+        inv = 1.0 / (theta ** (torch.arange(0, head_size, 2)[: head_size // 2].float() / head_size))
+        ang = torch.outer(torch.arange(seq_len), inv).float()
+        return torch.cos(ang).numpy(), torch.sin(ang).numpy()
+
+
+def pack_header(version: int, params: tuple[int, ...], shared: bool, group_size: int | None = None,
+                rope_theta: float = 10000.0, norm_eps: float = 1e-5) -> bytes:
+    """The header of a model file. params = (dim, hidden_dim, n_layers,
+    n_heads, n_kv_heads, vocab_size, seq_len) with vocab_size positive."""
+    dim, hidden, L, H, KV, V, S = (int(v) for v in params)
+    if version == 0:
+        return struct.pack("<7i", dim, hidden, L, H, KV, V if shared else -V, S)
+    h = struct.pack("<Ii7iB", MAGIC, version, dim, hidden, L, H, KV, V, S, 1 if shared else 0)
+    if version == 2:
+        h += struct.pack("<i", int(group_size))
+    elif version == 3:
+        h += b"\0\0\0" + struct.pack("<ff", rope_theta, norm_eps)
+    elif version != 1:
+        raise ValueError(f"unknown model file version {version}")
+    return h + b"\0" * (HEADER_BYTES - len(h))
+
+
+def check_dims(dim, hidden, L, H, KV, V, S, where: str = "") -> None:
+    """The engine's structural checks on the 7 hyperparameters."""
+    pre = f"{where}: " if where else ""
+    for name, v in (("dim", dim), ("hidden_dim", hidden), ("n_layers", L), ("n_heads", H),
+                    ("n_kv_heads", KV), ("vocab_size", V), ("seq_len", S)):
+        if v <= 0:
+            raise ValueError(f"{pre}{name} must be positive, got {v}")
+    if dim % H != 0 or (dim // H) % 2 != 0:
+        raise ValueError(f"{pre}dim {dim} does not split into {H} heads of even size")
+    if H % KV != 0:
+        raise ValueError(f"{pre}n_heads {H} is not a multiple of n_kv_heads {KV}")
+
+
+def check_float_param(name: str, v: float, where: str = "") -> None:
+    if not (math.isfinite(v) and v > 0):
+        pre = f"{where}: " if where else ""
+        raise ValueError(f"{pre}{name} must be finite and positive, got {v}")
