@@ -4,6 +4,7 @@
   llama2c chat [--model M] [--system S]
   llama2c run MODEL [-t -p -s -n -i -z -m -y]     (llama2.c's flags)
   llama2c info MODEL
+  llama2c train | export | tokenizer | data | bench ...   (see each one's --help)
 
 Errors print one line on stderr and exit with status 1 (no traceback).
 """
@@ -133,11 +134,62 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="format, dimensions, parameters and size of a model file")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+
+    # the tools with their own command lines (they import torch etc. only when used)
+    passthrough = [
+        ("train", "train a model (llama2.c's --key=value knobs; torchrun for DDP/FSDP)", _run_train),
+        ("export", "convert models: .bin v0-3, checkpoints, Meta and Hugging Face", _run_export),
+        ("tokenizer", "train a SentencePiece tokenizer or export one to tokenizer.bin", _run_tokenizer),
+        ("data", "prepare token shards; the TinyStories pipeline", _run_data),
+        ("bench", "decode and prefill tokens/s, against llama.cpp when installed", _run_bench),
+    ]
+    for name, text, fn in passthrough:
+        sp = sub.add_parser(name, help=text, add_help=False)
+        sp.add_argument("argv", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=fn)
     return p
 
 
+def _run_train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args.argv, prog="llama2c train")
+
+
+def _run_export(args) -> int:
+    from .export import main as export_main
+
+    return export_main(args.argv)
+
+
+def _run_tokenizer(args) -> int:
+    from .data.cli import main as data_main
+
+    return data_main(["tokenizer", *args.argv], prog="llama2c")
+
+
+def _run_data(args) -> int:
+    from .data.cli import main as data_main
+
+    return data_main(["data", *args.argv], prog="llama2c")
+
+
+def _run_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.argv)
+
+
+PASSTHROUGH = {"train": _run_train, "export": _run_export, "tokenizer": _run_tokenizer,
+               "data": _run_data, "bench": _run_bench}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers see everything, --help included
+        args = argparse.Namespace(argv=argv[1:], func=PASSTHROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (Llama2Error, OSError, ValueError) as e:
