@@ -1,0 +1,197 @@
+"""Training settings: llama2.c's train.py knobs, set on the command line as
+``--key=value`` (``--key value``, ``--key`` alone for true, and dashes for
+underscores also work)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+
+def _k(default, section: str, help: str):
+    """A knob: its default, its --help section and text (fields keep --help's order)."""
+    return dataclasses.field(default=default, metadata={"section": section, "help": help})
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    data: str = _k("", "I/O", "prepared data directory (`llama2c data prepare` output) [required]")
+    out_dir: str = _k("out", "I/O", "where ckpt.pt, model.bin and log.jsonl go")
+    eval_interval: int = _k(2000, "I/O", "evaluate train/val loss (and maybe checkpoint) every N iterations")
+    log_interval: int = _k(1, "I/O", "print progress every N iterations")
+    eval_iters: int = _k(100, "I/O", "batches per loss estimate (capped at one pass over the split)")
+    eval_only: bool = _k(False, "I/O", "evaluate once and exit")
+    always_save_checkpoint: bool = _k(False, "I/O", "checkpoint at every eval, not only when val loss improves")
+    init_from: str = _k("scratch", "I/O", "scratch | resume (continue from out_dir/ckpt.pt)")
+    # data
+    batch_size: int = _k(128, "data", "sequences per micro-batch (per process)")
+    max_seq_len: int = _k(256, "data", "context length in tokens")
+    vocab_size: int = _k(0, "data", "model vocabulary (0: the tokenizer's, from the data's meta.json)")
+    # model
+    dim: int = _k(288, "model", "embedding width")
+    n_layers: int = _k(6, "model", "transformer blocks")
+    n_heads: int = _k(6, "model", "attention heads")
+    n_kv_heads: int = _k(0, "model", "key/value heads for GQA (0: n_heads)")
+    multiple_of: int = _k(32, "model", "the FFN hidden size is rounded up to a multiple of this")
+    hidden_dim: int = _k(0, "model", "FFN hidden size (0: from dim and multiple_of, as llama2.c)")
+    dropout: float = _k(0.0, "model", "dropout rate while training")
+    rope_theta: float = _k(10000.0, "model", "RoPE base (not 10000 -> model.bin is version 3)")
+    norm_eps: float = _k(1e-5, "model", "RMSNorm epsilon (not 1e-5 -> model.bin is version 3)")
+    tie_embeddings: bool = _k(True, "model", "share the token embedding with the classifier")
+    # optimizer
+    gradient_accumulation_steps: int = _k(4, "optimizer",
+                                          "micro-batches per update, split across processes when it divides")
+    learning_rate: float = _k(5e-4, "optimizer", "peak learning rate (AdamW)")
+    max_iters: int = _k(100000, "optimizer", "optimizer steps to train for (total, counting resumed ones)")
+    weight_decay: float = _k(1e-1, "optimizer", "AdamW weight decay (matrices only)")
+    beta1: float = _k(0.9, "optimizer", "AdamW beta1")
+    beta2: float = _k(0.95, "optimizer", "AdamW beta2")
+    grad_clip: float = _k(1.0, "optimizer", "clip the gradient norm to this (0: off)")
+    # learning rate schedule
+    decay_lr: bool = _k(True, "schedule", "linear warmup then cosine decay (false: constant rate)")
+    warmup_iters: int = _k(1000, "schedule", "warmup iterations")
+    lr_decay_iters: int = _k(0, "schedule", "iteration where decay reaches min_lr (0: max_iters)")
+    min_lr: float = _k(0.0, "schedule", "floor of the learning rate")
+    # system
+    device: str = _k("auto", "system", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = _k("auto", "system", "auto | float32 | bfloat16 | float16 (autocast; auto: bf16 on "
+                                      "CUDA that has it, else fp16 on CUDA, fp32 on CPU)")
+    compile: bool = _k(False, "system", "torch.compile the model")
+    seed: int = _k(1337, "system", "random seed (each process adds its rank)")
+    fsdp: bool = _k(False, "system", "under torchrun, shard the model with FSDP2 instead of DDP")
+    export_version: int = _k(0, "system", "model.bin version at the end: 1, 3, or 0 = auto (1 unless "
+                                          "rope_theta/norm_eps need 3); -1: no export")
+
+    def resolved_lr_decay_iters(self) -> int:
+        return self.lr_decay_iters if self.lr_decay_iters > 0 else self.max_iters
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+KNOBS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+class UsageError(ValueError):
+    """A bad command line or setting (the CLI exits with status 2 on it)."""
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def _convert(name: str, text: str):
+    f = KNOBS[name]
+    kind = type(f.default)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise UsageError(f"--{name}: expected true or false, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(f"--{name}: expected an integer, got {text!r}") from None
+            if not value.is_integer():
+                raise UsageError(f"--{name}: expected an integer, got {text!r}")
+            return int(value)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"--{name}: expected a number, got {text!r}") from None
+    return text
+
+
+def usage(prog: str = "llama2c train") -> str:
+    lines = [f"usage: {prog} --data DIR [--key=value ...]", "",
+             "Train a Llama 2 model on `llama2c data prepare` output; under torchrun, one "
+             "process per device (DDP, or FSDP2 with --fsdp).", ""]
+    section = None
+    heads = {name: f"--{name}={f.default}" for name, f in KNOBS.items()}
+    width = max(len(h) for h in heads.values()) + 2
+    for name, f in KNOBS.items():
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"{section}:")
+        lines.append(f"  {heads[name]:<{width}}{f.metadata['help']}")
+    lines += ["", "Examples:",
+              "  llama2c train --data=data/tok512 --dim=64 --n_layers=4 --n_heads=4 --batch_size=32 \\",
+              "      --max_seq_len=128 --max_iters=2000 --eval_interval=200 --warmup_iters=100",
+              "  torchrun --nproc_per_node=2 -m llama2c.train --data=data/tok512 ...",
+              "  llama2c train --init_from=resume --out_dir=out --max_iters=4000"]
+    return "\n".join(lines)
+
+
+class HelpRequested(Exception):
+    pass
+
+
+def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Parse ``--key=value`` style arguments over the defaults (or ``base``)."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    args: List[str] = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            raise HelpRequested()
+        if not arg.startswith("--") or arg == "--":
+            raise UsageError(f"unexpected argument {arg!r} (knobs are --key=value)")
+        key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in KNOBS:
+            close = difflib.get_close_matches(name, list(KNOBS), n=3)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            raise UsageError(f"unknown option --{key}{hint}")
+        if not eq:
+            if isinstance(KNOBS[name].default, bool):
+                nxt = args[i].lower() if i < len(args) else ""
+                if nxt in _TRUE or nxt in _FALSE:
+                    value = args[i]
+                    i += 1
+                else:
+                    value = "true"
+            else:
+                if i >= len(args):
+                    raise UsageError(f"--{key} needs a value")
+                value = args[i]
+                i += 1
+        values[name] = _convert(name, value)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if not cfg.data and cfg.init_from != "resume":
+        raise UsageError("--data DIR is required (the output of `llama2c data prepare`)")
+    if cfg.init_from not in ("scratch", "resume"):
+        raise UsageError(f"--init_from must be scratch or resume, got {cfg.init_from!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    for name in ("batch_size", "max_seq_len", "dim", "n_layers", "n_heads", "gradient_accumulation_steps",
+                 "eval_interval", "log_interval", "eval_iters", "multiple_of"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if cfg.max_iters < 0 or cfg.warmup_iters < 0 or cfg.vocab_size < 0 or cfg.n_kv_heads < 0:
+        raise UsageError("max_iters, warmup_iters, vocab_size and n_kv_heads cannot be negative")
+    if cfg.dim % cfg.n_heads:
+        raise UsageError(f"--dim={cfg.dim} is not a multiple of --n_heads={cfg.n_heads}")
+    if (cfg.dim // cfg.n_heads) % 2:
+        raise UsageError(f"head size dim/n_heads = {cfg.dim // cfg.n_heads} must be even for RoPE")
+    kv = cfg.n_kv_heads or cfg.n_heads
+    if cfg.n_heads % kv:
+        raise UsageError(f"--n_heads={cfg.n_heads} is not a multiple of --n_kv_heads={kv}")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError("--dropout must be in [0, 1)")
+    if cfg.export_version not in (-1, 0, 1, 3):
+        raise UsageError("--export_version must be 1, 3, 0 (auto) or -1 (none)")
