@@ -3,9 +3,10 @@
 # project's own tools, from the TinyStories text in ../shared/data (CDLA-Sharing-1.0;
 # see docs/BUNDLED_MODEL.md for the figures of the shipped run).
 #
-#   bash scripts/bundled_model.sh            # full recipe (about half an hour on 2 cores)
+#   bash scripts/bundled_model.sh            # full recipe (about 45 minutes on 2 cores)
 #   ITERS=50 bash scripts/bundled_model.sh   # a quick smoke run
 set -euo pipefail
+export PYTHONFAULTHANDLER=1   # a crash prints the Python stack (see docs/BUNDLED_MODEL.md)
 cd "$(dirname "$0")/.."
 TEXT=${TEXT:-../shared/data/tinystories/TinyStories-validation-head.txt}
 WORK=${WORK:-build/bundled}
