@@ -47,6 +47,22 @@ static void bench(const llama2_kernels *k, int rows, int cols, int gs, int reps)
     double tq = (now() - t0) / reps;
     printf("%-7s %5d x %-5d  fp32 %6.1f GB/s %6.2f GMAC/s   int8 %6.1f GB/s %6.2f GMAC/s\n", k->name, rows,
            cols, n * 4 / tf / 1e9, n / tf / 1e9, n * (1 + 4.0 / gs) / tq / 1e9, n / tq / 1e9);
+    if (k->matmul_f32_batch) { /* prefill: 32 tokens against the same weights */
+        enum { NT = 32 };
+        float *xb = malloc((size_t)cols * NT * 4), *ob = malloc((size_t)rows * NT * 4);
+        llama2_activation a[NT];
+        for (int b = 0; b < NT; b++) {
+            for (int i = 0; i < cols; i++) xb[(size_t)b * cols + i] = frand(&seed);
+            a[b].x = xb + (size_t)b * cols;
+            a[b].n = cols;
+        }
+        int breps = reps / 8 > 0 ? reps / 8 : 1;
+        t0 = now();
+        for (int r = 0; r < breps; r++) k->matmul_f32_batch(ob, (size_t)rows, a, NT, &mf, 0, rows);
+        double tb = (now() - t0) / breps;
+        printf("%-7s %5d x %-5d  fp32 batch of %d: %6.2f GMAC/s\n", k->name, rows, cols, NT, n * NT / tb / 1e9);
+        free(xb); free(ob);
+    }
     for (int i = 0; i < own->n_owned; i++) free(own->owned[i]);
     free(own->owned);
     free(own);

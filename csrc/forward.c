@@ -71,54 +71,86 @@ static void rope(float *q, float *k, int pos, const llama2_config *c) {
 
 typedef struct {
     llama2_transformer *t;
-    int layer, pos;
-    const float *q_all;
-    float *out;
+    int layer, pos0; /* token b of the batch is at position pos0 + b */
+    const float *q_all; /* n tokens' queries, dim apart */
+    float *out;         /* n tokens' outputs, dim apart */
+    float *att;         /* scores: n_heads * seq_len per token */
+    int n_heads;
 } attention_job;
 
-/* One head's attention of q (at position pos) over positions 0..pos of one
- * layer's cache, written to its slice of out. */
-static void attention_head(void *ctx, int h) {
+/* Scores of q against the keys at positions 0..n-1 (kv_dim apart), scaled.
+ * Eight positions at a time, each its own running sum over i in order, so
+ * the additions do not wait on one another and every score is the same
+ * sequential sum as the one-at-a-time loop. */
+static void attention_scores(float *att, const float *q, const float *k, int n, int hs, size_t kv_dim,
+                             float scale) {
+    int p = 0;
+    for (; p + 8 <= n; p += 8) {
+        const float *k0 = k + (size_t)p * kv_dim;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+        for (int i = 0; i < hs; i++) {
+            float qi = q[i];
+            s0 += qi * k0[i];
+            s1 += qi * k0[kv_dim + i];
+            s2 += qi * k0[2 * kv_dim + i];
+            s3 += qi * k0[3 * kv_dim + i];
+            s4 += qi * k0[4 * kv_dim + i];
+            s5 += qi * k0[5 * kv_dim + i];
+            s6 += qi * k0[6 * kv_dim + i];
+            s7 += qi * k0[7 * kv_dim + i];
+        }
+        att[p] = s0 / scale; att[p + 1] = s1 / scale; att[p + 2] = s2 / scale; att[p + 3] = s3 / scale;
+        att[p + 4] = s4 / scale; att[p + 5] = s5 / scale; att[p + 6] = s6 / scale; att[p + 7] = s7 / scale;
+    }
+    for (; p < n; p++) {
+        const float *kp = k + (size_t)p * kv_dim;
+        float score = 0.0f;
+        for (int i = 0; i < hs; i++) score += q[i] * kp[i];
+        att[p] = score / scale;
+    }
+}
+
+/* Chunk c: head c % n_heads of token c / n_heads, attending over positions
+ * 0..pos of one layer's cache, written to its slice of out. */
+static void attention_head(void *ctx, int c) {
     const attention_job *j = (const attention_job *)ctx;
     const llama2_transformer *t = j->t;
-    const llama2_config *c = &t->config;
-    int hs = c->head_size, kv_mul = c->n_heads / c->n_kv_heads, pos = j->pos;
-    size_t loff = (size_t)j->layer * (size_t)c->seq_len * (size_t)c->kv_dim;
-    const float *q = j->q_all + (size_t)h * hs;
-    float *att = t->att + (size_t)h * c->seq_len;
-    size_t koff = loff + (size_t)(h / kv_mul) * hs;
-    float scale = sqrtf((float)hs);
-    for (int p = 0; p <= pos; p++) {
-        const float *k = t->key_cache + koff + (size_t)p * c->kv_dim;
-        float score = 0.0f;
-        for (int i = 0; i < hs; i++) score += q[i] * k[i];
-        score /= scale;
-        att[p] = score;
-    }
+    const llama2_config *cf = &t->config;
+    const int b = c / j->n_heads, h = c % j->n_heads;
+    const int hs = cf->head_size, kv_mul = cf->n_heads / cf->n_kv_heads, pos = j->pos0 + b;
+    const size_t kv_dim = (size_t)cf->kv_dim;
+    size_t koff = (size_t)j->layer * (size_t)cf->seq_len * kv_dim + (size_t)(h / kv_mul) * hs;
+    const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
+    float *att = j->att + ((size_t)b * cf->n_heads + h) * cf->seq_len;
+    attention_scores(att, q, t->key_cache + koff, pos + 1, hs, kv_dim, sqrtf((float)hs));
     llama2_softmax(att, pos + 1);
-    float *xb = j->out + (size_t)h * hs;
+    float *xb = j->out + (size_t)b * cf->dim + (size_t)h * hs;
     memset(xb, 0, (size_t)hs * sizeof(float));
     for (int p = 0; p <= pos; p++) {
-        const float *v = t->value_cache + koff + (size_t)p * c->kv_dim;
+        const float *v = t->value_cache + koff + (size_t)p * kv_dim;
         float a = att[p];
         for (int i = 0; i < hs; i++) xb[i] += a * v[i];
     }
 }
 
-/* Multi-head attention, heads split over threads once the context is long. */
-static void attention(llama2_transformer *t, int layer, int pos, const float *q_all, float *out,
-                      llama2_pool *pool) {
-    attention_job job = {t, layer, pos, q_all, out};
-    if (pos > 32 && pool) {
-        llama2_pool_run(pool, attention_head, &job, t->config.n_heads);
+/* Multi-head attention of n tokens (their keys and values already in the
+ * cache), every (token, head) pair one chunk of work for the pool once there
+ * is enough of it. */
+static void attention(llama2_transformer *t, int layer, int pos0, int n, const float *q_all, float *out,
+                      float *att, llama2_pool *pool) {
+    attention_job job = {t, layer, pos0, q_all, out, att, t->config.n_heads};
+    int chunks = n * t->config.n_heads;
+    int64_t work = (int64_t)n * (pos0 + n) * t->config.dim;
+    if (pool && work > 16384) {
+        llama2_pool_run(pool, attention_head, &job, chunks);
     } else {
-        for (int h = 0; h < t->config.n_heads; h++) attention_head(&job, h);
+        for (int c = 0; c < chunks; c++) attention_head(&job, c);
     }
 }
 
 /* Where one forward pass keeps its activations: n tokens' worth of rows. */
 typedef struct {
-    float *x, *xb, *xb2, *hb, *hb2, *q;
+    float *x, *xb, *xb2, *hb, *hb2, *q, *att;
     int8_t *xq, *hq;
     float *xs, *hs;
 } buffers;
@@ -131,7 +163,8 @@ static int alloc_batch(llama2_transformer *t, llama2_error *err) {
     size_t B = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
     int ok = (t->bx = (float *)llama2_own(t, B * d * 4)) && (t->bxb = (float *)llama2_own(t, B * d * 4)) &&
              (t->bxb2 = (float *)llama2_own(t, B * d * 4)) && (t->bhb = (float *)llama2_own(t, B * h * 4)) &&
-             (t->bhb2 = (float *)llama2_own(t, B * h * 4)) && (t->bq = (float *)llama2_own(t, B * d * 4));
+             (t->bhb2 = (float *)llama2_own(t, B * h * 4)) && (t->bq = (float *)llama2_own(t, B * d * 4)) &&
+             (t->batt = (float *)llama2_own(t, B * (size_t)c->n_heads * (size_t)c->seq_len * 4));
     if (ok && t->gs > 0)
         ok = (t->bxq = (int8_t *)llama2_own(t, B * d)) && (t->bhq = (int8_t *)llama2_own(t, B * h)) &&
              (t->bxs = (float *)llama2_own(t, B * groups_of(c->dim, t->gs) * 4)) &&
@@ -169,11 +202,10 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
         llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
         llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
         llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
-        for (int b = 0; b < n; b++) {
-            rope(B->q + (size_t)b * dim, k0 + (size_t)b * kv_dim, pos + b, c);
-            attention(t, l, pos + b, B->q + (size_t)b * dim, B->xb + (size_t)b * dim, pool);
+        for (int b = 0; b < n; b++) rope(B->q + (size_t)b * dim, k0 + (size_t)b * kv_dim, pos + b, c);
+        attention(t, l, pos, n, B->q, B->xb, B->att, pool);
+        for (int b = 0; b < n; b++)
             prepare(&a[b], B->xb + (size_t)b * dim, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
-        }
         llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
         for (int b = 0; b < n; b++) {
             float *x = B->x + (size_t)b * dim, *xb = B->xb + (size_t)b * dim;
@@ -222,7 +254,7 @@ int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, ll
     if (rc) return rc;
     if (pos < 0 || pos >= c->seq_len)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, c->seq_len);
-    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->xq, t->hq, t->xs, t->hs};
+    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->att, t->xq, t->hq, t->xs, t->hs};
     forward_tokens(t, &one, &token, 1, pos, 1);
     if (logits) *logits = t->logits;
     llama2_ok(err);
@@ -244,7 +276,7 @@ int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int po
     if (n == 1) return llama2_forward(t, tokens[0], pos, logits, err);
     int rc = alloc_batch(t, err);
     if (rc) return rc;
-    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->bxq, t->bhq, t->bxs, t->bhs};
+    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->batt, t->bxq, t->bhq, t->bxs, t->bhs};
     for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
         int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
         forward_tokens(t, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);

@@ -72,6 +72,7 @@ struct llama2_transformer {
      * LLAMA2_MAX_BATCH tokens (rows of dim / hidden_dim) */
     int batch_ready;
     float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq;
+    float *batt; /* attention scores: n_heads * seq_len per token of the batch */
     int8_t *bxq, *bhq;
     float *bxs, *bhs;
 };

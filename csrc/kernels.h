@@ -27,6 +27,11 @@ typedef struct llama2_kernels_s {
     int packs; /* wants the packed layouts at load */
     /* rows [r0, r1) of out = W x; r0 is a multiple of LLAMA2_PACK_ROWS */
     void (*matmul_f32)(float *out, const float *x, const llama2_matrix *w, int r0, int r1);
+    /* rows [r0, r1) of out[t] = W x[t] for the n_tok activations a[t]
+     * (out[t] = out + t * out_stride), each exactly as matmul_f32 computes
+     * it; NULL when the kernels have no batched form */
+    void (*matmul_f32_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                             const llama2_matrix *w, int r0, int r1);
     /* rows [r0, r1) of the Q8_0 product, for n % gs == 0 */
     void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                       int gs, int r0, int r1);

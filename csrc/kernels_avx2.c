@@ -61,6 +61,88 @@ AVX2_FN static void matmul_f32_avx2(float *out, const float *x, const llama2_mat
     }
 }
 
+/* The first r1 - row lanes of out + row (the rest zero): a partial sum
+ * parked between column tiles. */
+AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
+    if (row + 8 <= r1) return _mm256_loadu_ps(out + row);
+    float tmp[8] = {0};
+    for (int r = 0; row + r < r1; r++) tmp[r] = out[row + r];
+    return _mm256_loadu_ps(tmp);
+}
+
+/* Batched fp32 product (prefill): a 2-block x 4-token tile of 8
+ * accumulators (8 independent add chains, 12 of the 16 registers, no
+ * spills), so each weight vector loaded serves 4 tokens and each broadcast
+ * x value 2 row blocks. A block pair's columns go in tiles of F32_TILE
+ * whose weights (16 KB) stay in L1 while every token of the batch uses
+ * them, read from memory in one sequential sweep; between tiles a sum is
+ * parked in out and picked up again, so every output is still
+ * w[r][0]*x[0] + w[r][1]*x[1] + ... in order, exactly as matmul_f32. */
+#define F32_TILE 256
+#define ACC(o, row) (j0 == 0 ? _mm256_setzero_ps() : load_rows((o), (row), r1))
+#define MULADD(c, w, x) c = _mm256_add_ps(c, _mm256_mul_ps((w), (x)))
+
+AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_activation *a, int nt,
+                                          const llama2_matrix *w, int r0, int r1) {
+    const int n = w->cols;
+    const float *p = w->p;
+    const int b_first = r0 / 8, b_end = (r1 + 7) / 8;
+    for (int b = b_first; b < b_end; b += 2) {
+        const int two = b + 1 < b_end, row = 8 * b;
+        const float *p0 = p + (size_t)b * n * 8, *p1 = p0 + (size_t)n * 8;
+        for (int j0 = 0; j0 < n; j0 += F32_TILE) { /* the two blocks' weights stream in order */
+            const int j1 = j0 + F32_TILE < n ? j0 + F32_TILE : n;
+            int t = 0;
+            for (; two && t + 4 <= nt; t += 4) {
+                const float *x0 = a[t].x, *x1 = a[t + 1].x, *x2 = a[t + 2].x, *x3 = a[t + 3].x;
+                float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
+                __m256 c00 = ACC(o0, row), c01 = ACC(o1, row), c02 = ACC(o2, row), c03 = ACC(o3, row);
+                __m256 c10 = ACC(o0, row + 8), c11 = ACC(o1, row + 8), c12 = ACC(o2, row + 8),
+                       c13 = ACC(o3, row + 8);
+                for (int j = j0; j < j1; j++) {
+                    __m256 w0 = _mm256_loadu_ps(p0 + 8 * j), w1 = _mm256_loadu_ps(p1 + 8 * j), xj;
+                    xj = _mm256_broadcast_ss(x0 + j); MULADD(c00, w0, xj); MULADD(c10, w1, xj);
+                    xj = _mm256_broadcast_ss(x1 + j); MULADD(c01, w0, xj); MULADD(c11, w1, xj);
+                    xj = _mm256_broadcast_ss(x2 + j); MULADD(c02, w0, xj); MULADD(c12, w1, xj);
+                    xj = _mm256_broadcast_ss(x3 + j); MULADD(c03, w0, xj); MULADD(c13, w1, xj);
+                }
+                store_rows(o0, c00, row, r1); store_rows(o1, c01, row, r1);
+                store_rows(o2, c02, row, r1); store_rows(o3, c03, row, r1);
+                store_rows(o0, c10, row + 8, r1); store_rows(o1, c11, row + 8, r1);
+                store_rows(o2, c12, row + 8, r1); store_rows(o3, c13, row + 8, r1);
+            }
+            for (; !two && t + 4 <= nt; t += 4) { /* a last single block */
+                const float *x0 = a[t].x, *x1 = a[t + 1].x, *x2 = a[t + 2].x, *x3 = a[t + 3].x;
+                float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
+                __m256 c0 = ACC(o0, row), c1 = ACC(o1, row), c2 = ACC(o2, row), c3 = ACC(o3, row);
+                for (int j = j0; j < j1; j++) {
+                    __m256 w0 = _mm256_loadu_ps(p0 + 8 * j);
+                    MULADD(c0, w0, _mm256_broadcast_ss(x0 + j));
+                    MULADD(c1, w0, _mm256_broadcast_ss(x1 + j));
+                    MULADD(c2, w0, _mm256_broadcast_ss(x2 + j));
+                    MULADD(c3, w0, _mm256_broadcast_ss(x3 + j));
+                }
+                store_rows(o0, c0, row, r1); store_rows(o1, c1, row, r1);
+                store_rows(o2, c2, row, r1); store_rows(o3, c3, row, r1);
+            }
+            for (; t < nt; t++) { /* leftover tokens, one at a time */
+                const float *x0 = a[t].x;
+                float *o0 = out + (size_t)t * os;
+                __m256 c0 = ACC(o0, row), c1 = two ? ACC(o0, row + 8) : _mm256_setzero_ps();
+                for (int j = j0; j < j1; j++) {
+                    __m256 xj = _mm256_broadcast_ss(x0 + j);
+                    MULADD(c0, _mm256_loadu_ps(p0 + 8 * j), xj);
+                    if (two) MULADD(c1, _mm256_loadu_ps(p1 + 8 * j), xj);
+                }
+                store_rows(o0, c0, row, r1);
+                if (two) store_rows(o0, c1, row + 8, r1);
+            }
+        }
+    }
+}
+#undef ACC
+#undef MULADD
+
 /* int32 dot-product partial sums of 32 int8 pairs, added into acc */
 AVX2_FN static inline __m256i dot32(__m256i acc, __m256i x, __m256i w) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -124,5 +206,5 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
     if (i < r1) llama2_kernels_scalar.matmul_q8(out, xq, xs, w, gs, i, r1);
 }
 
-const llama2_kernels llama2_kernels_avx2 = {"avx2", 1, matmul_f32_avx2, matmul_q8_avx2};
+const llama2_kernels llama2_kernels_avx2 = {"avx2", 1, matmul_f32_avx2, matmul_f32_batch_avx2, matmul_q8_avx2};
 #endif

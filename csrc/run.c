@@ -45,7 +45,7 @@ static void matmul_f32_rows(float *out, const float *x, const llama2_matrix *w, 
     }
 }
 
-const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, llama2_matmul_q8_rows};
+const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, NULL, llama2_matmul_q8_rows};
 
 /* One thread's share of a matmul, with the best kernel that fits the matrix. */
 static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
@@ -69,6 +69,10 @@ static void matvec_rows(float *out, const llama2_activation *a, const llama2_mat
 static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_activation *a,
                               int n_batch, const llama2_matrix *w, int gs, const llama2_kernels *k,
                               int r0, int r1) {
+    if (w->f && w->p && k->packs && k->matmul_f32_batch && n_batch > 1) {
+        k->matmul_f32_batch(out_base, out_stride, a, n_batch, w, r0, r1); /* register-blocked */
+        return;
+    }
     size_t row_bytes = (size_t)w->cols * (w->f ? 4 : 1);
     int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
     tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS : tile / LLAMA2_PACK_ROWS * LLAMA2_PACK_ROWS;
@@ -108,6 +112,8 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
     int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
     int chunks = threads * 8 < blocks ? threads * 8 : blocks;
     int blocks_per_chunk = (blocks + chunks - 1) / chunks;
+    if (n_batch > 1 && w->f && k->matmul_f32_batch && blocks_per_chunk % 2)
+        blocks_per_chunk++; /* whole block pairs for the batched kernel's tiles */
     matvec_job job = {out_base, out_stride, a, n_batch, gs, blocks_per_chunk * LLAMA2_PACK_ROWS, w, k};
     chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
     llama2_pool_run(pool, matvec_chunk, &job, chunks);

@@ -108,6 +108,42 @@ static void check_f32(int n, int d) {
     free(w); free(x); free(ref); free(out);
 }
 
+/* batched fp32 kernels: every token's rows bit-identical to the scalar
+ * single-token product, for token counts around the 4-token tile, column
+ * counts around the column tile, and a thread's sub-range of rows */
+static void check_f32_batch(int n, int d, int nt) {
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * nt);
+    size_t os = (size_t)d + 5; /* outputs need not be packed */
+    float *ref = malloc(sizeof(float) * os * nt), *out = malloc(sizeof(float) * os * nt);
+    for (int i = 0; i < n * d; i++) w[i] = frand();
+    for (int i = 0; i < n * nt; i++) x[i] = frand();
+    llama2_transformer *t = owner();
+    llama2_matrix m = {.rows = d, .cols = n, .f = w};
+    llama2_pack_f32(t, &m, NULL);
+    llama2_activation a[64];
+    for (int b = 0; b < nt; b++) {
+        a[b].x = x + (size_t)b * n;
+        a[b].n = n;
+        llama2_kernels_scalar.matmul_f32(ref + b * os, a[b].x, &m, 0, d);
+    }
+    for (int k = 1; k < n_kernels; k++) {
+        if (!kernel_list[k]->matmul_f32_batch) continue;
+        int r0 = d > 16 ? 8 : 0, r1 = d > 16 ? d - 3 : d;
+        for (size_t i = 0; i < os * nt; i++) out[i] = -1.0f;
+        kernel_list[k]->matmul_f32_batch(out, os, a, nt, &m, r0, r1);
+        int ok = 1;
+        for (int b = 0; b < nt && ok; b++) {
+            const float *o = out + b * os, *r = ref + b * os;
+            ok = memcmp(o + r0, r + r0, sizeof(float) * (r1 - r0)) == 0 && (r0 == 0 || o[r0 - 1] == -1.0f) &&
+                 o[r1] == -1.0f;
+        }
+        CHECK(ok, "%s batched fp32 matmul %dx%d x %d tokens, rows [%d, %d): bit-identical, nothing else written",
+              kernel_list[k]->name, d, n, nt, r0, r1);
+    }
+    free_owner(t);
+    free(w); free(x); free(ref); free(out);
+}
+
 /* q8 matmul against dequantized double math, for aligned and row-spanning groups */
 static void check_q8(int n, int d, int gs) {
     int64_t total = (int64_t)n * d;
@@ -486,6 +522,11 @@ int main(void) {
     check_f32(288, 288);
     check_f32(64, 50);   /* rows not a multiple of 8: padded block */
     check_f32(172, 64);
+    check_f32_batch(37, 11, 3);
+    check_f32_batch(288, 288, 4);
+    check_f32_batch(600, 90, 7);   /* 3 column tiles, rows not a multiple of 24 or 8 */
+    check_f32_batch(256, 48, 9);
+    check_f32_batch(513, 200, 32);
     check_q8(64, 16, 64);
     check_q8(256, 45, 64);  /* rows not a multiple of 8 */
     check_q8(288, 32, 32);

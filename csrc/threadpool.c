@@ -11,6 +11,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(_WIN32)
 #include <windows.h>
@@ -96,10 +97,24 @@ struct llama2_pool {
     int recent_jobs, recent_stalls, solo_jobs_left;
 };
 
-#define STALL_SPINS 1000   /* waiting longer than this for the last chunk is a stall */
+#define STALL_MIN_NS 20000 /* waits shorter than this are never stalls */
 #define STALL_WINDOW 64    /* jobs per look at how many stalled */
 #define STALL_LIMIT 8      /* stalls in a window that send the pool solo */
 #define SOLO_JOBS 4096     /* jobs run on the caller alone before trying again */
+
+/* A monotonic clock in nanoseconds, for telling a stall from a long job. */
+static int64_t now_ns(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (int64_t)((double)c.QuadPart * 1e9 / (double)f.QuadPart);
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+#endif
+}
 
 /* Claims and runs chunks of the job published in the ticket seen first. */
 static void run_chunks(llama2_pool *p) {
@@ -229,7 +244,9 @@ void llama2_pool_run(llama2_pool *p, llama2_task_fn fn, void *ctx, int n_chunks)
         cond_broadcast(&p->wake);
         mutex_unlock(&p->lock);
     }
+    int64_t t0 = now_ns();
     run_chunks(p);
+    int64_t t1 = now_ns();
     long spin = 0;
     for (; load32(&p->remaining) > 0; spin++) {
         if (spin < SPIN_ROUNDS)
@@ -237,7 +254,12 @@ void llama2_pool_run(llama2_pool *p, llama2_task_fn fn, void *ctx, int n_chunks)
         else
             yield_cpu(); /* a worker holding a chunk may be waiting for this core */
     }
-    int stalled = spin > STALL_SPINS;
+    /* A stall: the caller waited for the others longer than it worked itself
+     * (a balanced job waits about one chunk, a small part of its own work),
+     * so some worker's core was taken away. Long jobs on big matrices wait
+     * long in absolute terms without being stalls. */
+    int64_t waited = spin ? now_ns() - t1 : 0;
+    int stalled = waited > STALL_MIN_NS && waited > t1 - t0;
     p->recent_stalls += stalled;
     if (++p->recent_jobs == STALL_WINDOW) {
         if (p->recent_stalls >= STALL_LIMIT) p->solo_jobs_left = SOLO_JOBS;
