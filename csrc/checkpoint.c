@@ -192,9 +192,9 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
             return llama2_fail(err, LLAMA2_ERR_FORMAT, "truncated header: %lld bytes, a versioned model header has %d",
                                (long long)size, HEADER_BYTES);
         c->version = read_i32(p + 4);
-        if (c->version < 1 || c->version > 3)
+        if (c->version < 1 || c->version > 4)
             return llama2_fail(err, LLAMA2_ERR_FORMAT,
-                               "unknown model file version %d (this engine reads versions 0, 1, 2 and 3)", c->version);
+                               "unknown model file version %d (this engine reads versions 0 to 4)", c->version);
         int *dims[7] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads,
                         &c->n_kv_heads, &c->vocab_size, &c->seq_len};
         for (int i = 0; i < 7; i++) *dims[i] = read_i32(p + 8 + 4 * i);
@@ -204,7 +204,7 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
         c->shared_classifier = (int)shared;
         if (c->version == 2) {
             *gs = read_i32(p + 37);
-        } else if (c->version == 3) {
+        } else if (c->version >= 3) { /* 3: fp32, 4: bf16, both with rope_theta and norm_eps */
             c->rope_theta = read_f32(p + 40);
             c->norm_eps = read_f32(p + 44);
         }
@@ -258,8 +258,9 @@ static int64_t expected_size(const llama2_config *c, int gs) {
         bytes += unshared * q8_bytes(V * d, gs);
         return HEADER_BYTES + bytes;
     }
-    int64_t floats = 2 * L * d + d + V * d + L * (2 * d * d + 2 * kv * d + 3 * h * d) + unshared * V * d;
-    return HEADER_BYTES + 4 * floats;
+    int64_t norms = 2 * L * d + d, matrix = V * d + L * (2 * d * d + 2 * kv * d + 3 * h * d) + unshared * V * d;
+    if (c->version == 4) return HEADER_BYTES + 4 * norms + 2 * matrix; /* bf16 matrices */
+    return HEADER_BYTES + 4 * (norms + matrix);
 }
 
 /* ---- pointing tensors into the file ---- */
@@ -276,14 +277,22 @@ static const float *take_f32(cursor *cur, int64_t n) {
 
 static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows, int cols) {
     for (int i = 0; i < count; i++) {
+        memset(&m[i], 0, sizeof(m[i]));
         m[i].rows = rows;
         m[i].cols = cols;
         m[i].f = take_f32(cur, (int64_t)rows * cols);
-        m[i].p = NULL;
-        m[i].q = NULL;
-        m[i].s = NULL;
-        m[i].ps = NULL;
-        m[i].pq = NULL;
+    }
+}
+
+/* bf16 matrices in place: 2-byte aligned in a version 4 file, since every
+ * tensor before them has an even number of bytes. */
+static void set_bf16_matrices(llama2_matrix *m, int count, cursor *cur, int rows, int cols) {
+    for (int i = 0; i < count; i++) {
+        memset(&m[i], 0, sizeof(m[i]));
+        m[i].rows = rows;
+        m[i].cols = cols;
+        m[i].h = (const uint16_t *)cur->p;
+        cur->p += 2 * (int64_t)rows * cols;
     }
 }
 
@@ -292,12 +301,9 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
                            int rows, int cols, llama2_error *err) {
     int64_t n = (int64_t)rows * cols, ns = n / t->gs;
     for (int i = 0; i < count; i++) {
+        memset(&m[i], 0, sizeof(m[i]));
         m[i].rows = rows;
         m[i].cols = cols;
-        m[i].f = NULL;
-        m[i].p = NULL;
-        m[i].ps = NULL;
-        m[i].pq = NULL;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -313,16 +319,28 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
     return LLAMA2_OK;
 }
 
+/* A bf16 matrix's values as fp32, in a buffer the caller frees (NULL: no memory). */
+static float *bf16_to_f32_copy(const llama2_matrix *m) {
+    int64_t n = (int64_t)m->rows * m->cols;
+    float *f = (float *)malloc((size_t)n * 4);
+    if (f)
+        for (int64_t i = 0; i < n; i++) f[i] = llama2_bf16_to_f32(m->h[i]);
+    return f;
+}
+
 static int quantize_matrix(llama2_transformer *t, llama2_matrix *m, llama2_error *err) {
     int64_t n = (int64_t)m->rows * m->cols;
     int8_t *q = (int8_t *)llama2_own(t, (size_t)n);
     float *s = (float *)llama2_own(t, (size_t)(n / t->gs) * 4);
-    if (!q || !s) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory quantizing weights");
-    llama2_quantize_weights(q, s, m->f, n, t->gs);
-    m->q = q;
-    m->s = s;
+    float *tmp = m->h ? bf16_to_f32_copy(m) : NULL;
+    if (!q || !s || (m->h && !tmp)) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory quantizing weights");
+    llama2_quantize_weights(q, s, tmp ? tmp : m->f, n, t->gs);
+    free(tmp);
     m->f = NULL;
     m->p = NULL;
+    m->h = NULL;
+    m->q = q;
+    m->s = s;
     return LLAMA2_OK;
 }
 
@@ -389,7 +407,26 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         return dequantize_embedding(t, &emb, err);
     }
 
-    if (c->version != 0) {
+    if (c->version == 4) {
+        llama2_matrix emb;
+        set_bf16_matrices(&emb, 1, &cur, V, d);
+        set_bf16_matrices(t->wq, L, &cur, d, d);
+        set_bf16_matrices(t->wk, L, &cur, kv, d);
+        set_bf16_matrices(t->wv, L, &cur, kv, d);
+        set_bf16_matrices(t->wo, L, &cur, d, d);
+        set_bf16_matrices(t->w1, L, &cur, h, d);
+        set_bf16_matrices(t->w2, L, &cur, d, h);
+        set_bf16_matrices(t->w3, L, &cur, h, d);
+        if (c->shared_classifier)
+            t->wcls = emb;
+        else
+            set_bf16_matrices(&t->wcls, 1, &cur, V, d);
+        /* the embedding is looked up row by row: an fp32 copy */
+        float *e = (float *)llama2_own(t, (size_t)V * d * 4);
+        if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory converting the embedding");
+        for (int64_t i = 0; i < (int64_t)V * d; i++) e[i] = llama2_bf16_to_f32(emb.h[i]);
+        t->token_embedding = e;
+    } else if (c->version != 0) {
         t->token_embedding = take_f32(&cur, (int64_t)V * d);
         set_f32_matrices(t->wq, L, &cur, d, d);
         set_f32_matrices(t->wk, L, &cur, kv, d);
@@ -399,7 +436,9 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         set_f32_matrices(t->w2, L, &cur, d, h);
         set_f32_matrices(t->w3, L, &cur, h, d);
     }
-    if (c->shared_classifier) {
+    if (c->version == 4) {
+        /* classifier set above */
+    } else if (c->shared_classifier) {
         t->wcls.rows = V;
         t->wcls.cols = d;
         t->wcls.f = t->token_embedding;
@@ -439,7 +478,9 @@ static int select_kernels(llama2_transformer *t, llama2_error *err) {
     if (!k->packs) return LLAMA2_OK;
     for (int i = 0; i <= 7 * t->config.n_layers; i++) {
         llama2_matrix *m = i < 7 * t->config.n_layers ? &t->matrices[i] : &t->wcls;
-        int rc = m->f ? llama2_pack_f32(t, m, err) : llama2_pack_scales(t, m, t->gs, err);
+        int rc = m->f ? llama2_pack_f32(t, m, err)
+                 : m->h ? llama2_pack_bf16(t, m, err)
+                        : llama2_pack_scales(t, m, t->gs, err);
         if (rc) return rc;
     }
     return LLAMA2_OK;
@@ -486,7 +527,9 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
     if (!rc) {
         t->gs = gs;
         t->config.group_size = gs;
-        t->config.weights = t->config.version == 2 ? LLAMA2_WEIGHTS_Q8_0 : LLAMA2_WEIGHTS_F32;
+        t->config.weights = t->config.version == 2   ? LLAMA2_WEIGHTS_Q8_0
+                            : t->config.version == 4 ? LLAMA2_WEIGHTS_BF16
+                                                     : LLAMA2_WEIGHTS_F32;
         t->config.file_size = size;
         t->config.n_params = count_params(&t->config);
         rc = map_weights(t, (const unsigned char *)data + header_bytes, flags, err);

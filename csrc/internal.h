@@ -20,7 +20,7 @@ void llama2_ok(llama2_error *err);
 
 /* ---- weights ---- */
 
-/* One weight matrix of `rows` x `cols`, either fp32 or Q8_0. For Q8_0 the
+/* One weight matrix of `rows` x `cols`: fp32, bf16 or Q8_0. For Q8_0 the
  * matrix is flattened row after row and cut into groups of group_size
  * values; scale g covers flat elements [g*gs, (g+1)*gs). */
 typedef struct {
@@ -31,7 +31,16 @@ typedef struct {
     const float *s;  /* scales */
     const float *ps; /* scales regrouped for SIMD kernels (kernels.h), or NULL */
     const int8_t *pq; /* int8 values regrouped for SIMD kernels (kernels.h), or NULL */
+    const uint16_t *h;  /* bf16 data (row-major; the top half of each fp32), or NULL */
+    const uint16_t *ph; /* bf16 data packed like p, or NULL */
 } llama2_matrix;
+
+/* bf16 -> fp32 is exact: the 16 bits are the top half of the float */
+static inline float llama2_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
 
 /* An activation vector ready for a matmul: fp32 values and, for int8
  * weights, the same vector quantized in groups of group_size. */

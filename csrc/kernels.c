@@ -64,6 +64,23 @@ int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err) 
     return LLAMA2_OK;
 }
 
+int llama2_pack_bf16(llama2_transformer *t, llama2_matrix *m, llama2_error *err) {
+    const int n = m->cols, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    uint16_t *p = (uint16_t *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)n * 2);
+    if (!p) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory repacking weights");
+    for (int b = 0; b < blocks; b++) {
+        uint16_t *dst = p + (size_t)b * n * LLAMA2_PACK_ROWS;
+        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+            int row = b * LLAMA2_PACK_ROWS + r;
+            if (row >= m->rows) break; /* padding stays zero */
+            const uint16_t *src = m->h + (int64_t)row * n;
+            for (int j = 0; j < n; j++) dst[(size_t)j * LLAMA2_PACK_ROWS + r] = src[j];
+        }
+    }
+    m->ph = p;
+    return LLAMA2_OK;
+}
+
 int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
     if (m->cols % gs != 0) return LLAMA2_OK; /* groups span rows: the scalar kernel handles it */
     const int groups = m->cols / gs, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;

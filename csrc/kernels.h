@@ -14,7 +14,7 @@
 
 /* fp32 rows are repacked in blocks of PACK_ROWS rows, interleaved by column:
  * packed[(block * n + j) * PACK_ROWS + r] = W[block * PACK_ROWS + r][j]
- * (the last block zero-padded). Q8_0 scales of a matrix whose rows hold
+ * (the last block zero-padded); bf16 rows the same way. Q8_0 scales of a matrix whose rows hold
  * whole groups are regrouped the same way:
  * ps[(block * groups + g) * PACK_ROWS + r] = scale of row block*8+r, group g,
  * and, when the group size is a multiple of 32, their int8 values in runs of 32:
@@ -32,6 +32,10 @@ typedef struct llama2_kernels_s {
      * it; NULL when the kernels have no batched form */
     void (*matmul_f32_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
                              const llama2_matrix *w, int r0, int r1);
+    /* the same two for bf16 weights (w->ph, packed like p) */
+    void (*matmul_bf16)(float *out, const float *x, const llama2_matrix *w, int r0, int r1);
+    void (*matmul_bf16_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                              const llama2_matrix *w, int r0, int r1);
     /* rows [r0, r1) of the Q8_0 product, for n % gs == 0 */
     void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                       int gs, int r0, int r1);
@@ -50,6 +54,7 @@ const llama2_kernels *llama2_kernels_by_name(const char *name); /* NULL if unkno
 /* Repacks an fp32 matrix / the scales of a Q8_0 matrix for kernels that
  * want it (buffers owned by t). */
 int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err);
+int llama2_pack_bf16(llama2_transformer *t, llama2_matrix *m, llama2_error *err); /* same layout, 16-bit */
 int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err);
 
 #endif

@@ -2,8 +2,8 @@
  * kernels_avx2.c - AVX2 matrix-vector kernels (x86-64), compiled for any
  * x86-64 and used only when the CPU has AVX2 (see kernels.c).
  *
- * fp32: weights packed 8 rows per block (kernels.h); each of the 8 lanes of
- * an accumulator is one row, summing w[r][j] * x[j] for j = 0, 1, ... with a
+ * fp32 and bf16: weights packed 8 rows per block (kernels.h), bf16 widened
+ * to fp32 on load; each of the 8 lanes of an accumulator is one row, summing w[r][j] * x[j] for j = 0, 1, ... with a
  * separate multiply and add, exactly the scalar loop. Four blocks run at
  * once to hide the add latency.
  *
@@ -32,20 +32,34 @@ AVX2_FN static void store_rows(float *out, __m256 v, int row, int r1) {
     }
 }
 
-AVX2_FN static void matmul_f32_avx2(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
-    const int n = w->cols;
-    const float *p = w->p;
+/* Eight packed weights (one column of a row block) as fp32: bf16 widens
+ * exactly by a 16-bit shift. `bf16` is a constant in every caller, so each
+ * kernel below is compiled twice, once per weight type. */
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE_AVX2 __attribute__((target("avx2"), always_inline)) static inline
+#else
+#define INLINE_AVX2 static __forceinline
+#endif
+INLINE_AVX2 __m256 load_w(const void *p, size_t i, int bf16) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, int r0, int r1, int bf16) {
     int b = r0 / 8, b_end = (r1 + 7) / 8;
     for (; b + 4 <= b_end; b += 4) {
-        const float *p0 = p + (size_t)b * n * 8;
-        const float *p1 = p0 + (size_t)n * 8, *p2 = p1 + (size_t)n * 8, *p3 = p2 + (size_t)n * 8;
+        const size_t p0 = (size_t)b * n * 8, p1 = p0 + (size_t)n * 8, p2 = p1 + (size_t)n * 8,
+                     p3 = p2 + (size_t)n * 8;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int j = 0; j < n; j++) {
             __m256 xj = _mm256_broadcast_ss(x + j);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(p0 + 8 * j), xj));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(p1 + 8 * j), xj));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(p2 + 8 * j), xj));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(p3 + 8 * j), xj));
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(load_w(p, p0 + 8 * j, bf16), xj));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(load_w(p, p1 + 8 * j, bf16), xj));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(load_w(p, p2 + 8 * j, bf16), xj));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(load_w(p, p3 + 8 * j, bf16), xj));
         }
         store_rows(out, a0, 8 * b, r1);
         store_rows(out, a1, 8 * (b + 1), r1);
@@ -53,12 +67,20 @@ AVX2_FN static void matmul_f32_avx2(float *out, const float *x, const llama2_mat
         store_rows(out, a3, 8 * (b + 3), r1);
     }
     for (; b < b_end; b++) {
-        const float *p0 = p + (size_t)b * n * 8;
+        const size_t p0 = (size_t)b * n * 8;
         __m256 a0 = _mm256_setzero_ps();
         for (int j = 0; j < n; j++)
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(p0 + 8 * j), _mm256_broadcast_ss(x + j)));
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(load_w(p, p0 + 8 * j, bf16), _mm256_broadcast_ss(x + j)));
         store_rows(out, a0, 8 * b, r1);
     }
+}
+
+AVX2_FN static void matmul_f32_avx2(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
+    matmul_dense(out, x, w->p, w->cols, r0, r1, 0);
+}
+
+AVX2_FN static void matmul_bf16_avx2(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
+    matmul_dense(out, x, w->ph, w->cols, r0, r1, 1);
 }
 
 /* The first r1 - row lanes of out + row (the rest zero): a partial sum
@@ -82,14 +104,12 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
 #define ACC(o, row) (j0 == 0 ? _mm256_setzero_ps() : load_rows((o), (row), r1))
 #define MULADD(c, w, x) c = _mm256_add_ps(c, _mm256_mul_ps((w), (x)))
 
-AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_activation *a, int nt,
-                                          const llama2_matrix *w, int r0, int r1) {
-    const int n = w->cols;
-    const float *p = w->p;
+INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activation *a, int nt, const void *p,
+                                    int n, int r0, int r1, int bf16) {
     const int b_first = r0 / 8, b_end = (r1 + 7) / 8;
     for (int b = b_first; b < b_end; b += 2) {
         const int two = b + 1 < b_end, row = 8 * b;
-        const float *p0 = p + (size_t)b * n * 8, *p1 = p0 + (size_t)n * 8;
+        const size_t p0 = (size_t)b * n * 8, p1 = p0 + (size_t)n * 8;
         for (int j0 = 0; j0 < n; j0 += F32_TILE) { /* the two blocks' weights stream in order */
             const int j1 = j0 + F32_TILE < n ? j0 + F32_TILE : n;
             int t = 0;
@@ -100,7 +120,7 @@ AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_ac
                 __m256 c10 = ACC(o0, row + 8), c11 = ACC(o1, row + 8), c12 = ACC(o2, row + 8),
                        c13 = ACC(o3, row + 8);
                 for (int j = j0; j < j1; j++) {
-                    __m256 w0 = _mm256_loadu_ps(p0 + 8 * j), w1 = _mm256_loadu_ps(p1 + 8 * j), xj;
+                    __m256 w0 = load_w(p, p0 + 8 * j, bf16), w1 = load_w(p, p1 + 8 * j, bf16), xj;
                     xj = _mm256_broadcast_ss(x0 + j); MULADD(c00, w0, xj); MULADD(c10, w1, xj);
                     xj = _mm256_broadcast_ss(x1 + j); MULADD(c01, w0, xj); MULADD(c11, w1, xj);
                     xj = _mm256_broadcast_ss(x2 + j); MULADD(c02, w0, xj); MULADD(c12, w1, xj);
@@ -116,7 +136,7 @@ AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_ac
                 float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
                 __m256 c0 = ACC(o0, row), c1 = ACC(o1, row), c2 = ACC(o2, row), c3 = ACC(o3, row);
                 for (int j = j0; j < j1; j++) {
-                    __m256 w0 = _mm256_loadu_ps(p0 + 8 * j);
+                    __m256 w0 = load_w(p, p0 + 8 * j, bf16);
                     MULADD(c0, w0, _mm256_broadcast_ss(x0 + j));
                     MULADD(c1, w0, _mm256_broadcast_ss(x1 + j));
                     MULADD(c2, w0, _mm256_broadcast_ss(x2 + j));
@@ -131,14 +151,24 @@ AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_ac
                 __m256 c0 = ACC(o0, row), c1 = two ? ACC(o0, row + 8) : _mm256_setzero_ps();
                 for (int j = j0; j < j1; j++) {
                     __m256 xj = _mm256_broadcast_ss(x0 + j);
-                    MULADD(c0, _mm256_loadu_ps(p0 + 8 * j), xj);
-                    if (two) MULADD(c1, _mm256_loadu_ps(p1 + 8 * j), xj);
+                    MULADD(c0, load_w(p, p0 + 8 * j, bf16), xj);
+                    if (two) MULADD(c1, load_w(p, p1 + 8 * j, bf16), xj);
                 }
                 store_rows(o0, c0, row, r1);
                 if (two) store_rows(o0, c1, row + 8, r1);
             }
         }
     }
+}
+
+AVX2_FN static void matmul_f32_batch_avx2(float *out, size_t os, const llama2_activation *a, int nt,
+                                          const llama2_matrix *w, int r0, int r1) {
+    matmul_dense_batch(out, os, a, nt, w->p, w->cols, r0, r1, 0);
+}
+
+AVX2_FN static void matmul_bf16_batch_avx2(float *out, size_t os, const llama2_activation *a, int nt,
+                                           const llama2_matrix *w, int r0, int r1) {
+    matmul_dense_batch(out, os, a, nt, w->ph, w->cols, r0, r1, 1);
 }
 #undef ACC
 #undef MULADD
@@ -206,5 +236,6 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
     if (i < r1) llama2_kernels_scalar.matmul_q8(out, xq, xs, w, gs, i, r1);
 }
 
-const llama2_kernels llama2_kernels_avx2 = {"avx2", 1, matmul_f32_avx2, matmul_f32_batch_avx2, matmul_q8_avx2};
+const llama2_kernels llama2_kernels_avx2 = {"avx2",          1, matmul_f32_avx2, matmul_f32_batch_avx2, matmul_bf16_avx2,
+                                            matmul_bf16_batch_avx2, matmul_q8_avx2};
 #endif

@@ -2,7 +2,7 @@
  * llama2.h - public interface of libllama2, the llama2c inference engine.
  *
  * The library reads llama2.c model files (versions 0, 1, 2 and this project's
- * version 3, see docs/FORMAT.md) and tokenizer.bin files, runs the Llama 2
+ * versions 3 and 4, see docs/FORMAT.md) and tokenizer.bin files, runs the Llama 2
  * forward pass in fp32 or int8 (Q8_0), samples, and drives generate / chat
  * loops one token at a time.
  *
@@ -49,13 +49,14 @@ typedef struct {
 
 #define LLAMA2_WEIGHTS_F32 0
 #define LLAMA2_WEIGHTS_Q8_0 1
+#define LLAMA2_WEIGHTS_BF16 2
 
 typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
     int head_size, kv_dim;
     int shared_classifier; /* 1: the classifier is the token embedding */
-    int version;           /* file format version: 0, 1, 2 or 3 */
-    int weights;           /* LLAMA2_WEIGHTS_F32 or LLAMA2_WEIGHTS_Q8_0 (as run) */
+    int version;           /* file format version: 0-4 */
+    int weights;           /* LLAMA2_WEIGHTS_F32, _Q8_0 or _BF16 (as run) */
     int group_size;        /* Q8_0 group size; 0 for fp32 */
     float rope_theta;      /* 10000 unless the file says otherwise (v3) */
     float norm_eps;        /* 1e-5 unless the file says otherwise (v3) */

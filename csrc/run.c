@@ -45,7 +45,20 @@ static void matmul_f32_rows(float *out, const float *x, const llama2_matrix *w, 
     }
 }
 
-const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, NULL, llama2_matmul_q8_rows};
+/* The same for bf16 weights: each weight widened to fp32 (exact), then the
+ * fp32 loop, so a bf16 file runs exactly as the fp32 file of its values. */
+static void matmul_bf16_rows(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
+    const int n = w->cols;
+    for (int i = r0; i < r1; i++) {
+        const uint16_t *row = w->h + (int64_t)i * n;
+        float val = 0.0f;
+        for (int j = 0; j < n; j++) val += llama2_bf16_to_f32(row[j]) * x[j];
+        out[i] = val;
+    }
+}
+
+const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, NULL, matmul_bf16_rows, NULL,
+                                              llama2_matmul_q8_rows};
 
 /* One thread's share of a matmul, with the best kernel that fits the matrix. */
 static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
@@ -55,6 +68,11 @@ static void matvec_rows(float *out, const llama2_activation *a, const llama2_mat
             k->matmul_f32(out, a->x, w, r0, r1);
         else
             matmul_f32_rows(out, a->x, w, r0, r1);
+    } else if (w->h) {
+        if (w->ph && k->packs)
+            k->matmul_bf16(out, a->x, w, r0, r1);
+        else
+            matmul_bf16_rows(out, a->x, w, r0, r1);
     } else if (w->cols % gs == 0 && gs % 32 == 0) {
         k->matmul_q8(out, a->q, a->s, w, gs, r0, r1);
     } else {
@@ -69,11 +87,15 @@ static void matvec_rows(float *out, const llama2_activation *a, const llama2_mat
 static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_activation *a,
                               int n_batch, const llama2_matrix *w, int gs, const llama2_kernels *k,
                               int r0, int r1) {
-    if (w->f && w->p && k->packs && k->matmul_f32_batch && n_batch > 1) {
+    if (n_batch > 1 && k->packs && w->f && w->p && k->matmul_f32_batch) {
         k->matmul_f32_batch(out_base, out_stride, a, n_batch, w, r0, r1); /* register-blocked */
         return;
     }
-    size_t row_bytes = (size_t)w->cols * (w->f ? 4 : 1);
+    if (n_batch > 1 && k->packs && w->h && w->ph && k->matmul_bf16_batch) {
+        k->matmul_bf16_batch(out_base, out_stride, a, n_batch, w, r0, r1);
+        return;
+    }
+    size_t row_bytes = (size_t)w->cols * (w->f ? 4 : w->h ? 2 : 1);
     int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
     tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS : tile / LLAMA2_PACK_ROWS * LLAMA2_PACK_ROWS;
     for (int t0 = r0; t0 < r1; t0 += tile) {
@@ -112,7 +134,7 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
     int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
     int chunks = threads * 8 < blocks ? threads * 8 : blocks;
     int blocks_per_chunk = (blocks + chunks - 1) / chunks;
-    if (n_batch > 1 && w->f && k->matmul_f32_batch && blocks_per_chunk % 2)
+    if (n_batch > 1 && (w->f || w->h) && k->matmul_f32_batch && blocks_per_chunk % 2)
         blocks_per_chunk++; /* whole block pairs for the batched kernel's tiles */
     matvec_job job = {out_base, out_stride, a, n_batch, gs, blocks_per_chunk * LLAMA2_PACK_ROWS, w, k};
     chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;

@@ -144,6 +144,51 @@ static void check_f32_batch(int n, int d, int nt) {
     free(w); free(x); free(ref); free(out);
 }
 
+/* bf16 kernels, single and batched: bit-identical to the scalar fp32
+ * product over the same values widened to fp32 */
+static void check_bf16(int n, int d, int nt) {
+    uint16_t *h = malloc(2 * (size_t)n * d);
+    float *wf = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * nt);
+    size_t os = (size_t)d + 3;
+    float *ref = malloc(sizeof(float) * os * nt), *out = malloc(sizeof(float) * os * nt);
+    for (int i = 0; i < n * d; i++) {
+        float v = frand();
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        h[i] = (uint16_t)(u >> 16);
+        wf[i] = llama2_bf16_to_f32(h[i]);
+    }
+    for (int i = 0; i < n * nt; i++) x[i] = frand();
+    llama2_transformer *t = owner();
+    llama2_matrix mf = {.rows = d, .cols = n, .f = wf}, mh = {.rows = d, .cols = n, .h = h};
+    llama2_pack_bf16(t, &mh, NULL);
+    llama2_activation a[64];
+    for (int b = 0; b < nt; b++) {
+        a[b].x = x + (size_t)b * n;
+        a[b].n = n;
+        llama2_kernels_scalar.matmul_f32(ref + b * os, a[b].x, &mf, 0, d);
+    }
+    for (int k = 0; k < n_kernels; k++) {
+        const llama2_kernels *K = kernel_list[k];
+        for (size_t i = 0; i < os; i++) out[i] = -1.0f;
+        K->matmul_bf16(out, x, &mh, 0, d);
+        CHECK(memcmp(out, ref, sizeof(float) * d) == 0 && out[d] == -1.0f,
+              "%s bf16 matmul %dx%d is bit-identical to fp32 on the widened values", K->name, d, n);
+        if (!K->matmul_bf16_batch) continue;
+        int r0 = d > 16 ? 8 : 0, r1 = d > 16 ? d - 3 : d, ok = 1;
+        for (size_t i = 0; i < os * nt; i++) out[i] = -1.0f;
+        K->matmul_bf16_batch(out, os, a, nt, &mh, r0, r1);
+        for (int b = 0; b < nt && ok; b++) {
+            const float *o = out + b * os, *r = ref + b * os;
+            ok = memcmp(o + r0, r + r0, sizeof(float) * (r1 - r0)) == 0 && (r0 == 0 || o[r0 - 1] == -1.0f) &&
+                 o[r1] == -1.0f;
+        }
+        CHECK(ok, "%s batched bf16 matmul %dx%d x %d tokens: bit-identical", K->name, d, n, nt);
+    }
+    free_owner(t);
+    free(h); free(wf); free(x); free(ref); free(out);
+}
+
 /* q8 matmul against dequantized double math, for aligned and row-spanning groups */
 static void check_q8(int n, int d, int gs) {
     int64_t total = (int64_t)n * d;
@@ -527,6 +572,10 @@ int main(void) {
     check_f32_batch(600, 90, 7);   /* 3 column tiles, rows not a multiple of 24 or 8 */
     check_f32_batch(256, 48, 9);
     check_f32_batch(513, 200, 32);
+    check_bf16(37, 11, 3);
+    check_bf16(288, 288, 4);
+    check_bf16(600, 90, 7);
+    check_bf16(513, 200, 32);
     check_q8(64, 16, 64);
     check_q8(256, 45, 64);  /* rows not a multiple of 8 */
     check_q8(288, 32, 32);

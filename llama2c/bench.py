@@ -19,8 +19,8 @@ flips every pair):
 
 The reference is llama.cpp through llama-cpp-python when it can be imported,
 on the same weights exported to GGUF (llama2c/gguf_export.py): fp32 files run
-as F32 and int8 (version 2) files as Q8_0 (--ref-type forces one type, e.g.
-f16). Without it the reference columns read "n/a". Results print as a Markdown
+as F32, int8 (version 2) files as Q8_0 and bf16 (version 4) files as F16
+(--ref-type forces one type). Without it the reference columns read "n/a". Results print as a Markdown
 table (--json: JSON with every sample); --update-doc FILE rewrites the table
 between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers of FILE.
 """
@@ -55,7 +55,7 @@ SHAPES = {
 }
 SHAPE_LABELS = {"stories15M": "stories15M", "stories42M": "stories42M",
                 "stories110M": "stories110M", "tinyllama": "TinyLlama-1.1B (GQA)"}
-QUANTS = ("fp32", "int8")
+QUANTS = ("fp32", "int8", "bf16")
 BIG_MODEL_PARAMS = 300_000_000  # --big-decode-tokens applies above this
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -169,7 +169,7 @@ class ModelSpec:
     label: str
     path: Path
     tokenizer: Path | None
-    quant: str                 # "fp32" or "int8" (how our engine runs it)
+    quant: str                 # "fp32", "int8" or "bf16" (how our engine runs it)
     vocab: str | None = None   # for the GGUF: "synthetic", a tokenizer path, or None (beside)
 
 
@@ -199,8 +199,17 @@ def shape_models(shape: str, quants, cache_dir: Path, seed: int = 1234, log=prin
                 log(f"writing {int8}")
                 write_int8_from_fp32(fp32, int8)
             out.append(ModelSpec(SHAPE_LABELS[shape], int8, tok, "int8", "synthetic"))
+        elif q == "bf16":
+            bf16 = d / "model-bf16.bin"
+            if not bf16.exists():
+                log(f"writing {bf16}")
+                from .export.sources import open_bin
+                from .export.writers import write_bin
+                with open_bin(fp32) as src:
+                    write_bin(src, bf16, 4)
+            out.append(ModelSpec(SHAPE_LABELS[shape], bf16, tok, "bf16", "synthetic"))
         else:
-            raise ValueError(f"unknown weight type {q!r} (fp32 or int8)")
+            raise ValueError(f"unknown weight type {q!r} (fp32, int8 or bf16)")
     return out
 
 
@@ -212,7 +221,7 @@ def file_model(path: str, tokenizer: str | None) -> ModelSpec:
     tok = Path(tokenizer) if tokenizer else p.resolve().parent / "tokenizer.bin"
     if not tok.exists():
         tok = None
-    return ModelSpec(p.name, p, tok, "int8" if m.version == 2 else "fp32",
+    return ModelSpec(p.name, p, tok, {2: "int8", 4: "bf16"}.get(m.version, "fp32"),
                      os.fspath(tok) if tok else "synthetic")
 
 
@@ -406,7 +415,7 @@ class LlamaCpp:
 @dataclass
 class Row:
     model: str
-    weights: str              # "fp32" / "int8"
+    weights: str              # "fp32" / "int8" / "bf16"
     ref_type: str | None      # "f32" / "q8_0" / "f16" or None
     threads: int
     decode_tokens: int
@@ -443,7 +452,7 @@ def measure(spec: ModelSpec, threads: int, args, ref_ok: bool, log=print) -> Row
         n_dec = args.big_decode_tokens
     n_dec = max(1, min(n_dec, cfg.seq_len - 1))
     n_pre = max(2, min(n_pre, cfg.seq_len))
-    ref_type = args.ref_type or ("q8_0" if spec.quant == "int8" else "f32")
+    ref_type = args.ref_type or {"int8": "q8_0", "bf16": "f16"}.get(spec.quant, "f32")
     row = Row(spec.label, spec.quant, ref_type if ref_ok else None, threads, n_dec, n_pre, ours.batched)
     ref = None
     try:
@@ -603,11 +612,11 @@ def _csv(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama2c bench",
                                 description="Decode and prompt-processing tokens/s, ours vs llama.cpp.")
-    p.add_argument("models", nargs="*", help="model .bin files (fp32 versions 0/1/3 or int8 version 2)")
+    p.add_argument("models", nargs="*", help="model .bin files (fp32 versions 0/1/3, int8 version 2, bf16 version 4)")
     p.add_argument("--shape", type=_csv(str), default=[], action="extend",
                    help=f"random-weight models of these shapes: {', '.join(SHAPES)} (comma list)")
     p.add_argument("--quant", type=_csv(str), default=None,
-                   help="weight types for --shape: fp32,int8 (default both)")
+                   help="weight types for --shape: fp32,int8,bf16 (default all three)")
     p.add_argument("--threads", type=_csv(int), default=[1, 2], help="thread counts (default 1,2)")
     p.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin for the model files "
                    "(default: beside each model)")
@@ -620,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefill", action="store_true", help="measure decode only")
     p.add_argument("--no-reference", action="store_true", help="do not run llama.cpp")
     p.add_argument("--ref-type", choices=("f32", "f16", "q8_0"), default=None,
-                   help="GGUF type for llama.cpp (default: f32 for fp32 files, q8_0 for int8)")
+                   help="GGUF type for llama.cpp (default: f32 for fp32 files, q8_0 for int8, f16 for bf16)")
     p.add_argument("--engine", choices=("python", "run"), default="python",
                    help="our decode through the library (default) or the ./run program")
     p.add_argument("--run-bin", default=os.fspath(Path(__file__).resolve().parent.parent / "run"),

@@ -77,7 +77,7 @@ def cmd_info(args) -> int:
 
     c = Llama(args.model).config
     kinds = {0: "version 0 (legacy llama2.c, fp32)", 1: "version 1 (fp32)", 2: "version 2 (int8 Q8_0)",
-             3: "version 3 (fp32 + rope_theta/norm_eps)"}
+             3: "version 3 (fp32 + rope_theta/norm_eps)", 4: "version 4 (bf16 + rope_theta/norm_eps)"}
     print(f"file:        {args.model}")
     print(f"format:      {kinds.get(c.version, c.version)}")
     if c.version == 2:

@@ -36,7 +36,7 @@ class ModelConfig:
     kv_dim: int
     shared_classifier: bool
     version: int
-    weights: str  # "f32" or "q8_0": how the engine runs it
+    weights: str  # "f32", "bf16" or "q8_0": how the engine runs it
     group_size: int
     rope_theta: float
     norm_eps: float
@@ -49,7 +49,7 @@ def _config_from(c) -> ModelConfig:
         dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
         n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, seq_len=c.seq_len,
         head_size=c.head_size, kv_dim=c.kv_dim, shared_classifier=bool(c.shared_classifier),
-        version=c.version, weights="q8_0" if c.weights == _ffi.WEIGHTS_Q8_0 else "f32",
+        version=c.version, weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16"}.get(c.weights, "f32"),
         group_size=c.group_size, rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
         file_size=int(c.file_size), n_params=int(c.n_params),
     )

@@ -1,4 +1,4 @@
-"""Export llama2c model files (.bin, versions 0-3) to GGUF, llama.cpp's format.
+"""Export llama2c model files (.bin, versions 0-4) to GGUF, llama.cpp's format.
 
 Used by `llama2c bench` to run llama.cpp on exactly the weights our engine runs.
 Needs the `gguf` package (`pip install gguf`); `import llama2c` does not.
@@ -91,7 +91,7 @@ class BinModel:
 
 
 def read_model(path: str | os.PathLike) -> BinModel:
-    """Reads a llama2c/llama2.c model file of version 0, 1, 2 or 3."""
+    """Reads a llama2c/llama2.c model file of version 0 to 4 (bf16 widened to fp32)."""
     path = Path(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     if raw.size < 28:
@@ -109,6 +109,9 @@ def read_model(path: str | os.PathLike) -> BinModel:
     elif version == 3:
         m.rope_theta, m.norm_eps = struct.unpack_from("<ff", raw, 40)
         _read_fp32_body(path, raw, HEADER_BYTES, m)
+    elif version == 4:
+        m.rope_theta, m.norm_eps = struct.unpack_from("<ff", raw, 40)
+        _read_fp32_body(path, raw, HEADER_BYTES, m, bf16=True)
     elif version == 2:
         m.group_size = struct.unpack_from("<i", raw, 37)[0]
         _read_q8_body(path, raw, m)
@@ -153,17 +156,27 @@ def _read_v0(path, raw) -> BinModel:
     return m
 
 
-def _read_fp32_body(path, raw, off: int, m: BinModel) -> None:
+def _bf16(raw, off: int, shape) -> tuple[np.ndarray, int]:
+    n = int(np.prod(shape))
+    end = off + 2 * n
+    if end > raw.size:
+        raise ValueError("model file is truncated")
+    h = raw[off:end].view("<u2").astype(np.uint32) << 16
+    return h.view(np.float32).reshape(shape), end
+
+
+def _read_fp32_body(path, raw, off: int, m: BinModel, bf16: bool = False) -> None:
     L, d = m.n_layers, m.dim
     w = m.weights
+    mat = _bf16 if bf16 else _f32
     w["rms_att"], off = _f32(raw, off, (L, d))
     w["rms_ffn"], off = _f32(raw, off, (L, d))
     w["rms_final"], off = _f32(raw, off, (d,))
-    w["token_embedding"], off = _f32(raw, off, (m.vocab_size, d))
+    w["token_embedding"], off = mat(raw, off, (m.vocab_size, d))
     for name in _LAYER_MATRICES:
-        w[name], off = _f32(raw, off, (L, *m.matrix_shapes()[name]))
+        w[name], off = mat(raw, off, (L, *m.matrix_shapes()[name]))
     if not m.shared:
-        w["wcls"], off = _f32(raw, off, (m.vocab_size, d))
+        w["wcls"], off = mat(raw, off, (m.vocab_size, d))
 
 
 def _read_q8_body(path, raw, m: BinModel) -> None:

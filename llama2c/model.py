@@ -288,7 +288,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_bin(cls, path, device="cpu") -> "Transformer":
         """Loads a llama2c/llama2.c model file of version 0, 1, 2 (Q8_0,
-        dequantized to float32) or 3. Versions 0-2 carry no rope_theta /
+        dequantized to float32), 3 or 4 (bf16, widened). Versions 0-2 carry no rope_theta /
         norm_eps: they get 10000 / 1e-5."""
         from .export.sources import open_bin
         with open_bin(path) as src:

@@ -1,7 +1,7 @@
 """Pure numpy reference for the llama2c test suite.
 
 Everything here follows /work/shared/SPEC.md and docs/FORMAT.md directly:
-model file writers and readers for versions 0-3, Q8_0 quantization, the
+model file writers and readers for versions 0-4, Q8_0 quantization, the
 forward pass (fp32 math computed in float64, and the int8 engine's math),
 the tokenizer.bin writer plus a reference encoder, and the xorshift RNG and
 sampler computed in float32 like the C engine.
@@ -164,7 +164,7 @@ def header_versioned(cfg: Config, version: int, shared: bool, group_size: int | 
     h += struct.pack("<B", 1 if shared else 0)
     if version == 2:
         h += struct.pack("<i", group_size)
-    elif version == 3:
+    elif version in (3, 4):
         h += b"\0\0\0" + struct.pack("<ff", cfg.rope_theta if rope_theta is None else rope_theta,
                                      cfg.norm_eps if norm_eps is None else norm_eps)
     assert len(h) <= HEADER_BYTES
@@ -203,6 +203,36 @@ def body_v2(cfg: Config, w: dict, group_size: int) -> bytes:
     return b"".join(out)
 
 
+def bf16_bits(a) -> np.ndarray:
+    """Round float32 to bfloat16, nearest with ties to even, as uint16 bit
+    patterns (finite inputs; written independently of llama2c.export)."""
+    a = np.ascontiguousarray(a, dtype=np.float32).ravel()
+    bits = a.view(np.uint32)
+    low = bits & np.uint32(0xFFFF)
+    high = (bits >> np.uint32(16)).astype(np.uint32)
+    up = (low > 0x8000) | ((low == 0x8000) & ((high & 1) == 1))
+    return (high + up.astype(np.uint32)).astype(np.uint16)
+
+
+def bf16_round(a) -> np.ndarray:
+    """float32 values rounded to bfloat16 and widened back (exact)."""
+    a = np.asarray(a, dtype=np.float32)
+    return (bf16_bits(a).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(a.shape)
+
+
+def bf16_weights(w: dict) -> dict:
+    """The weights a version 4 file of w holds: matrices bf16-rounded, norms as they are."""
+    return {k: (v if k.startswith("rms_") or k.startswith("freq_") else bf16_round(v)) for k, v in w.items()}
+
+
+def body_v4(cfg: Config, w: dict) -> bytes:
+    check_weights(cfg, w)
+    out = [_f32bytes(w["rms_att"]), _f32bytes(w["rms_ffn"]), _f32bytes(w["rms_final"])]
+    for m in q8_matrices(cfg, w):  # the same matrices in the same order as version 2
+        out.append(bf16_bits(m).astype("<u2").tobytes())
+    return b"".join(out)
+
+
 def q8_matrices(cfg: Config, w: dict) -> list[np.ndarray]:
     """The matrices of a version 2 file, in file order."""
     mats = [w["token_embedding"]]
@@ -224,6 +254,8 @@ def model_bytes(cfg: Config, w: dict, version: int, group_size: int | None = Non
         return header_versioned(cfg, 2, shared, gs) + body_v2(cfg, w, gs)
     if version == 3:
         return header_versioned(cfg, 3, shared) + body_v1(cfg, w)
+    if version == 4:
+        return header_versioned(cfg, 4, shared) + body_v4(cfg, w)
     raise ValueError(f"unknown version {version}")
 
 

@@ -36,7 +36,7 @@ def check_config(model, m) -> None:
         assert c.weights == "q8_0"
         assert c.group_size == m.group_size
     else:
-        assert c.weights == "f32"
+        assert c.weights == ("bf16" if m.version == 4 else "f32")
         assert not c.group_size
 
 

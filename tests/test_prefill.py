@@ -15,6 +15,8 @@ CASES = [
     ("v2-gqa-rowspan", GQA, 2, True),  # hidden 172 with group 64: groups span rows
     ("v3", R.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
                     seq_len=80, rope_theta=1e6, norm_eps=1e-6), 3, True),
+    ("v4-bf16-gqa", GQA, 4, True),
+    ("v4-bf16-mha-unshared", MHA, 4, False),
 ]
 
 

@@ -1,5 +1,5 @@
-"""Model conversion: read .bin files (versions 0-3), training checkpoints,
-Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-3 and
+"""Model conversion: read .bin files (versions 0-4), training checkpoints,
+Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-4 and
 Hugging Face folders; export SentencePiece tokenizers to tokenizer.bin.
 
     from llama2c.export import write_bin, write_hf, open_source, export_tokenizer

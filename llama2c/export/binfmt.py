@@ -11,7 +11,7 @@ import numpy as np
 MAGIC = 0x616B3432          # "ak42"
 HEADER_BYTES = 256
 LEGACY_HEADER_BYTES = 28
-VERSIONS = (0, 1, 2, 3)
+VERSIONS = (0, 1, 2, 3, 4)
 
 # per-layer matrices of the file formats, in file order:
 # (file name, canonical key inside layer i)
@@ -57,6 +57,21 @@ def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray
     return q.astype(np.int8).reshape(-1), scale
 
 
+def to_bf16(w: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounded to nearest, ties to
+    even, as torch's .to(torch.bfloat16); NaN stays NaN."""
+    u = np.ascontiguousarray(w, dtype="<f4").reshape(-1).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    out = np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+    return out
+
+
+def from_bf16(h: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns -> float32 (exact)."""
+    return (np.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def dequantize_q80(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
     """float32 q * scale per group (one rounding, like the engine)."""
     qf = np.asarray(q, dtype=np.int8).reshape(-1, group_size).astype(np.float32)
@@ -87,7 +102,7 @@ def pack_header(version: int, params: tuple[int, ...], shared: bool, group_size:
     h = struct.pack("<Ii7iB", MAGIC, version, dim, hidden, L, H, KV, V, S, 1 if shared else 0)
     if version == 2:
         h += struct.pack("<i", int(group_size))
-    elif version == 3:
+    elif version in (3, 4):
         h += b"\0\0\0" + struct.pack("<ff", rope_theta, norm_eps)
     elif version != 1:
         raise ValueError(f"unknown model file version {version}")

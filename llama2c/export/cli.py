@@ -1,4 +1,4 @@
-"""`llama2c export OUT --version {0,1,2,3,hf} (--checkpoint CKPT | --meta-llama DIR
+"""`llama2c export OUT --version {0,1,2,3,4,hf} (--checkpoint CKPT | --meta-llama DIR
 | --hf DIR | --bin IN.bin) [--tokenizer tok.model] [--group-size N] [--max-seq-len N]`.
 
 Errors print one line on stderr and return 1 (no traceback)."""
@@ -7,16 +7,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-VERSIONS = ["0", "1", "2", "3", "hf"]
+VERSIONS = ["0", "1", "2", "3", "4", "hf"]
 
 
 def build_parser(prog: str = "llama2c export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Convert a model to a llama2c .bin file (versions 0-3) or a "
+        prog=prog, description="Convert a model to a llama2c .bin file (versions 0-4) or a "
         "Hugging Face folder.")
     p.add_argument("out", metavar="OUT", help="output .bin file (or folder for --version hf)")
     p.add_argument("--version", required=True, choices=VERSIONS,
                    help="0: legacy llama2.c, 1: fp32, 2: int8 Q8_0, 3: fp32 + rope_theta/norm_eps, "
+                        "4: bf16 (16-bit) + rope_theta/norm_eps, "
                         "hf: Hugging Face folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", help="PyTorch training checkpoint (ckpt.pt)")

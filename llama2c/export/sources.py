@@ -6,7 +6,7 @@ embedding) and `.get(key)`, a float32 numpy array in Meta layout for a
 canonical key (llama2c.model's state_dict names). Nothing is read before it
 is asked for, so writers can stream a 7B model through a few hundred MB.
 
-- BinSource: this project's / llama2.c's .bin files, versions 0-3 (v2
+- BinSource: this project's / llama2.c's .bin files, versions 0-4 (v2
   dequantized), memory-mapped.
 - CheckpointSource: a training checkpoint {"model": state_dict,
   "model_args": dict}, torch.load(weights_only=True, mmap=True).
@@ -128,7 +128,7 @@ def _resolved_args(**kw) -> ModelArgs:
 
 
 class BinSource(Source):
-    """A model file of version 0, 1, 2 or 3 (see docs/FORMAT.md). The file
+    """A model file of version 0 to 4 (see docs/FORMAT.md). The file
     is memory-mapped and its header and exact size are checked on open."""
 
     def __init__(self, path):
@@ -145,13 +145,13 @@ class BinSource(Source):
             if len(head) < binfmt.HEADER_BYTES:
                 raise FormatError(f"{path}: truncated header ({size} bytes)")
             version = struct.unpack_from("<i", head, 4)[0]
-            if version not in (1, 2, 3):
+            if version not in (1, 2, 3, 4):
                 raise FormatError(f"{path}: unsupported model file version {version}")
             p = list(struct.unpack_from("<7i", head, 8))
             shared = head[36] != 0
             if version == 2:
                 gs = struct.unpack_from("<i", head, 37)[0]
-            if version == 3:
+            if version in (3, 4):
                 theta, eps = (float(v) for v in struct.unpack_from("<ff", head, 40))
             body = binfmt.HEADER_BYTES
         else:
@@ -220,6 +220,19 @@ class BinSource(Source):
         norms_att()
         norms_ffn()
         f32("norm.weight", (d,))
+        if self.version == 4:
+            def bf16(key, shape):
+                nonlocal off
+                lay[key] = (off, shape, "bf16")
+                off += 2 * int(np.prod(shape))
+
+            bf16("tok_embeddings.weight", (V, d))
+            for _, k in binfmt.LAYER_MATRICES:
+                for i in range(L):
+                    bf16(binfmt.layer_key(i, k), per_layer[k])
+            if not a.tie_embeddings:
+                bf16("output.weight", (V, d))
+            return lay, off
         if self.version in (1, 3):
             f32("tok_embeddings.weight", (V, d))
             for _, k in binfmt.LAYER_MATRICES:
@@ -249,6 +262,8 @@ class BinSource(Source):
         n = int(np.prod(shape))
         if len(entry) == 2:
             return np.frombuffer(self._map, dtype="<f4", count=n, offset=off).reshape(shape).copy()
+        if entry[2] == "bf16":
+            return binfmt.from_bf16(np.frombuffer(self._map, dtype="<u2", count=n, offset=off)).reshape(shape)
         gs = self.group_size
         q = np.frombuffer(self._map, dtype=np.int8, count=n, offset=off)
         s = np.frombuffer(self._map, dtype="<f4", count=n // gs, offset=off + n)

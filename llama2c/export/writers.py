@@ -1,4 +1,4 @@
-"""Writers: .bin versions 0-3 and Hugging Face folders, from any Source.
+"""Writers: .bin versions 0-4 and Hugging Face folders, from any Source.
 
 Each tensor is read from the source, converted and written before the next
 one is read (the progress bar counts tensors), and every file is written to a
@@ -95,12 +95,12 @@ def warn_lossy(args, version: int) -> str | None:
 def write_bin(source, path, version: int, group_size: int | None = None, progress: bool = False,
               warn=None) -> Path:
     """Writes `source` (see as_source) as a model file of version 0, 1, 2
-    (Q8_0) or 3. group_size (version 2 only): the starting group size,
+    (Q8_0), 3 or 4 (bf16 matrices). group_size (version 2 only): the starting group size,
     halved until it divides dim (default 64). Returns the path written."""
     src = as_source(source)
     a = src.args
     if version not in binfmt.VERSIONS:
-        raise ValueError(f"unknown model file version {version} (choose 0, 1, 2 or 3)")
+        raise ValueError(f"unknown model file version {version} (choose 0, 1, 2, 3 or 4)")
     msg = warn_lossy(a, version)
     if msg and warn is not None:
         warn(msg)
@@ -130,6 +130,7 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
             warn(f"group size {group_size} does not divide dim {a.dim}; using {gs}")
     header = binfmt.pack_header(version, params, shared, gs, a.rope_theta, a.norm_eps)
     q8_keys = set() if version != 2 else {k for k in order if not k.endswith("norm.weight")}
+    bf16_keys = set() if version != 4 else {k for k in order if not k.endswith("norm.weight")}
     path = Path(path)
     with atomic_write(path) as f, _progress(len(order), path.name, progress) as bar:
         f.write(header)
@@ -138,6 +139,8 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
                 cos, sin = binfmt.legacy_freq_cis(a.head_size, a.max_seq_len)
                 _f32(f, cos)
                 _f32(f, sin)
+            elif key in bf16_keys:
+                f.write(binfmt.to_bf16(src.get(key)).astype("<u2").view(np.uint8))
             elif key in q8_keys:
                 q, s = binfmt.quantize_q80(src.get(key), gs)
                 f.write(q.view(np.uint8))
