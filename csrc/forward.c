@@ -19,6 +19,8 @@ static llama2_pool *pool_for(llama2_transformer *t) {
     return t->pool;
 }
 
+static void rope_table(float *cs, const llama2_config *c);
+
 int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
     const llama2_config *c = &t->config;
     size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, kv = (size_t)c->kv_dim;
@@ -29,12 +31,14 @@ int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
              (t->att = (float *)llama2_own(t, (size_t)c->n_heads * (size_t)c->seq_len * 4)) &&
              (t->logits = (float *)llama2_own(t, (size_t)c->vocab_size * 4)) &&
              (t->key_cache = (float *)llama2_own(t, cache * 4)) &&
-             (t->value_cache = (float *)llama2_own(t, cache * 4));
+             (t->value_cache = (float *)llama2_own(t, cache * 4)) &&
+             (t->rope_cs = (float *)llama2_own(t, (size_t)c->seq_len * (size_t)c->head_size * 4));
     if (ok && t->gs > 0) {
         size_t gd = (d + (size_t)t->gs - 1) / (size_t)t->gs, gh = (h + (size_t)t->gs - 1) / (size_t)t->gs;
         ok = (t->xq = (int8_t *)llama2_own(t, d)) && (t->xs = (float *)llama2_own(t, gd * 4)) &&
              (t->hq = (int8_t *)llama2_own(t, h)) && (t->hs = (float *)llama2_own(t, gh * 4));
     }
+    if (ok) rope_table(t->rope_cs, c);
     if (!ok)
         return llama2_fail(err, LLAMA2_ERR_NOMEM,
                            "out of memory allocating the run state (KV cache of %lld floats for seq_len %d)",
@@ -51,13 +55,27 @@ static void prepare(llama2_activation *a, const float *x, int n, int8_t *q, floa
     if (gs > 0) llama2_quantize(q, s, x, n, gs);
 }
 
-static void rope(float *q, float *k, int pos, const llama2_config *c) {
+/* The rotation angles' cos and sin for every position, computed once with
+ * exactly the expressions llama2.c evaluates per token (so the same floats):
+ * freq = 1 / theta^(head_dim / head_size), val = pos * freq. */
+static void rope_table(float *cs, const llama2_config *c) {
+    for (int i = 0; i < c->head_size; i += 2) {
+        float freq = 1.0f / powf(c->rope_theta, i / (float)c->head_size);
+        for (int pos = 0; pos < c->seq_len; pos++) {
+            float val = pos * freq;
+            cs[(size_t)pos * c->head_size + i] = cosf(val);
+            cs[(size_t)pos * c->head_size + i + 1] = sinf(val);
+        }
+    }
+}
+
+static void rope(const llama2_transformer *t, float *q, float *k, int pos) {
+    const llama2_config *c = &t->config;
+    const float *cs = t->rope_cs + (size_t)pos * c->head_size;
     for (int i = 0; i < c->dim; i += 2) {
         int head_dim = i % c->head_size;
-        float freq = 1.0f / powf(c->rope_theta, head_dim / (float)c->head_size);
-        float val = pos * freq;
-        float fcr = cosf(val);
-        float fci = sinf(val);
+        float fcr = cs[head_dim];
+        float fci = cs[head_dim + 1];
         int rotn = i < c->kv_dim ? 2 : 1; /* k is only kv_dim long */
         for (int v = 0; v < rotn; v++) {
             float *vec = v == 0 ? q : k;
@@ -174,18 +192,88 @@ static int alloc_batch(llama2_transformer *t, llama2_error *err) {
     return LLAMA2_OK;
 }
 
+/* The per-token steps between matmuls. Each token's step is independent of
+ * the others', so a batch spreads them over the pool, token by token. */
+typedef struct {
+    llama2_transformer *t;
+    const buffers *B;
+    llama2_activation *a;
+    int layer, pos;
+    float *k0; /* this layer's key cache rows for the batch */
+} step_job;
+
+/* (layer > 0: the previous layer's FFN residual) RMSNorm before attention */
+static void step_attn_in(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const llama2_transformer *t = j->t;
+    const int dim = t->config.dim;
+    float *x = j->B->x + (size_t)b * dim, *xb = j->B->xb + (size_t)b * dim;
+    if (j->layer > 0)
+        for (int i = 0; i < dim; i++) x[i] += xb[i];
+    llama2_rmsnorm(xb, x, t->rms_att + (size_t)j->layer * dim, dim, t->config.norm_eps);
+    prepare(&j->a[b], xb, dim, j->B->xq + (size_t)b * dim, j->B->xs + b * groups_of(dim, t->gs), t->gs);
+}
+
+static void step_rope(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const llama2_config *c = &j->t->config;
+    rope(j->t, j->B->q + (size_t)b * c->dim, j->k0 + (size_t)b * c->kv_dim, j->pos + b);
+}
+
+static void step_attn_out(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const int dim = j->t->config.dim;
+    prepare(&j->a[b], j->B->xb + (size_t)b * dim, dim, j->B->xq + (size_t)b * dim,
+            j->B->xs + b * groups_of(dim, j->t->gs), j->t->gs);
+}
+
+/* attention residual, RMSNorm before the FFN */
+static void step_ffn_in(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const llama2_transformer *t = j->t;
+    const int dim = t->config.dim;
+    float *x = j->B->x + (size_t)b * dim, *xb = j->B->xb + (size_t)b * dim;
+    const float *xb2 = j->B->xb2 + (size_t)b * dim;
+    for (int i = 0; i < dim; i++) x[i] += xb2[i];
+    llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)j->layer * dim, dim, t->config.norm_eps);
+    prepare(&j->a[b], xb, dim, j->B->xq + (size_t)b * dim, j->B->xs + b * groups_of(dim, t->gs), t->gs);
+}
+
+static void step_swiglu(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const int hidden = j->t->config.hidden_dim;
+    float *hb = j->B->hb + (size_t)b * hidden;
+    const float *hb2 = j->B->hb2 + (size_t)b * hidden;
+    for (int i = 0; i < hidden; i++) {
+        float val = hb[i];
+        val *= (1.0f / (1.0f + expf(-val)));
+        val *= hb2[i];
+        hb[i] = val;
+    }
+    prepare(&j->a[b], hb, hidden, j->B->hq + (size_t)b * hidden, j->B->hs + b * groups_of(hidden, j->t->gs),
+            j->t->gs);
+}
+
+static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, int n) {
+    if (pool && n > 1)
+        llama2_pool_run(pool, fn, job, n);
+    else
+        for (int b = 0; b < n; b++) fn(job, b);
+}
+
 /* Runs tokens[0..n) at positions pos..pos+n-1 (n <= LLAMA2_MAX_BATCH),
  * filling the KV cache; with want_logits, the last token's logits. Every
  * token goes through exactly the arithmetic of a single-token pass: the
- * batch only shares the reading of the weights. */
+ * batch only shares the reading of the weights and spreads the per-token
+ * steps over the threads. */
 static void forward_tokens(llama2_transformer *t, const buffers *B, const int *tokens, int n, int pos,
                            int want_logits) {
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
-    const size_t gd = groups_of(dim, gs), gh = groups_of(hidden, gs);
     llama2_pool *pool = pool_for(t);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
+    step_job job = {t, B, a, 0, pos, NULL};
 
     for (int b = 0; b < n; b++)
         memcpy(B->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
@@ -193,49 +281,28 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
         size_t loff = (size_t)l * (size_t)c->seq_len * (size_t)kv_dim;
         float *k0 = t->key_cache + loff + (size_t)pos * kv_dim;
         float *v0 = t->value_cache + loff + (size_t)pos * kv_dim;
+        job.layer = l;
+        job.k0 = k0;
 
-        for (int b = 0; b < n; b++) {
-            float *xb = B->xb + (size_t)b * dim;
-            llama2_rmsnorm(xb, B->x + (size_t)b * dim, t->rms_att + (size_t)l * dim, dim, c->norm_eps);
-            prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
-        }
+        for_each_token(pool, step_attn_in, &job, n);
         llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
         llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
         llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
-        for (int b = 0; b < n; b++) rope(B->q + (size_t)b * dim, k0 + (size_t)b * kv_dim, pos + b, c);
+        for_each_token(pool, step_rope, &job, n);
         attention(t, l, pos, n, B->q, B->xb, B->att, pool);
-        for (int b = 0; b < n; b++)
-            prepare(&a[b], B->xb + (size_t)b * dim, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
+        for_each_token(pool, step_attn_out, &job, n);
         llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
-        for (int b = 0; b < n; b++) {
-            float *x = B->x + (size_t)b * dim, *xb = B->xb + (size_t)b * dim;
-            const float *xb2 = B->xb2 + (size_t)b * dim;
-            for (int i = 0; i < dim; i++) x[i] += xb2[i];
-            llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
-            prepare(&a[b], xb, dim, B->xq + (size_t)b * dim, B->xs + b * gd, gs);
-        }
+        for_each_token(pool, step_ffn_in, &job, n);
         llama2_matvec_batch(B->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, pool);
         llama2_matvec_batch(B->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, pool);
-        for (int b = 0; b < n; b++) {
-            float *hb = B->hb + (size_t)b * hidden;
-            const float *hb2 = B->hb2 + (size_t)b * hidden;
-            for (int i = 0; i < hidden; i++) { /* SwiGLU */
-                float val = hb[i];
-                val *= (1.0f / (1.0f + expf(-val)));
-                val *= hb2[i];
-                hb[i] = val;
-            }
-            prepare(&a[b], hb, hidden, B->hq + (size_t)b * hidden, B->hs + b * gh, gs);
-        }
+        for_each_token(pool, step_swiglu, &job, n);
         llama2_matvec_batch(B->xb, (size_t)dim, a, n, &t->w2[l], gs, k, pool);
-        for (int b = 0; b < n; b++) {
-            float *x = B->x + (size_t)b * dim;
-            const float *xb = B->xb + (size_t)b * dim;
-            for (int i = 0; i < dim; i++) x[i] += xb[i];
-        }
     }
     if (!want_logits) return;
+    /* only the last token goes on: its last FFN residual, the final norm, the classifier */
     float *x = B->x + (size_t)(n - 1) * dim;
+    const float *xb = B->xb + (size_t)(n - 1) * dim;
+    for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
     prepare(&a[0], x, dim, B->xq, B->xs, gs);
     llama2_matvec(t->logits, &a[0], &t->wcls, gs, k, pool);

@@ -74,6 +74,7 @@ struct llama2_transformer {
     /* run state */
     float *x, *xb, *xb2, *hb, *hb2, *q, *att, *logits;
     float *key_cache, *value_cache;
+    float *rope_cs; /* cos, sin of each position's rotation per pair of a head: seq_len x head_size */
     int8_t *xq;  float *xs;  /* quantized dim-sized activation */
     int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
 

@@ -95,16 +95,17 @@ int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_e
         }
     m->ps = ps;
     if (gs % 32 != 0) return LLAMA2_OK;
-    const int runs = m->cols / 32;
+    for (int64_t i = 0, n = (int64_t)m->rows * m->cols; i < n; i++)
+        if (m->q[i] == -128) return LLAMA2_OK; /* see kernels.h: pq stays NULL */
+    const int steps = m->cols / 4;
     int8_t *pq = (int8_t *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)m->cols);
     if (!pq) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping weights");
     for (int b = 0; b < blocks; b++)
         for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
             int row = b * LLAMA2_PACK_ROWS + r;
             if (row >= m->rows) break; /* padding stays zero */
-            for (int c = 0; c < runs; c++)
-                memcpy(pq + (((size_t)b * runs + c) * LLAMA2_PACK_ROWS + r) * 32,
-                       m->q + (int64_t)row * m->cols + 32 * c, 32);
+            for (int k = 0; k < steps; k++)
+                memcpy(pq + (((size_t)b * steps + k) * LLAMA2_PACK_ROWS + r) * 4, m->q + (int64_t)row * m->cols + 4 * k, 4);
         }
     m->pq = pq;
     return LLAMA2_OK;

@@ -17,9 +17,12 @@
  * (the last block zero-padded); bf16 rows the same way. Q8_0 scales of a matrix whose rows hold
  * whole groups are regrouped the same way:
  * ps[(block * groups + g) * PACK_ROWS + r] = scale of row block*8+r, group g,
- * and, when the group size is a multiple of 32, their int8 values in runs of 32:
- * pq[((block * n / 32 + c) * PACK_ROWS + r) * 32 + i] = Q[block*8+r][32*c + i],
- * so a block of 8 rows is read as one sequential stream. */
+ * and, when the group size is a multiple of 32, their int8 values 4 columns
+ * of 8 rows at a time:
+ * pq[((block * n / 4 + k) * PACK_ROWS + r) * 4 + i] = Q[block*8+r][4*k + i],
+ * so one 32-byte load holds 4 columns of a whole block. Values of -128
+ * (outside Q8_0's [-127, 127], only in hand-made files) leave pq NULL, since
+ * the kernels' sign trick needs |w| <= 127 (kernels_avx2.c). */
 #define LLAMA2_PACK_ROWS 8
 
 typedef struct llama2_kernels_s {

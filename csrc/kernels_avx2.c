@@ -7,14 +7,13 @@
  * separate multiply and add, exactly the scalar loop. Four blocks run at
  * once to hide the add latency.
  *
- * int8: per group, exact int32 dot products of 8 rows (sign trick +
- * maddubs + madd), gathered into one vector of 8 row sums; then per lane
- * val += ((float)isum * w_scale) * x_scale, the scalar order.
+ * int8: see the int8 section below.
  */
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define AVX2_FN __attribute__((target("avx2")))
@@ -173,12 +172,63 @@ AVX2_FN static void matmul_bf16_batch_avx2(float *out, size_t os, const llama2_a
 #undef ACC
 #undef MULADD
 
-/* int32 dot-product partial sums of 32 int8 pairs, added into acc */
+/* ---- int8 (Q8_0) ----
+ *
+ * Regrouped weights (w->pq, kernels.h) hold, for each block of 8 rows, 4
+ * consecutive columns of all 8 rows in one 32-byte vector. Broadcasting 4
+ * activation bytes against it, maddubs + madd leave one int32 per lane, that
+ * is per row: the rows' dot products build up lane by lane with no
+ * horizontal sums. The product of a group is exact in int32, then per lane
+ * val += ((float)isum * w_scale) * x_scale, the scalar order, so every
+ * output is bit-identical to llama2_matmul_q8_rows. The sign trick puts
+ * x's sign on w and multiplies by |x|, which needs |w| <= 127 (a -128 in a
+ * hand-made file leaves pq NULL and the in-place path below runs). */
+
+/* 4 bytes of x at k as one int32 broadcast to every lane */
+INLINE_AVX2 __m256i x4(const int8_t *xq, int k) {
+    int32_t v;
+    memcpy(&v, xq + k, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* s += per-row dot products of 4 columns: |x| * (w with x's sign) */
+INLINE_AVX2 __m256i dot4(__m256i s, __m256i ux, __m256i xb, __m256i w) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(ux, _mm256_sign_epi8(w, xb)), ones));
+}
+
+/* val += ((float)isum * ws) * xs, lane by lane */
+INLINE_AVX2 __m256 scale_add(__m256 val, __m256i isum, const float *ws, float xs) {
+    return _mm256_add_ps(val, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(ws)),
+                                            _mm256_set1_ps(xs)));
+}
+
+/* NB consecutive row blocks (8 rows each) from `row`, one token */
+INLINE_AVX2 void q8_blocks(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w, int gs, int row,
+                           const int NB) {
+    const int n = w->cols, groups = n / gs;
+    const int8_t *pb = w->pq + (int64_t)(row / 8) * 8 * n;    /* NB blocks follow one another */
+    const float *sb = w->ps + (int64_t)(row / 8) * groups * 8;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int g = 0; g < groups; g++) {
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+        for (int k = g * gs; k < (g + 1) * gs; k += 4) {
+            __m256i xb = x4(xq, k), ux = _mm256_sign_epi8(xb, xb);
+            for (int b = 0; b < NB; b++)
+                s[b] = dot4(s[b], ux, xb, _mm256_loadu_si256((const __m256i *)(pb + (int64_t)b * 8 * n + 8 * k)));
+        }
+        for (int b = 0; b < NB; b++) acc[b] = scale_add(acc[b], s[b], sb + ((int64_t)b * groups + g) * 8, xs[g]);
+    }
+    for (int b = 0; b < NB; b++) _mm256_storeu_ps(out + row + 8 * b, acc[b]);
+}
+
+/* int32 dot-product partial sums of 32 int8 pairs, added into acc (in-place rows) */
 AVX2_FN static inline __m256i dot32(__m256i acc, __m256i x, __m256i w) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i aw = _mm256_sign_epi8(w, w);       /* |w| as unsigned bytes */
     __m256i sx = _mm256_sign_epi8(x, w);       /* x with w's sign */
-    __m256i pairs = _mm256_maddubs_epi16(aw, sx); /* |w|*x*sign: at most 2*127*127, no saturation */
+    __m256i pairs = _mm256_maddubs_epi16(aw, sx); /* |w|*x*sign: at most 2*128*127, no saturation */
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
 }
 
@@ -194,44 +244,39 @@ AVX2_FN static inline __m256i sum8(__m256i s0, __m256i s1, __m256i s2, __m256i s
     return _mm256_add_epi32(lo, hi);
 }
 
+/* 8 rows in place (row-major int8, scales per row): any value, -128 included */
+AVX2_FN static void q8_rows_in_place(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                                     int gs, int i) {
+    const int n = w->cols, groups = n / gs, chunks = gs / 32;
+    const int8_t *w0 = w->q + (int64_t)i * n;
+    const float *sr = w->s + (int64_t)i * groups;
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+        for (int c = 0, off = g * gs; c < chunks; c++, off += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + off));
+#define DOT_ROW(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(w0 + (int64_t)k * n + off)))
+            DOT_ROW(0); DOT_ROW(1); DOT_ROW(2); DOT_ROW(3);
+            DOT_ROW(4); DOT_ROW(5); DOT_ROW(6); DOT_ROW(7);
+#undef DOT_ROW
+        }
+        __m256i isum = sum8(s0, s1, s2, s3, s4, s5, s6, s7);
+        __m256 ws = _mm256_set_ps(sr[7 * groups + g], sr[6 * groups + g], sr[5 * groups + g], sr[4 * groups + g],
+                                  sr[3 * groups + g], sr[2 * groups + g], sr[groups + g], sr[g]);
+        __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), ws), _mm256_set1_ps(xs[g]));
+        acc = _mm256_add_ps(acc, t);
+    }
+    _mm256_storeu_ps(out + i, acc);
+}
+
 AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                                    int gs, int r0, int r1) {
-    const int n = w->cols, groups = n / gs, chunks = gs / 32;
     int i = r0;
-    for (; i + 8 <= r1; i += 8) {
-        /* the 8 rows' runs of 32 values: regrouped into one stream, or in place */
-        const int8_t *pq = w->pq ? w->pq + (int64_t)(i / 8) * 8 * n : NULL;
-        const int8_t *w0 = w->q + (int64_t)i * n;
-        const float *sr = w->s + (int64_t)i * groups;
-        const float *ps = w->ps ? w->ps + (int64_t)(i / 8) * groups * 8 : NULL;
-        __m256 acc = _mm256_setzero_ps();
-        for (int g = 0; g < groups; g++) {
-            __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0,
-                    s7 = s0;
-            for (int c = 0, off = g * gs; c < chunks; c++, off += 32) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + off));
-                if (pq) {
-                    const int8_t *run = pq + (int64_t)off * 8; /* 8 rows x 32 values */
-#define DOT_RUN(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(run + 32 * k)))
-                    DOT_RUN(0); DOT_RUN(1); DOT_RUN(2); DOT_RUN(3);
-                    DOT_RUN(4); DOT_RUN(5); DOT_RUN(6); DOT_RUN(7);
-#undef DOT_RUN
-                } else {
-#define DOT_ROW(k) s##k = dot32(s##k, xv, _mm256_loadu_si256((const __m256i *)(w0 + (int64_t)k * n + off)))
-                    DOT_ROW(0); DOT_ROW(1); DOT_ROW(2); DOT_ROW(3);
-                    DOT_ROW(4); DOT_ROW(5); DOT_ROW(6); DOT_ROW(7);
-#undef DOT_ROW
-                }
-            }
-            __m256 isum = _mm256_cvtepi32_ps(sum8(s0, s1, s2, s3, s4, s5, s6, s7));
-            __m256 ws = ps ? _mm256_loadu_ps(ps + 8 * g)
-                           : _mm256_set_ps(sr[7 * groups + g], sr[6 * groups + g], sr[5 * groups + g],
-                                           sr[4 * groups + g], sr[3 * groups + g], sr[2 * groups + g],
-                                           sr[groups + g], sr[g]);
-            __m256 t = _mm256_mul_ps(_mm256_mul_ps(isum, ws), _mm256_set1_ps(xs[g]));
-            acc = _mm256_add_ps(acc, t);
-        }
-        _mm256_storeu_ps(out + i, acc);
+    if (w->pq) {
+        for (; i + 32 <= r1; i += 32) q8_blocks(out, xq, xs, w, gs, i, 4);
+        for (; i + 8 <= r1; i += 8) q8_blocks(out, xq, xs, w, gs, i, 1);
+    } else {
+        for (; i + 8 <= r1; i += 8) q8_rows_in_place(out, xq, xs, w, gs, i);
     }
     if (i < r1) llama2_kernels_scalar.matmul_q8(out, xq, xs, w, gs, i, r1);
 }

@@ -97,7 +97,10 @@ static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_a
     }
     size_t row_bytes = (size_t)w->cols * (w->f ? 4 : w->h ? 2 : 1);
     int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
-    tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS : tile / LLAMA2_PACK_ROWS * LLAMA2_PACK_ROWS;
+    const int quad = 4 * LLAMA2_PACK_ROWS; /* whole 4-block units where they fit */
+    tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS
+           : tile < quad           ? tile / LLAMA2_PACK_ROWS * LLAMA2_PACK_ROWS
+                                   : tile / quad * quad;
     for (int t0 = r0; t0 < r1; t0 += tile) {
         int t1 = t0 + tile < r1 ? t0 + tile : r1;
         for (int b = 0; b < n_batch; b++) matvec_rows(out_base + b * out_stride, &a[b], w, gs, k, t0, t1);
@@ -131,9 +134,13 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
         matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
         return;
     }
+    /* chunks of whole 4-block units (32 rows) where the matrix allows: the
+     * kernels run 4 blocks (or 2 for batches) at a time at full speed */
     int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
-    int chunks = threads * 8 < blocks ? threads * 8 : blocks;
-    int blocks_per_chunk = (blocks + chunks - 1) / chunks;
+    int unit = blocks >= 4 * threads ? 4 : 1;
+    int units = (blocks + unit - 1) / unit;
+    int chunks = threads * 8 < units ? threads * 8 : units;
+    int blocks_per_chunk = (units + chunks - 1) / chunks * unit;
     if (n_batch > 1 && (w->f || w->h) && k->matmul_f32_batch && blocks_per_chunk % 2)
         blocks_per_chunk++; /* whole block pairs for the batched kernel's tiles */
     matvec_job job = {out_base, out_stride, a, n_batch, gs, blocks_per_chunk * LLAMA2_PACK_ROWS, w, k};

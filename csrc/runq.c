@@ -16,6 +16,15 @@
 
 /* Activations: per group scale = max|x| / 127, q = round half away from zero.
  * The last group is partial when n is not a multiple of gs. */
+/* roundf (half away from zero) for |v| <= 127.5, without the libm call:
+ * truncate, then step away from zero when the dropped part is >= 0.5
+ * (v - trunc(v) is exact here). */
+static inline int8_t round_away(float v) {
+    int i = (int)v;
+    float frac = v - (float)i;
+    return (int8_t)(i + (frac >= 0.5f) - (frac <= -0.5f));
+}
+
 void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int start = 0, g = 0; start < n; start += gs, g++) {
         int end = start + gs < n ? start + gs : n;
@@ -26,7 +35,7 @@ void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
         }
         float scale = wmax / 127.0f;
         s[g] = scale;
-        for (int i = start; i < end; i++) q[i] = scale == 0.0f ? 0 : (int8_t)roundf(x[i] / scale);
+        for (int i = start; i < end; i++) q[i] = scale == 0.0f ? 0 : round_away(x[i] / scale);
     }
 }
 

@@ -189,6 +189,57 @@ static void check_bf16(int n, int d, int nt) {
     free(h); free(wf); free(x); free(ref); free(out);
 }
 
+/* activation quantization rounds half away from zero, as roundf does */
+static void check_quantize_rounding(void) {
+    float x[64];
+    int8_t q[64];
+    float s[1];
+    unsigned seed = 7;
+    x[0] = 127.0f; /* scale = 127 / 127 = 1: q is round(x) itself */
+    const float ties[] = {0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -126.5f, 126.5f, 0.49999997f, -0.49999997f,
+                          0.50000006f, 0.0f, -0.0f, 3.0f, -127.0f};
+    int nt = (int)(sizeof(ties) / sizeof(ties[0]));
+    for (int i = 1; i < 64; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        x[i] = i <= nt ? ties[i - 1] : ((float)(seed >> 8) / 16777216.0f * 254.0f - 127.0f);
+    }
+    llama2_quantize(q, s, x, 64, 64);
+    int ok = s[0] == 1.0f;
+    for (int i = 0; i < 64; i++) ok &= q[i] == (int8_t)roundf(x[i]);
+    CHECK(ok, "activation quantization rounds exactly like roundf (ties away from zero)");
+}
+
+/* int8 kernels at the edges of the value range: +-127 in every weight and
+ * activation (no int16 saturation in the regrouped kernel), and a -128
+ * weight (outside Q8_0, only in hand-made files), which must keep the
+ * regrouped layout off the matrix and still give the scalar result */
+static void check_q8_extremes(int n, int d, int gs) {
+    int64_t total = (int64_t)n * d;
+    int8_t *wq = malloc(total), *xq = malloc(n);
+    float *ws = malloc(sizeof(float) * (total / gs)), *xs = malloc(sizeof(float) * (n / gs));
+    float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
+    for (int64_t i = 0; i < total / gs; i++) ws[i] = 0.01f + 0.001f * (float)(i % 7);
+    for (int i = 0; i < n / gs; i++) xs[i] = 0.02f;
+    for (int with_min = 0; with_min < 2; with_min++) {
+        for (int64_t i = 0; i < total; i++) wq[i] = (int8_t)((i * 7 % 3) ? -127 : 127);
+        for (int i = 0; i < n; i++) xq[i] = (int8_t)((i % 5 == 1) ? -127 : 127);
+        if (with_min) wq[3] = wq[total - 1] = -128;
+        llama2_matrix m = {.rows = d, .cols = n, .q = wq, .s = ws};
+        llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m, gs, 0, d);
+        llama2_transformer *t = owner();
+        llama2_pack_scales(t, &m, gs, NULL);
+        CHECK((m.pq == NULL) == with_min, "int8 values regrouped %s (n=%d gs=%d)",
+              with_min ? "not at all when a -128 is present" : "when all are in [-127, 127]", n, gs);
+        for (int k = 1; k < n_kernels; k++) {
+            kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
+            CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s q8 matmul with %s is bit-identical to scalar",
+                  kernel_list[k]->name, with_min ? "a -128 weight" : "+-127 everywhere");
+        }
+        free_owner(t);
+    }
+    free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
+}
+
 /* q8 matmul against dequantized double math, for aligned and row-spanning groups */
 static void check_q8(int n, int d, int gs) {
     int64_t total = (int64_t)n * d;
@@ -577,6 +628,9 @@ int main(void) {
     check_bf16(600, 90, 7);
     check_bf16(513, 200, 32);
     check_q8(64, 16, 64);
+    check_q8_extremes(256, 40, 64);
+    check_quantize_rounding();
+    check_q8_extremes(96, 48, 32);
     check_q8(256, 45, 64);  /* rows not a multiple of 8 */
     check_q8(288, 32, 32);
     check_q8(64, 16, 8);
