@@ -91,7 +91,7 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
     return _mm256_loadu_ps(tmp);
 }
 
-/* Batched fp32 product (prefill): a 2-block x 4-token tile of 8
+/* Batched fp32 and bf16 product (prefill): a 2-block x 4-token tile of 8
  * accumulators (8 independent add chains, 12 of the 16 registers, no
  * spills), so each weight vector loaded serves 4 tokens and each broadcast
  * x value 2 row blocks. A block pair's columns go in tiles of F32_TILE
@@ -106,20 +106,34 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
 INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activation *a, int nt, const void *p,
                                     int n, int r0, int r1, int bf16) {
     const int b_first = r0 / 8, b_end = (r1 + 7) / 8;
+    /* bf16 tiles are widened once into this buffer, then every token uses fp32 */
+    float wide[2 * F32_TILE * 8];
     for (int b = b_first; b < b_end; b += 2) {
         const int two = b + 1 < b_end, row = 8 * b;
         const size_t p0 = (size_t)b * n * 8, p1 = p0 + (size_t)n * 8;
         for (int j0 = 0; j0 < n; j0 += F32_TILE) { /* the two blocks' weights stream in order */
-            const int j1 = j0 + F32_TILE < n ? j0 + F32_TILE : n;
+            const int j1 = j0 + F32_TILE < n ? j0 + F32_TILE : n, m = j1 - j0;
+            const float *w0p, *w1p; /* the tile's columns j0..j1 of both blocks, 8 floats each */
+            if (bf16) {
+                for (int j = 0; j < m; j++) {
+                    _mm256_storeu_ps(wide + 8 * j, load_w(p, p0 + 8 * (size_t)(j0 + j), 1));
+                    if (two) _mm256_storeu_ps(wide + 8 * (F32_TILE + j), load_w(p, p1 + 8 * (size_t)(j0 + j), 1));
+                }
+                w0p = wide;
+                w1p = wide + 8 * F32_TILE;
+            } else {
+                w0p = (const float *)p + p0 + 8 * (size_t)j0;
+                w1p = (const float *)p + p1 + 8 * (size_t)j0;
+            }
             int t = 0;
             for (; two && t + 4 <= nt; t += 4) {
-                const float *x0 = a[t].x, *x1 = a[t + 1].x, *x2 = a[t + 2].x, *x3 = a[t + 3].x;
+                const float *x0 = a[t].x + j0, *x1 = a[t + 1].x + j0, *x2 = a[t + 2].x + j0, *x3 = a[t + 3].x + j0;
                 float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
                 __m256 c00 = ACC(o0, row), c01 = ACC(o1, row), c02 = ACC(o2, row), c03 = ACC(o3, row);
                 __m256 c10 = ACC(o0, row + 8), c11 = ACC(o1, row + 8), c12 = ACC(o2, row + 8),
                        c13 = ACC(o3, row + 8);
-                for (int j = j0; j < j1; j++) {
-                    __m256 w0 = load_w(p, p0 + 8 * j, bf16), w1 = load_w(p, p1 + 8 * j, bf16), xj;
+                for (int j = 0; j < m; j++) {
+                    __m256 w0 = _mm256_loadu_ps(w0p + 8 * j), w1 = _mm256_loadu_ps(w1p + 8 * j), xj;
                     xj = _mm256_broadcast_ss(x0 + j); MULADD(c00, w0, xj); MULADD(c10, w1, xj);
                     xj = _mm256_broadcast_ss(x1 + j); MULADD(c01, w0, xj); MULADD(c11, w1, xj);
                     xj = _mm256_broadcast_ss(x2 + j); MULADD(c02, w0, xj); MULADD(c12, w1, xj);
@@ -131,11 +145,11 @@ INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activati
                 store_rows(o2, c12, row + 8, r1); store_rows(o3, c13, row + 8, r1);
             }
             for (; !two && t + 4 <= nt; t += 4) { /* a last single block */
-                const float *x0 = a[t].x, *x1 = a[t + 1].x, *x2 = a[t + 2].x, *x3 = a[t + 3].x;
+                const float *x0 = a[t].x + j0, *x1 = a[t + 1].x + j0, *x2 = a[t + 2].x + j0, *x3 = a[t + 3].x + j0;
                 float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
                 __m256 c0 = ACC(o0, row), c1 = ACC(o1, row), c2 = ACC(o2, row), c3 = ACC(o3, row);
-                for (int j = j0; j < j1; j++) {
-                    __m256 w0 = load_w(p, p0 + 8 * j, bf16);
+                for (int j = 0; j < m; j++) {
+                    __m256 w0 = _mm256_loadu_ps(w0p + 8 * j);
                     MULADD(c0, w0, _mm256_broadcast_ss(x0 + j));
                     MULADD(c1, w0, _mm256_broadcast_ss(x1 + j));
                     MULADD(c2, w0, _mm256_broadcast_ss(x2 + j));
@@ -145,13 +159,13 @@ INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activati
                 store_rows(o2, c2, row, r1); store_rows(o3, c3, row, r1);
             }
             for (; t < nt; t++) { /* leftover tokens, one at a time */
-                const float *x0 = a[t].x;
+                const float *x0 = a[t].x + j0;
                 float *o0 = out + (size_t)t * os;
                 __m256 c0 = ACC(o0, row), c1 = two ? ACC(o0, row + 8) : _mm256_setzero_ps();
-                for (int j = j0; j < j1; j++) {
+                for (int j = 0; j < m; j++) {
                     __m256 xj = _mm256_broadcast_ss(x0 + j);
-                    MULADD(c0, load_w(p, p0 + 8 * j, bf16), xj);
-                    if (two) MULADD(c1, load_w(p, p1 + 8 * j, bf16), xj);
+                    MULADD(c0, _mm256_loadu_ps(w0p + 8 * j), xj);
+                    if (two) MULADD(c1, _mm256_loadu_ps(w1p + 8 * j), xj);
                 }
                 store_rows(o0, c0, row, r1);
                 if (two) store_rows(o0, c1, row + 8, r1);
