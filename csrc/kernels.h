@@ -35,6 +35,10 @@ typedef struct llama2_kernels_s {
      * it; NULL when the kernels have no batched form */
     void (*matmul_f32_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
                              const llama2_matrix *w, int r0, int r1);
+    /* rows [r0, r1) of a Q8_0 product whose groups run across rows
+     * (n % gs != 0), for n and gs multiples of 32; NULL: none */
+    void (*matmul_q8_span)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
+                           int gs, int r0, int r1);
     /* the same two for bf16 weights (w->ph, packed like p) */
     void (*matmul_bf16)(float *out, const float *x, const llama2_matrix *w, int r0, int r1);
     void (*matmul_bf16_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,

@@ -57,8 +57,13 @@ static void matmul_bf16_rows(float *out, const float *x, const llama2_matrix *w,
     }
 }
 
-const llama2_kernels llama2_kernels_scalar = {"scalar", 0, matmul_f32_rows, NULL, matmul_bf16_rows, NULL,
-                                              llama2_matmul_q8_rows};
+const llama2_kernels llama2_kernels_scalar = {
+    .name = "scalar",
+    .packs = 0,
+    .matmul_f32 = matmul_f32_rows,
+    .matmul_bf16 = matmul_bf16_rows,
+    .matmul_q8 = llama2_matmul_q8_rows,
+};
 
 /* One thread's share of a matmul, with the best kernel that fits the matrix. */
 static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
@@ -75,6 +80,8 @@ static void matvec_rows(float *out, const llama2_activation *a, const llama2_mat
             matmul_bf16_rows(out, a->x, w, r0, r1);
     } else if (w->cols % gs == 0 && gs % 32 == 0) {
         k->matmul_q8(out, a->q, a->s, w, gs, r0, r1);
+    } else if (w->cols % 32 == 0 && gs % 32 == 0 && k->matmul_q8_span) {
+        k->matmul_q8_span(out, a->q, a->s, w, gs, r0, r1);
     } else {
         llama2_matmul_q8_rows(out, a->q, a->s, w, gs, r0, r1);
     }

@@ -150,6 +150,24 @@ def test_q8_file_parity(make_model, group_size, shared):
     assert (np.abs(no_act - ref_q8).max(axis=1) > 10 * Q8_TIGHT * np.abs(ref_q8).max()).all()
 
 
+def test_q8_groups_across_rows_in_whole_runs(make_model):
+    """hidden 96 with groups of 64 (stories42M: 1376): w2's groups span rows at
+    multiples of 32, the case the SIMD span kernel takes; it must agree with
+    the portable loop exactly and with the int8 reference."""
+    cfg = R.Config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=48)
+    m = make_model(cfg, version=2, shared=True, seed=91, group_size=64)
+    tokens = random_tokens(cfg, N_TOKENS, 91)
+    got = c_logits(llama2c.Llama(m.path), tokens)
+    assert_q8_close(got, cfg, m.w, tokens, 64, R.forward(cfg, m.w, tokens), "v2 hidden 96 gs64")
+    import os, subprocess, sys
+    code = ("import sys, numpy as np, llama2c; L = llama2c.Llama(sys.argv[1]);"
+            "sys.stdout.buffer.write(np.stack([L.forward(t, p) for p, t in enumerate(map(int, sys.argv[2:]))]).tobytes())")
+    r = subprocess.run([sys.executable, "-c", code, str(m.path), *map(str, tokens)], capture_output=True,
+                       env=dict(os.environ, LLAMA2_KERNELS="scalar"), timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert np.array_equal(np.frombuffer(r.stdout, dtype=np.float32).reshape(got.shape), got)
+
+
 @pytest.mark.parametrize("arch", ["mha", "mqa"])
 def test_q8_default_group_size(make_model, arch):
     """Default group size: 64 halved until it divides dim (16 for dim 48, 32 for 32)."""
