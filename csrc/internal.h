@@ -87,7 +87,7 @@ struct llama2_transformer {
     float *bxs, *bhs;
 };
 
-#define LLAMA2_MAX_BATCH 32
+#define LLAMA2_MAX_BATCH 64
 
 /* checkpoint.c */
 void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t */

@@ -7,6 +7,7 @@
  * is refused with the right status instead of crashing.
  */
 #include "kernels.h"
+#include "threadpool.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -626,10 +627,46 @@ static void test_model_errors(void) {
     free(buf);
 }
 
+/* The thread pool runs every chunk of every job exactly once and returns
+ * only when all are done, also when consecutive jobs have very different
+ * chunk counts (a worker still holding the last ticket of a short job must
+ * not claim a chunk of the next, longer one). */
+typedef struct {
+    int counts[64];
+    int bad; /* a chunk seen running after its job returned */
+    volatile int open;
+} pool_probe;
+
+static void pool_probe_chunk(void *ctx, int c) {
+    pool_probe *p = (pool_probe *)ctx;
+    if (!p->open) p->bad = 1;
+    __atomic_add_fetch(&p->counts[c], 1, __ATOMIC_SEQ_CST);
+}
+
+static void check_pool(void) {
+    llama2_pool *pool = llama2_pool_new(3);
+    CHECK(pool != NULL && llama2_pool_threads(pool) >= 2, "thread pool starts");
+    if (!pool) return;
+    static pool_probe probe;
+    int wrong = 0;
+    for (int job = 0; job < 60000 && !wrong; job++) {
+        int n = job % 3 == 0 ? 2 : job % 3 == 1 ? 61 : 7;
+        memset(probe.counts, 0, sizeof(probe.counts));
+        probe.open = 1;
+        llama2_pool_run(pool, pool_probe_chunk, &probe, n);
+        probe.open = 0;
+        for (int c = 0; c < 64; c++)
+            if (__atomic_load_n(&probe.counts[c], __ATOMIC_SEQ_CST) != (c < n)) wrong = 1;
+    }
+    CHECK(!wrong && !probe.bad, "pool: 60000 jobs of 2, 61 and 7 chunks, each chunk run once, none after its job");
+    llama2_pool_free(pool);
+}
+
 int main(void) {
     const char *env = getenv("TMPDIR");
     if (env && strlen(env) < 200) snprintf(tmp_dir, sizeof(tmp_dir), "%s", env);
     find_kernels();
+    check_pool();
     check_f32(37, 11);
     check_f32(288, 288);
     check_f32(64, 50);   /* rows not a multiple of 8: padded block */

@@ -97,6 +97,7 @@ struct llama2_pool {
     int recent_jobs, recent_stalls, solo_jobs_left;
 };
 
+#define CLOSED 0x7fffffffu /* chunk number of a retired ticket: >= any int chunk count */
 #define STALL_MIN_NS 20000 /* waits shorter than this are never stalls */
 #define STALL_WINDOW 64    /* jobs per look at how many stalled */
 #define STALL_LIMIT 8      /* stalls in a window that send the pool solo */
@@ -232,13 +233,20 @@ void llama2_pool_run(llama2_pool *p, llama2_task_fn fn, void *ctx, int n_chunks)
         for (int c = 0; c < n_chunks; c++) fn(ctx, c);
         return;
     }
-    /* no chunk of the previous job is claimable or running now */
+    /* No chunk of the previous job is claimable or running now, but a worker
+     * may still hold that job's last ticket: if the ticket still read the
+     * same when the new chunk count appeared, that worker's compare-and-swap
+     * would claim a chunk of the new job under the old generation (seen as a
+     * chunk run twice and a job that returned early). So the old ticket is
+     * retired first, through a generation that has nothing to claim, and the
+     * new job gets the generation after it. */
+    uint64_t gen = load64(&p->ticket) >> 32;
+    store64(&p->ticket, (((gen + 1) & 0xffffffffu) << 32) | CLOSED);
     p->fn = fn;
     p->ctx = ctx;
     store32(&p->n_chunks, n_chunks);
     store32(&p->remaining, n_chunks);
-    uint64_t next_gen = ((load64(&p->ticket) >> 32) + 1) & 0xffffffffu;
-    store64(&p->ticket, next_gen << 32);
+    store64(&p->ticket, ((gen + 2) & 0xffffffffu) << 32);
     if (load32(&p->sleepers) > 0) {
         mutex_lock(&p->lock);
         cond_broadcast(&p->wake);

@@ -28,7 +28,7 @@ RUNS = [(*c, False) for c in CASES] + [(*c, True) for c in CASES if c[2] != 2]
                          ids=[f"{r[0]}{'-q8' if r[4] else ''}" for r in RUNS])
 def test_batch_equals_sequential(make_model, name, cfg, version, shared, quantize):
     m = make_model(cfg, version=version, shared=shared, seed=21)
-    n = min(cfg.seq_len - 4, 45)  # more than one internal chunk of 32
+    n = min(cfg.seq_len - 4, 75)  # more than one internal chunk of 64 (LLAMA2_MAX_BATCH)
     toks = random_tokens(cfg, n + 3, seed=5)
     seq = llama2c.Llama(m.path, quantize=quantize)
     bat = llama2c.Llama(m.path, quantize=quantize)
