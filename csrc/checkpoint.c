@@ -296,6 +296,20 @@ static void set_bf16_matrices(llama2_matrix *m, int count, cursor *cur, int rows
     }
 }
 
+/* wq, wk, wv, wo, w1, w2, w3 of every layer, in the order of versions 1, 3 and 4. */
+static void set_layer_matrices(llama2_transformer *t, cursor *cur,
+                               void (*set)(llama2_matrix *, int, cursor *, int, int)) {
+    const llama2_config *c = &t->config;
+    int L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim;
+    set(t->wq, L, cur, d, d);
+    set(t->wk, L, cur, kv, d);
+    set(t->wv, L, cur, kv, d);
+    set(t->wo, L, cur, d, d);
+    set(t->w1, L, cur, h, d);
+    set(t->w2, L, cur, d, h);
+    set(t->w3, L, cur, h, d);
+}
+
 /* Q8_0 matrix in place; scales that do not sit on a 4-byte boundary are copied. */
 static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, cursor *cur,
                            int rows, int cols, llama2_error *err) {
@@ -410,13 +424,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
     if (c->version == 4) {
         llama2_matrix emb;
         set_bf16_matrices(&emb, 1, &cur, V, d);
-        set_bf16_matrices(t->wq, L, &cur, d, d);
-        set_bf16_matrices(t->wk, L, &cur, kv, d);
-        set_bf16_matrices(t->wv, L, &cur, kv, d);
-        set_bf16_matrices(t->wo, L, &cur, d, d);
-        set_bf16_matrices(t->w1, L, &cur, h, d);
-        set_bf16_matrices(t->w2, L, &cur, d, h);
-        set_bf16_matrices(t->w3, L, &cur, h, d);
+        set_layer_matrices(t, &cur, set_bf16_matrices);
         if (c->shared_classifier)
             t->wcls = emb;
         else
@@ -426,24 +434,18 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory converting the embedding");
         for (int64_t i = 0; i < (int64_t)V * d; i++) e[i] = llama2_bf16_to_f32(emb.h[i]);
         t->token_embedding = e;
-    } else if (c->version != 0) {
-        t->token_embedding = take_f32(&cur, (int64_t)V * d);
-        set_f32_matrices(t->wq, L, &cur, d, d);
-        set_f32_matrices(t->wk, L, &cur, kv, d);
-        set_f32_matrices(t->wv, L, &cur, kv, d);
-        set_f32_matrices(t->wo, L, &cur, d, d);
-        set_f32_matrices(t->w1, L, &cur, h, d);
-        set_f32_matrices(t->w2, L, &cur, d, h);
-        set_f32_matrices(t->w3, L, &cur, h, d);
-    }
-    if (c->version == 4) {
-        /* classifier set above */
-    } else if (c->shared_classifier) {
-        t->wcls.rows = V;
-        t->wcls.cols = d;
-        t->wcls.f = t->token_embedding;
     } else {
-        set_f32_matrices(&t->wcls, 1, &cur, V, d);
+        if (c->version != 0) {
+            t->token_embedding = take_f32(&cur, (int64_t)V * d);
+            set_layer_matrices(t, &cur, set_f32_matrices);
+        }
+        if (c->shared_classifier) {
+            t->wcls.rows = V;
+            t->wcls.cols = d;
+            t->wcls.f = t->token_embedding;
+        } else {
+            set_f32_matrices(&t->wcls, 1, &cur, V, d);
+        }
     }
 
     if (flags & LLAMA2_OPEN_QUANTIZE) {

@@ -220,6 +220,166 @@ class BinSource(Source):
         norms_att()
         norms_ffn()
         f32("norm.weight", (d,))
+        gs = self.group_size
+        kind, nbytes = {1: ("f32", lambda n: 4 * n), 3: ("f32", lambda n: 4 * n),
+                        4: ("bf16", lambda n: 2 * n),
+                        2: ("q8", lambda n: n + 4 * (n // gs))}[self.version]
+
+        def matrix(key, shape):
+            nonlocal off
+            lay[key] = (off, shape) if kind == "f32" else (off, shape, kind)
+            off += nbytes(int(np.prod(shape)))
+
+        matrix("tok_embeddings.weight", (V, d))
+        for _, k in binfmt.LAYER_MATRICES:
+            for i in range(L):
+                matrix(binfmt.layer_key(i, k), per_layer[k])
+        if not a.tie_embeddings:
+            matrix("output.weight", (V, d))
+        return lay, off
+
+    def _get(self, key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return canonical_keys(self.args)
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor `key` as a float32 array of its exact shape."""
+        a = _to_numpy(self._get(key))
+        want = expected_shape(self.args, key)
+        if tuple(a.shape) != want:
+            raise FormatError(f"{self.name}: {key} has shape {tuple(a.shape)}, expected {want}")
+        return a
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def to_model(self, device="cpu"):
+        """A llama2c.model.Transformer holding these weights."""
+        import torch
+
+        from ..model import Transformer
+
+        sd = {k: torch.from_numpy(np.array(self.get(k), dtype=np.float32)) for k in self.keys()}
+        return Transformer.from_state_dict(self.args, sd, device=device)
+
+    def with_max_seq_len(self, n: int) -> "Source":
+        self.args = dataclasses.replace(self.args, max_seq_len=int(n))
+        return self
+
+
+def _resolved_args(**kw) -> ModelArgs:
+    try:
+        return ModelArgs(**kw)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------
+# .bin files
+# ---------------------------------------------------------------------------
+
+
+class BinSource(Source):
+    """A model file of version 0 to 4 (see docs/FORMAT.md). The file
+    is memory-mapped and its header and exact size are checked on open."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.name = str(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(binfmt.HEADER_BYTES)
+        if len(head) < binfmt.LEGACY_HEADER_BYTES:
+            raise FormatError(f"{path}: file too short for a model header ({size} bytes)")
+        magic = struct.unpack_from("<I", head, 0)[0]
+        theta, eps, gs = 10000.0, 1e-5, None
+        if magic == binfmt.MAGIC:
+            if len(head) < binfmt.HEADER_BYTES:
+                raise FormatError(f"{path}: truncated header ({size} bytes)")
+            version = struct.unpack_from("<i", head, 4)[0]
+            if version not in (1, 2, 3, 4):
+                raise FormatError(f"{path}: unsupported model file version {version}")
+            p = list(struct.unpack_from("<7i", head, 8))
+            shared = head[36] != 0
+            if version == 2:
+                gs = struct.unpack_from("<i", head, 37)[0]
+            if version in (3, 4):
+                theta, eps = (float(v) for v in struct.unpack_from("<ff", head, 40))
+            body = binfmt.HEADER_BYTES
+        else:
+            version = 0
+            p = list(struct.unpack_from("<7i", head, 0))
+            shared = p[5] > 0
+            p[5] = abs(p[5])
+            body = binfmt.LEGACY_HEADER_BYTES
+        dim, hidden, L, H, KV, V, S = p
+        try:
+            binfmt.check_dims(*p, where=str(path))
+            binfmt.check_float_param("rope_theta", theta, str(path))
+            binfmt.check_float_param("norm_eps", eps, str(path))
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+        if version == 2 and (gs <= 0 or dim % gs != 0):
+            raise FormatError(f"{path}: bad group_size {gs} for dim {dim}")
+        self.version, self.group_size = version, gs
+        self.args = _resolved_args(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=H, n_kv_heads=KV,
+                                   vocab_size=V, max_seq_len=S, rope_theta=theta, norm_eps=eps,
+                                   tie_embeddings=shared)
+        self._layout, end = self._plan(body)
+        if end != size:
+            what = "truncated" if size < end else "trailing bytes"
+            raise FormatError(f"{path}: {what}: the header implies {end} bytes, the file has {size}")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _plan(self, off: int):
+        """key -> (offset, shape) of fp32 tensors, or (offset, shape, 'q8')."""
+        a = self.args
+        L, d, V = a.n_layers, a.dim, a.vocab_size
+        lay: dict = {}
+        per_layer = {k: expected_shape(a, binfmt.layer_key(0, k)) for _, k in binfmt.LAYER_MATRICES}
+
+        def f32_stack(key_fn, shape):
+            nonlocal off
+            n = int(np.prod(shape))
+            for i in range(L):
+                lay[key_fn(i)] = (off, shape)
+                off += 4 * n
+
+        def f32(key, shape):
+            nonlocal off
+            lay[key] = (off, shape)
+            off += 4 * int(np.prod(shape))
+
+        def norms_att():
+            f32_stack(lambda i: f"layers.{i}.attention_norm.weight", (d,))
+
+        def norms_ffn():
+            f32_stack(lambda i: f"layers.{i}.ffn_norm.weight", (d,))
+
+        if self.version == 0:
+            f32("tok_embeddings.weight", (V, d))
+            norms_att()
+            for name, k in binfmt.LAYER_MATRICES[:4]:
+                f32_stack(lambda i, k=k: binfmt.layer_key(i, k), per_layer[k])
+            norms_ffn()
+            for name, k in binfmt.LAYER_MATRICES[4:]:
+                f32_stack(lambda i, k=k: binfmt.layer_key(i, k), per_layer[k])
+            f32("norm.weight", (d,))
+            off += 2 * 4 * a.max_seq_len * (a.head_size // 2)      # freq_cis tables
+            if not a.tie_embeddings:
+                f32("output.weight", (V, d))
+            return lay, off
+        norms_att()
+        norms_ffn()
+        f32("norm.weight", (d,))
         if self.version == 4:
             def bf16(key, shape):
                 nonlocal off
