@@ -31,6 +31,7 @@ typedef struct {
     const float *s;  /* scales */
     const float *ps; /* scales regrouped for SIMD kernels (kernels.h), or NULL */
     const int8_t *pq; /* int8 values regrouped for SIMD kernels (kernels.h), or NULL */
+    const uint8_t *pends; /* groups across rows: where each row's segments end (kernels.h), or NULL */
     const uint16_t *h;  /* bf16 data (row-major; the top half of each fp32), or NULL */
     const uint16_t *ph; /* bf16 data packed like p, or NULL */
 } llama2_matrix;

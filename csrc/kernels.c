@@ -81,8 +81,63 @@ int llama2_pack_bf16(llama2_transformer *t, llama2_matrix *m, llama2_error *err)
     return LLAMA2_OK;
 }
 
+/* The int8 values 4 columns x 8 rows at a time (kernels.h), or NULL when a
+ * -128 is present; *failed set when memory ran out. */
+static const int8_t *regroup_values(llama2_transformer *t, const llama2_matrix *m, int *failed) {
+    *failed = 0;
+    for (int64_t i = 0, n = (int64_t)m->rows * m->cols; i < n; i++)
+        if (m->q[i] == -128) return NULL; /* see kernels.h: pq stays NULL */
+    const int steps = m->cols / 4, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    int8_t *pq = (int8_t *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)m->cols);
+    if (!pq) {
+        *failed = 1;
+        return NULL;
+    }
+    for (int b = 0; b < blocks; b++)
+        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+            int row = b * LLAMA2_PACK_ROWS + r;
+            if (row >= m->rows) break; /* padding stays zero */
+            for (int k = 0; k < steps; k++)
+                memcpy(pq + (((size_t)b * steps + k) * LLAMA2_PACK_ROWS + r) * 4, m->q + (int64_t)row * m->cols + 4 * k, 4);
+        }
+    return pq;
+}
+
+/* A matrix whose groups run across rows (n % gs != 0; n and gs multiples of
+ * 32): the values regrouped as usual, and for every block and 32-column run
+ * c, which rows' segments end with the run (bit r of pends) and the weight
+ * scale of each such segment (ps, kernels.h). */
+static int pack_span(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
+    if (gs % 32 != 0 || m->cols % 32 != 0) return LLAMA2_OK; /* the scalar kernel handles it */
+    const int n = m->cols, runs = n / 32, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
+    float *ps = (float *)llama2_own(t, (size_t)blocks * runs * LLAMA2_PACK_ROWS * sizeof(float));
+    uint8_t *pends = (uint8_t *)llama2_own(t, (size_t)blocks * runs);
+    if (!ps || !pends) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping scales");
+    for (int b = 0; b < blocks; b++)
+        for (int c = 0; c < runs; c++) {
+            const int end = 32 * (c + 1); /* column just past the run */
+            unsigned bits = 0;
+            for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
+                int row = b * LLAMA2_PACK_ROWS + r;
+                int64_t flat_end = (int64_t)row * n + end;
+                if (end == n || end % gs == 0 || flat_end % gs == 0) bits |= 1u << r;
+                ps[((size_t)b * runs + c) * LLAMA2_PACK_ROWS + r] = row < m->rows ? m->s[(flat_end - 1) / gs] : 0.0f;
+            }
+            pends[(size_t)b * runs + c] = (uint8_t)bits;
+        }
+    int failed;
+    const int8_t *pq = regroup_values(t, m, &failed);
+    if (failed) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping weights");
+    if (pq) {
+        m->ps = ps;
+        m->pends = pends;
+        m->pq = pq;
+    }
+    return LLAMA2_OK;
+}
+
 int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
-    if (m->cols % gs != 0) return LLAMA2_OK; /* groups span rows: the scalar kernel handles it */
+    if (m->cols % gs != 0) return pack_span(t, m, gs, err);
     const int groups = m->cols / gs, blocks = (m->rows + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
     float *ps = (float *)llama2_own(t, (size_t)blocks * groups * LLAMA2_PACK_ROWS * sizeof(float));
     if (!ps) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping scales");
@@ -95,18 +150,8 @@ int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_e
         }
     m->ps = ps;
     if (gs % 32 != 0) return LLAMA2_OK;
-    for (int64_t i = 0, n = (int64_t)m->rows * m->cols; i < n; i++)
-        if (m->q[i] == -128) return LLAMA2_OK; /* see kernels.h: pq stays NULL */
-    const int steps = m->cols / 4;
-    int8_t *pq = (int8_t *)llama2_own(t, (size_t)blocks * LLAMA2_PACK_ROWS * (size_t)m->cols);
-    if (!pq) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping weights");
-    for (int b = 0; b < blocks; b++)
-        for (int r = 0; r < LLAMA2_PACK_ROWS; r++) {
-            int row = b * LLAMA2_PACK_ROWS + r;
-            if (row >= m->rows) break; /* padding stays zero */
-            for (int k = 0; k < steps; k++)
-                memcpy(pq + (((size_t)b * steps + k) * LLAMA2_PACK_ROWS + r) * 4, m->q + (int64_t)row * m->cols + 4 * k, 4);
-        }
-    m->pq = pq;
+    int failed;
+    m->pq = regroup_values(t, m, &failed);
+    if (failed) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory regrouping weights");
     return LLAMA2_OK;
 }

@@ -22,7 +22,14 @@
  * pq[((block * n / 4 + k) * PACK_ROWS + r) * 4 + i] = Q[block*8+r][4*k + i],
  * so one 32-byte load holds 4 columns of a whole block. Values of -128
  * (outside Q8_0's [-127, 127], only in hand-made files) leave pq NULL, since
- * the kernels' sign trick needs |w| <= 127 (kernels_avx2.c). */
+ * the kernels' sign trick needs |w| <= 127 (kernels_avx2.c).
+ *
+ * When groups run across rows (n % gs != 0, n and gs multiples of 32), a
+ * row's scalar sum goes segment by segment (runq.c), and every segment
+ * boundary falls on a multiple of 32 columns. Then pq is laid out as above,
+ * and for each block and 32-column run c:
+ * pends[block * n/32 + c] has bit r set when row r's segment ends with run c,
+ * ps[(block * n/32 + c) * PACK_ROWS + r] = that segment's weight scale. */
 #define LLAMA2_PACK_ROWS 8
 
 typedef struct llama2_kernels_s {

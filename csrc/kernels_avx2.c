@@ -296,35 +296,83 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
 }
 
 /* Rows whose groups run across row boundaries (w2 of stories42M: hidden
- * 1376, groups of 64): each row in the scalar loop's segments, where both the
- * weight group and the activation group stay the same, each segment an exact
- * int32 dot product of whole 32-value runs (n and gs are multiples of 32, so
- * every boundary is), then val += ((float)isum * w_scale) * x_scale as the
- * scalar loop does: bit-identical to it. */
+ * 1376, groups of 64). The scalar loop goes segment by segment, where both
+ * the weight group and the activation group stay the same; n and gs are
+ * multiples of 32, so every boundary falls between 32-column runs. Each
+ * segment is an exact int32 dot product, then val += ((float)isum *
+ * w_scale) * x_scale as the scalar loop does: bit-identical to it. */
+
+/* One row on its own (rows outside whole blocks, or no regrouped layout) */
+AVX2_FN static float q8_span_row(const int8_t *xq, const float *xs, const llama2_matrix *w, int gs, int i) {
+    const int n = w->cols;
+    const int64_t base = (int64_t)i * n;
+    const int8_t *wq = w->q + base;
+    float val = 0.0f;
+    for (int j = 0; j < n;) {
+        const int64_t wg = (base + j) / gs;
+        const int xg = j / gs;
+        int end = n;
+        if (wg * gs + gs - base < end) end = (int)(wg * gs + gs - base);
+        if ((xg + 1) * gs < end) end = (xg + 1) * gs;
+        __m256i s = _mm256_setzero_si256();
+        for (int k = j; k < end; k += 32)
+            s = dot32(s, _mm256_loadu_si256((const __m256i *)(xq + k)), _mm256_loadu_si256((const __m256i *)(wq + k)));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+        val += ((float)_mm_cvtsi128_si32(h)) * w->s[wg] * xs[xg];
+        j = end;
+    }
+    return val;
+}
+
+/* NB whole blocks from `row` in the regrouped layout: the lanes' int32 sums
+ * run on over 32-column runs; after each run the lanes whose segment ends
+ * there (pends) add it to their value and start again from zero, the other
+ * lanes keep both unchanged. */
+INLINE_AVX2 void q8_span_blocks(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w, int gs,
+                                int row, const int NB) {
+    const int n = w->cols, runs = n / 32;
+    const int8_t *pb = w->pq + (int64_t)(row / 8) * 8 * n;
+    const float *sb = w->ps + (int64_t)(row / 8) * runs * 8;
+    const uint8_t *eb = w->pends + (int64_t)(row / 8) * runs;
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                    _mm256_setzero_si256()};
+    for (int c = 0; c < runs; c++) {
+        for (int k = 32 * c; k < 32 * c + 32; k += 4) {
+            __m256i xb = x4(xq, k), ux = _mm256_sign_epi8(xb, xb);
+            for (int b = 0; b < NB; b++)
+                s[b] = dot4(s[b], ux, xb, _mm256_loadu_si256((const __m256i *)(pb + (int64_t)b * 8 * n + 8 * k)));
+        }
+        const float x_scale = xs[32 * c / gs];
+        for (int b = 0; b < NB; b++) {
+            const int ends = eb[(int64_t)b * runs + c];
+            if (!ends) continue;
+            __m256 sum = scale_add(acc[b], s[b], sb + ((int64_t)b * runs + c) * 8, x_scale);
+            if (ends == 0xff) {
+                acc[b] = sum;
+                s[b] = _mm256_setzero_si256();
+            } else {
+                __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(ends), lane_bit), lane_bit);
+                acc[b] = _mm256_blendv_ps(acc[b], sum, _mm256_castsi256_ps(m));
+                s[b] = _mm256_andnot_si256(m, s[b]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) _mm256_storeu_ps(out + row + 8 * b, acc[b]);
+}
+
 AVX2_FN static void matmul_q8_span_avx2(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                                         int gs, int r0, int r1) {
-    const int n = w->cols;
-    for (int i = r0; i < r1; i++) {
-        const int64_t base = (int64_t)i * n;
-        const int8_t *wq = w->q + base;
-        float val = 0.0f;
-        for (int j = 0; j < n;) {
-            const int64_t wg = (base + j) / gs;
-            const int xg = j / gs;
-            int end = n;
-            if (wg * gs + gs - base < end) end = (int)(wg * gs + gs - base);
-            if ((xg + 1) * gs < end) end = (xg + 1) * gs;
-            __m256i s = _mm256_setzero_si256();
-            for (int k = j; k < end; k += 32)
-                s = dot32(s, _mm256_loadu_si256((const __m256i *)(xq + k)), _mm256_loadu_si256((const __m256i *)(wq + k)));
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-            val += ((float)_mm_cvtsi128_si32(h)) * w->s[wg] * xs[xg];
-            j = end;
-        }
-        out[i] = val;
+    int i = r0;
+    if (w->pq && w->pends) {
+        for (; i < r1 && i % 8; i++) out[i] = q8_span_row(xq, xs, w, gs, i);
+        for (; i + 32 <= r1; i += 32) q8_span_blocks(out, xq, xs, w, gs, i, 4);
+        for (; i + 8 <= r1; i += 8) q8_span_blocks(out, xq, xs, w, gs, i, 1);
     }
+    for (; i < r1; i++) out[i] = q8_span_row(xq, xs, w, gs, i);
 }
 
 const llama2_kernels llama2_kernels_avx2 = {

@@ -290,13 +290,19 @@ static void check_q8(int n, int d, int gs) {
         free_owner(t);
     }
     if (n % gs != 0 && n % 32 == 0 && gs % 32 == 0) { /* groups span rows in whole 32-value runs */
+        llama2_transformer *t = owner();
+        for (int packed = 0; packed < 2; packed++)
         for (int k = 1; k < n_kernels; k++) {
+            if (packed && !m.pq) {
+                llama2_pack_scales(t, &m, gs, NULL);
+                CHECK(m.pq && m.pends, "q8 span matrix n=%d gs=%d gets the regrouped layout", n, gs);
+            }
             if (!kernel_list[k]->matmul_q8_span) continue;
             for (int i = 0; i < d; i++) out[i] = -1.0f;
             kernel_list[k]->matmul_q8_span(out, xq, xs, &m, gs, 0, d);
             CHECK(memcmp(out, ref, sizeof(float) * d) == 0,
-                  "%s q8 matmul with groups across rows n=%d d=%d gs=%d is bit-identical to scalar",
-                  kernel_list[k]->name, n, d, gs);
+                  "%s q8 matmul with groups across rows n=%d d=%d gs=%d (%s) is bit-identical to scalar",
+                  kernel_list[k]->name, n, d, gs, packed ? "regrouped" : "row by row");
             if (d > 3) {
                 for (int i = 0; i < d; i++) out[i] = -1.0f;
                 kernel_list[k]->matmul_q8_span(out, xq, xs, &m, gs, 1, d - 1);
@@ -304,6 +310,7 @@ static void check_q8(int n, int d, int gs) {
                       "%s q8 span matmul writes exactly rows [1, %d)", kernel_list[k]->name, d - 1);
             }
         }
+        free_owner(t);
     }
     free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
@@ -690,6 +697,8 @@ int main(void) {
     check_q8(172, 10, 8); /* hidden_dim 172: groups span rows */
     check_q8(172, 16, 64);
     check_q8(1376, 20, 64); /* stories42M's w2: rows of 1376, groups of 64 */
+    check_q8(1376, 72, 64); /* ... with 4-block passes */
+    check_q8(224, 24, 96);  /* runs where no row's segment ends */
     check_q8(96, 16, 64);
     check_q8(100, 8, 32);
     test_quantize_edges();
