@@ -21,16 +21,39 @@ static llama2_pool *pool_for(llama2_transformer *t) {
 
 static void rope_table(float *cs, const llama2_config *c);
 
+/* seq_len rounded up to whole blocks of the key cache (kernels.h) */
+static size_t key_positions(const llama2_config *c) {
+    return ((size_t)c->seq_len + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
+}
+
+/* The keys of one layer's kv head h, in the blocked layout */
+static float *key_head(const llama2_transformer *t, int layer, int h) {
+    const llama2_config *c = &t->config;
+    return t->key_cache + ((size_t)layer * c->n_kv_heads + (size_t)h) * key_positions(c) * (size_t)c->head_size;
+}
+
+/* Stores the (rotated) key k of position pos into the layer's cache. */
+static void store_key(const llama2_transformer *t, int layer, int pos, const float *k) {
+    const llama2_config *c = &t->config;
+    const int hs = c->head_size;
+    const size_t at = (size_t)(pos / LLAMA2_KEY_BLOCK) * LLAMA2_KEY_BLOCK * hs + pos % LLAMA2_KEY_BLOCK;
+    for (int h = 0; h < c->n_kv_heads; h++) {
+        float *kt = key_head(t, layer, h) + at;
+        for (int i = 0; i < hs; i++) kt[LLAMA2_KEY_BLOCK * i] = k[h * hs + i];
+    }
+}
+
 int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
     const llama2_config *c = &t->config;
     size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, kv = (size_t)c->kv_dim;
     size_t cache = (size_t)c->n_layers * (size_t)c->seq_len * kv;
+    size_t key_cache = (size_t)c->n_layers * key_positions(c) * kv; /* whole blocks of positions */
     int ok = (t->x = (float *)llama2_own(t, d * 4)) && (t->xb = (float *)llama2_own(t, d * 4)) &&
              (t->xb2 = (float *)llama2_own(t, d * 4)) && (t->hb = (float *)llama2_own(t, h * 4)) &&
-             (t->hb2 = (float *)llama2_own(t, h * 4)) && (t->q = (float *)llama2_own(t, d * 4)) &&
+             (t->hb2 = (float *)llama2_own(t, h * 4)) && (t->q = (float *)llama2_own(t, d * 4)) && (t->k = (float *)llama2_own(t, kv * 4)) &&
              (t->att = (float *)llama2_own(t, (size_t)c->n_heads * (size_t)c->seq_len * 4)) &&
              (t->logits = (float *)llama2_own(t, (size_t)c->vocab_size * 4)) &&
-             (t->key_cache = (float *)llama2_own(t, cache * 4)) &&
+             (t->key_cache = (float *)llama2_own(t, key_cache * 4)) &&
              (t->value_cache = (float *)llama2_own(t, cache * 4)) &&
              (t->rope_cs = (float *)llama2_own(t, (size_t)c->seq_len * (size_t)c->head_size * 4));
     if (ok && t->gs > 0) {
@@ -96,38 +119,6 @@ typedef struct {
     int n_heads;
 } attention_job;
 
-/* Scores of q against the keys at positions 0..n-1 (kv_dim apart), scaled.
- * Eight positions at a time, each its own running sum over i in order, so
- * the additions do not wait on one another and every score is the same
- * sequential sum as the one-at-a-time loop. */
-static void attention_scores(float *att, const float *q, const float *k, int n, int hs, size_t kv_dim,
-                             float scale) {
-    int p = 0;
-    for (; p + 8 <= n; p += 8) {
-        const float *k0 = k + (size_t)p * kv_dim;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
-        for (int i = 0; i < hs; i++) {
-            float qi = q[i];
-            s0 += qi * k0[i];
-            s1 += qi * k0[kv_dim + i];
-            s2 += qi * k0[2 * kv_dim + i];
-            s3 += qi * k0[3 * kv_dim + i];
-            s4 += qi * k0[4 * kv_dim + i];
-            s5 += qi * k0[5 * kv_dim + i];
-            s6 += qi * k0[6 * kv_dim + i];
-            s7 += qi * k0[7 * kv_dim + i];
-        }
-        att[p] = s0 / scale; att[p + 1] = s1 / scale; att[p + 2] = s2 / scale; att[p + 3] = s3 / scale;
-        att[p + 4] = s4 / scale; att[p + 5] = s5 / scale; att[p + 6] = s6 / scale; att[p + 7] = s7 / scale;
-    }
-    for (; p < n; p++) {
-        const float *kp = k + (size_t)p * kv_dim;
-        float score = 0.0f;
-        for (int i = 0; i < hs; i++) score += q[i] * kp[i];
-        att[p] = score / scale;
-    }
-}
-
 /* Chunk c: head c % n_heads of token c / n_heads, attending over positions
  * 0..pos of one layer's cache, written to its slice of out. */
 static void attention_head(void *ctx, int c) {
@@ -135,20 +126,14 @@ static void attention_head(void *ctx, int c) {
     const llama2_transformer *t = j->t;
     const llama2_config *cf = &t->config;
     const int b = c / j->n_heads, h = c % j->n_heads;
-    const int hs = cf->head_size, kv_mul = cf->n_heads / cf->n_kv_heads, pos = j->pos0 + b;
+    const int hs = cf->head_size, kv_h = h / (cf->n_heads / cf->n_kv_heads), pos = j->pos0 + b;
     const size_t kv_dim = (size_t)cf->kv_dim;
-    size_t koff = (size_t)j->layer * (size_t)cf->seq_len * kv_dim + (size_t)(h / kv_mul) * hs;
     const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
     float *att = j->att + ((size_t)b * cf->n_heads + h) * cf->seq_len;
-    attention_scores(att, q, t->key_cache + koff, pos + 1, hs, kv_dim, sqrtf((float)hs));
+    t->kernels->attn_scores(att, q, key_head(t, j->layer, kv_h), pos + 1, hs, sqrtf((float)hs));
     llama2_softmax(att, pos + 1);
-    float *xb = j->out + (size_t)b * cf->dim + (size_t)h * hs;
-    memset(xb, 0, (size_t)hs * sizeof(float));
-    for (int p = 0; p <= pos; p++) {
-        const float *v = t->value_cache + koff + (size_t)p * kv_dim;
-        float a = att[p];
-        for (int i = 0; i < hs; i++) xb[i] += a * v[i];
-    }
+    const float *v = t->value_cache + (size_t)j->layer * (size_t)cf->seq_len * kv_dim + (size_t)kv_h * hs;
+    t->kernels->attn_values(j->out + (size_t)b * cf->dim + (size_t)h * hs, att, v, pos + 1, hs, kv_dim);
 }
 
 /* Multi-head attention of n tokens (their keys and values already in the
@@ -168,7 +153,7 @@ static void attention(llama2_transformer *t, int layer, int pos0, int n, const f
 
 /* Where one forward pass keeps its activations: n tokens' worth of rows. */
 typedef struct {
-    float *x, *xb, *xb2, *hb, *hb2, *q, *att;
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att;
     int8_t *xq, *hq;
     float *xs, *hs;
 } buffers;
@@ -182,6 +167,7 @@ static int alloc_batch(llama2_transformer *t, llama2_error *err) {
     int ok = (t->bx = (float *)llama2_own(t, B * d * 4)) && (t->bxb = (float *)llama2_own(t, B * d * 4)) &&
              (t->bxb2 = (float *)llama2_own(t, B * d * 4)) && (t->bhb = (float *)llama2_own(t, B * h * 4)) &&
              (t->bhb2 = (float *)llama2_own(t, B * h * 4)) && (t->bq = (float *)llama2_own(t, B * d * 4)) &&
+             (t->bk = (float *)llama2_own(t, B * (size_t)c->kv_dim * 4)) &&
              (t->batt = (float *)llama2_own(t, B * (size_t)c->n_heads * (size_t)c->seq_len * 4));
     if (ok && t->gs > 0)
         ok = (t->bxq = (int8_t *)llama2_own(t, B * d)) && (t->bhq = (int8_t *)llama2_own(t, B * h)) &&
@@ -199,7 +185,6 @@ typedef struct {
     const buffers *B;
     llama2_activation *a;
     int layer, pos;
-    float *k0; /* this layer's key cache rows for the batch */
 } step_job;
 
 /* (layer > 0: the previous layer's FFN residual) RMSNorm before attention */
@@ -214,10 +199,13 @@ static void step_attn_in(void *ctx, int b) {
     prepare(&j->a[b], xb, dim, j->B->xq + (size_t)b * dim, j->B->xs + b * groups_of(dim, t->gs), t->gs);
 }
 
+/* RoPE on the query and key, the key into the cache */
 static void step_rope(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_config *c = &j->t->config;
-    rope(j->t, j->B->q + (size_t)b * c->dim, j->k0 + (size_t)b * c->kv_dim, j->pos + b);
+    float *k = j->B->k + (size_t)b * c->kv_dim;
+    rope(j->t, j->B->q + (size_t)b * c->dim, k, j->pos + b);
+    store_key(j->t, j->layer, j->pos + b, k);
 }
 
 static void step_attn_out(void *ctx, int b) {
@@ -273,20 +261,18 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
     llama2_pool *pool = pool_for(t);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
-    step_job job = {t, B, a, 0, pos, NULL};
+    step_job job = {t, B, a, 0, pos};
 
     for (int b = 0; b < n; b++)
         memcpy(B->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
     for (int l = 0; l < c->n_layers; l++) {
         size_t loff = (size_t)l * (size_t)c->seq_len * (size_t)kv_dim;
-        float *k0 = t->key_cache + loff + (size_t)pos * kv_dim;
         float *v0 = t->value_cache + loff + (size_t)pos * kv_dim;
         job.layer = l;
-        job.k0 = k0;
 
         for_each_token(pool, step_attn_in, &job, n);
         llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
-        llama2_matvec_batch(k0, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
+        llama2_matvec_batch(B->k, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
         llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
         for_each_token(pool, step_rope, &job, n);
         attention(t, l, pos, n, B->q, B->xb, B->att, pool);
@@ -321,7 +307,7 @@ int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, ll
     if (rc) return rc;
     if (pos < 0 || pos >= c->seq_len)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, c->seq_len);
-    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->att, t->xq, t->hq, t->xs, t->hs};
+    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->k, t->att, t->xq, t->hq, t->xs, t->hs};
     forward_tokens(t, &one, &token, 1, pos, 1);
     if (logits) *logits = t->logits;
     llama2_ok(err);
@@ -343,7 +329,7 @@ int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int po
     if (n == 1) return llama2_forward(t, tokens[0], pos, logits, err);
     int rc = alloc_batch(t, err);
     if (rc) return rc;
-    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->batt, t->bxq, t->bhq, t->bxs, t->bhs};
+    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->bk, t->batt, t->bxq, t->bhq, t->bxs, t->bhs};
     for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
         int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
         forward_tokens(t, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);

@@ -73,8 +73,9 @@ struct llama2_transformer {
     llama2_matrix *matrices; /* backing array for wq..w3 */
 
     /* run state */
-    float *x, *xb, *xb2, *hb, *hb2, *q, *att, *logits;
-    float *key_cache, *value_cache;
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att, *logits;
+    float *key_cache;   /* per layer and kv head, positions in blocks (kernels.h) */
+    float *value_cache; /* per layer, position after position, kv_dim each */
     float *rope_cs; /* cos, sin of each position's rotation per pair of a head: seq_len x head_size */
     int8_t *xq;  float *xs;  /* quantized dim-sized activation */
     int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
@@ -82,7 +83,7 @@ struct llama2_transformer {
     /* batched prefill state, allocated on first use: the same buffers for
      * LLAMA2_MAX_BATCH tokens (rows of dim / hidden_dim) */
     int batch_ready;
-    float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq;
+    float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq, *bk;
     float *batt; /* attention scores: n_heads * seq_len per token of the batch */
     int8_t *bxq, *bhq;
     float *bxs, *bhs;

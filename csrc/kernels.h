@@ -53,7 +53,20 @@ typedef struct llama2_kernels_s {
     /* rows [r0, r1) of the Q8_0 product, for n % gs == 0 */
     void (*matmul_q8)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
                       int gs, int r0, int r1);
+    /* one head's attention scores: att[p] = (q[0]*k_p[0] + q[1]*k_p[1] + ...) / scale
+     * for p < n, the keys in the cache's blocked layout (LLAMA2_KEY_BLOCK below) */
+    void (*attn_scores)(float *att, const float *q, const float *kt, int n, int hs, float scale);
+    /* one head's output: out[i] = att[0]*v_0[i] + att[1]*v_1[i] + ... over p < n,
+     * v_p = v + p * stride */
+    void (*attn_values)(float *out, const float *att, const float *v, int n, int hs, size_t stride);
 } llama2_kernels;
+
+/* The key cache holds each (layer, kv head) as blocks of LLAMA2_KEY_BLOCK
+ * positions, interleaved by dimension: key i of position p at
+ * kt[(p / 8) * 8 * head_size + i * 8 + p % 8], so that one load holds
+ * dimension i of 8 positions and the scores of 8 positions build up lane by
+ * lane, each in the scalar order. */
+#define LLAMA2_KEY_BLOCK 8
 
 extern const llama2_kernels llama2_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)

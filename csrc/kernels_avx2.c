@@ -126,6 +126,29 @@ INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activati
                 w1p = (const float *)p + p1 + 8 * (size_t)j0;
             }
             int t = 0;
+            for (; two && t + 6 <= nt; t += 6) { /* 2 blocks x 6 tokens: 12 accumulators */
+                const float *x0 = a[t].x + j0, *x1 = a[t + 1].x + j0, *x2 = a[t + 2].x + j0, *x3 = a[t + 3].x + j0,
+                            *x4 = a[t + 4].x + j0, *x5 = a[t + 5].x + j0;
+                float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os, *o4 = o3 + os,
+                      *o5 = o4 + os;
+                __m256 c00 = ACC(o0, row), c01 = ACC(o1, row), c02 = ACC(o2, row), c03 = ACC(o3, row),
+                       c04 = ACC(o4, row), c05 = ACC(o5, row);
+                __m256 c10 = ACC(o0, row + 8), c11 = ACC(o1, row + 8), c12 = ACC(o2, row + 8),
+                       c13 = ACC(o3, row + 8), c14 = ACC(o4, row + 8), c15 = ACC(o5, row + 8);
+                for (int j = 0; j < m; j++) {
+                    __m256 w0 = _mm256_loadu_ps(w0p + 8 * j), w1 = _mm256_loadu_ps(w1p + 8 * j), xj;
+                    xj = _mm256_broadcast_ss(x0 + j); MULADD(c00, w0, xj); MULADD(c10, w1, xj);
+                    xj = _mm256_broadcast_ss(x1 + j); MULADD(c01, w0, xj); MULADD(c11, w1, xj);
+                    xj = _mm256_broadcast_ss(x2 + j); MULADD(c02, w0, xj); MULADD(c12, w1, xj);
+                    xj = _mm256_broadcast_ss(x3 + j); MULADD(c03, w0, xj); MULADD(c13, w1, xj);
+                    xj = _mm256_broadcast_ss(x4 + j); MULADD(c04, w0, xj); MULADD(c14, w1, xj);
+                    xj = _mm256_broadcast_ss(x5 + j); MULADD(c05, w0, xj); MULADD(c15, w1, xj);
+                }
+                store_rows(o0, c00, row, r1); store_rows(o1, c01, row, r1); store_rows(o2, c02, row, r1);
+                store_rows(o3, c03, row, r1); store_rows(o4, c04, row, r1); store_rows(o5, c05, row, r1);
+                store_rows(o0, c10, row + 8, r1); store_rows(o1, c11, row + 8, r1); store_rows(o2, c12, row + 8, r1);
+                store_rows(o3, c13, row + 8, r1); store_rows(o4, c14, row + 8, r1); store_rows(o5, c15, row + 8, r1);
+            }
             for (; two && t + 4 <= nt; t += 4) {
                 const float *x0 = a[t].x + j0, *x1 = a[t + 1].x + j0, *x2 = a[t + 2].x + j0, *x3 = a[t + 3].x + j0;
                 float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os;
@@ -288,6 +311,7 @@ AVX2_FN static void matmul_q8_avx2(float *out, const int8_t *xq, const float *xs
     int i = r0;
     if (w->pq) {
         for (; i + 32 <= r1; i += 32) q8_blocks(out, xq, xs, w, gs, i, 4);
+        for (; i + 16 <= r1; i += 16) q8_blocks(out, xq, xs, w, gs, i, 2);
         for (; i + 8 <= r1; i += 8) q8_blocks(out, xq, xs, w, gs, i, 1);
     } else {
         for (; i + 8 <= r1; i += 8) q8_rows_in_place(out, xq, xs, w, gs, i);
@@ -370,9 +394,79 @@ AVX2_FN static void matmul_q8_span_avx2(float *out, const int8_t *xq, const floa
     if (w->pq && w->pends) {
         for (; i < r1 && i % 8; i++) out[i] = q8_span_row(xq, xs, w, gs, i);
         for (; i + 32 <= r1; i += 32) q8_span_blocks(out, xq, xs, w, gs, i, 4);
+        for (; i + 16 <= r1; i += 16) q8_span_blocks(out, xq, xs, w, gs, i, 2);
         for (; i + 8 <= r1; i += 8) q8_span_blocks(out, xq, xs, w, gs, i, 1);
     }
     for (; i < r1; i++) out[i] = q8_span_row(xq, xs, w, gs, i);
+}
+
+/* ---- attention ----
+ *
+ * Scores: the key cache's blocked layout (kernels.h) puts dimension i of 8
+ * positions in one vector, so each lane is one position summing q[i] * k[i]
+ * for i = 0, 1, ... in order, 4 blocks (32 positions) at once. Values: each
+ * lane is one output dimension summing att[p] * v_p[i] for p = 0, 1, ... in
+ * order, up to 64 dimensions held in registers across the positions. */
+AVX2_FN static void attn_scores_avx2(float *att, const float *q, const float *kt, int n, int hs, float scale) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    const size_t bs = (size_t)8 * hs; /* floats per block of 8 positions */
+    const int blocks = (n + 7) / 8;
+    int b = 0;
+    for (; b + 4 <= blocks; b += 4) {
+        const float *k0 = kt + (size_t)b * bs;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int i = 0; i < hs; i++) {
+            __m256 qi = _mm256_broadcast_ss(q + i);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(qi, _mm256_loadu_ps(k0 + 8 * i)));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(qi, _mm256_loadu_ps(k0 + bs + 8 * i)));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(qi, _mm256_loadu_ps(k0 + 2 * bs + 8 * i)));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(qi, _mm256_loadu_ps(k0 + 3 * bs + 8 * i)));
+        }
+        store_rows(att, _mm256_div_ps(s0, sc), 8 * b, n);
+        store_rows(att, _mm256_div_ps(s1, sc), 8 * (b + 1), n);
+        store_rows(att, _mm256_div_ps(s2, sc), 8 * (b + 2), n);
+        store_rows(att, _mm256_div_ps(s3, sc), 8 * (b + 3), n);
+    }
+    for (; b < blocks; b++) {
+        const float *k0 = kt + (size_t)b * bs;
+        __m256 s0 = _mm256_setzero_ps();
+        for (int i = 0; i < hs; i++)
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_broadcast_ss(q + i), _mm256_loadu_ps(k0 + 8 * i)));
+        store_rows(att, _mm256_div_ps(s0, sc), 8 * b, n);
+    }
+}
+
+/* NV vectors (8 * NV output dimensions) from out + i0 */
+INLINE_AVX2 void attn_values_vectors(float *out, const float *att, const float *v, int n, size_t stride, int i0,
+                                     const int NV) {
+    __m256 acc[8];
+    for (int k = 0; k < NV; k++) acc[k] = _mm256_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        const float *vp = v + (size_t)p * stride + i0;
+        __m256 a = _mm256_broadcast_ss(att + p);
+        for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(vp + 8 * k)));
+    }
+    for (int k = 0; k < NV; k++) _mm256_storeu_ps(out + i0 + 8 * k, acc[k]);
+}
+
+AVX2_FN static void attn_values_avx2(float *out, const float *att, const float *v, int n, int hs, size_t stride) {
+    int i0 = 0;
+    for (; i0 + 64 <= hs; i0 += 64) attn_values_vectors(out, att, v, n, stride, i0, 8);
+    switch ((hs - i0) / 8) {
+    case 7: attn_values_vectors(out, att, v, n, stride, i0, 7); break;
+    case 6: attn_values_vectors(out, att, v, n, stride, i0, 6); break;
+    case 5: attn_values_vectors(out, att, v, n, stride, i0, 5); break;
+    case 4: attn_values_vectors(out, att, v, n, stride, i0, 4); break;
+    case 3: attn_values_vectors(out, att, v, n, stride, i0, 3); break;
+    case 2: attn_values_vectors(out, att, v, n, stride, i0, 2); break;
+    case 1: attn_values_vectors(out, att, v, n, stride, i0, 1); break;
+    default: break;
+    }
+    for (int i = i0 + (hs - i0) / 8 * 8; i < hs; i++) { /* dimensions past the last whole vector */
+        float o = 0.0f;
+        for (int p = 0; p < n; p++) o += att[p] * v[(size_t)p * stride + i];
+        out[i] = o;
+    }
 }
 
 const llama2_kernels llama2_kernels_avx2 = {
@@ -384,5 +478,7 @@ const llama2_kernels llama2_kernels_avx2 = {
     .matmul_bf16 = matmul_bf16_avx2,
     .matmul_bf16_batch = matmul_bf16_batch_avx2,
     .matmul_q8 = matmul_q8_avx2,
+    .attn_scores = attn_scores_avx2,
+    .attn_values = attn_values_avx2,
 };
 #endif

@@ -57,12 +57,34 @@ static void matmul_bf16_rows(float *out, const float *x, const llama2_matrix *w,
     }
 }
 
+/* Attention of one head, the portable kernels: llama2.c's loops, the keys
+ * read from the blocked layout of the cache (kernels.h). */
+static void attn_scores_scalar(float *att, const float *q, const float *kt, int n, int hs, float scale) {
+    for (int p = 0; p < n; p++) {
+        const float *k = kt + (size_t)(p / LLAMA2_KEY_BLOCK) * LLAMA2_KEY_BLOCK * hs + p % LLAMA2_KEY_BLOCK;
+        float score = 0.0f;
+        for (int i = 0; i < hs; i++) score += q[i] * k[LLAMA2_KEY_BLOCK * i];
+        att[p] = score / scale;
+    }
+}
+
+static void attn_values_scalar(float *out, const float *att, const float *v, int n, int hs, size_t stride) {
+    for (int i = 0; i < hs; i++) out[i] = 0.0f;
+    for (int p = 0; p < n; p++) {
+        const float *vp = v + (size_t)p * stride;
+        float a = att[p];
+        for (int i = 0; i < hs; i++) out[i] += a * vp[i];
+    }
+}
+
 const llama2_kernels llama2_kernels_scalar = {
     .name = "scalar",
     .packs = 0,
     .matmul_f32 = matmul_f32_rows,
     .matmul_bf16 = matmul_bf16_rows,
     .matmul_q8 = llama2_matmul_q8_rows,
+    .attn_scores = attn_scores_scalar,
+    .attn_values = attn_values_scalar,
 };
 
 /* One thread's share of a matmul, with the best kernel that fits the matrix. */
@@ -141,18 +163,23 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
         matvec_batch_rows(out_base, out_stride, a, n_batch, w, gs, k, 0, d);
         return;
     }
-    /* chunks of whole 4-block units (32 rows) where the matrix allows: the
-     * kernels run 4 blocks (or 2 for batches) at a time at full speed */
-    int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS;
-    int unit = blocks >= 4 * threads ? 4 : 1;
-    int units = (blocks + unit - 1) / unit;
-    int chunks = threads * 8 < units ? threads * 8 : units;
-    int blocks_per_chunk = (units + chunks - 1) / chunks * unit;
-    if (n_batch > 1 && (w->f || w->h) && k->matmul_f32_batch && blocks_per_chunk % 2)
-        blocks_per_chunk++; /* whole block pairs for the batched kernel's tiles */
+    int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS, blocks_per_chunk;
+    if (n_batch > 1) {
+        /* a batch: one block pair per chunk (the batched kernels' tile
+         * height) up to 64 chunks per thread, so that the threads, claiming
+         * chunks as they go, finish within a small chunk of one another */
+        int pairs = (blocks + 1) / 2, chunks = pairs < 64 * threads ? pairs : 64 * threads;
+        blocks_per_chunk = 2 * ((pairs + chunks - 1) / chunks);
+    } else {
+        /* one token: chunks of whole 4-block units (32 rows) where the matrix
+         * allows, since the kernels run 4 blocks at a time at full speed */
+        int unit = blocks >= 4 * threads ? 4 : 1;
+        int units = (blocks + unit - 1) / unit;
+        int chunks = threads * 8 < units ? threads * 8 : units;
+        blocks_per_chunk = (units + chunks - 1) / chunks * unit;
+    }
     matvec_job job = {out_base, out_stride, a, n_batch, gs, blocks_per_chunk * LLAMA2_PACK_ROWS, w, k};
-    chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
-    llama2_pool_run(pool, matvec_chunk, &job, chunks);
+    llama2_pool_run(pool, matvec_chunk, &job, (blocks + blocks_per_chunk - 1) / blocks_per_chunk);
 }
 
 /* out = W x */

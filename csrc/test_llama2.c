@@ -336,6 +336,45 @@ static void test_softmax_rmsnorm(void) {
     CHECK(fabsf(o[0] - 1.2f) < 1e-6 && fabsf(o[1] - 1.6f) < 1e-6, "rmsnorm scales by 1/rms");
 }
 
+/* Attention kernels: the scalar scores against a plain double-free loop
+ * over row-major keys (so the blocked layout is read right), every other
+ * kernel bit-identical to the scalar one, for head sizes with and without a
+ * whole number of vectors and position counts around block boundaries. */
+static void check_attention(int hs, int n, size_t stride) {
+    const int B = LLAMA2_KEY_BLOCK;
+    int blocks = (n + B - 1) / B;
+    float *k = malloc(sizeof(float) * n * hs), *kt = calloc((size_t)blocks * B * hs, sizeof(float));
+    float *v = malloc(sizeof(float) * n * stride), *q = malloc(sizeof(float) * hs);
+    float *ref = malloc(sizeof(float) * n), *att = malloc(sizeof(float) * (n + B));
+    float *oref = malloc(sizeof(float) * hs), *out = malloc(sizeof(float) * hs);
+    for (int i = 0; i < hs; i++) q[i] = frand();
+    for (int p = 0; p < n; p++)
+        for (int i = 0; i < hs; i++) {
+            k[p * hs + i] = frand();
+            kt[(size_t)(p / B) * B * hs + (size_t)i * B + p % B] = k[p * hs + i];
+        }
+    for (size_t i = 0; i < (size_t)n * stride; i++) v[i] = frand();
+    float scale = sqrtf((float)hs);
+    for (int p = 0; p < n; p++) {
+        float sc = 0.0f;
+        for (int i = 0; i < hs; i++) sc += q[i] * k[p * hs + i];
+        ref[p] = sc / scale;
+    }
+    llama2_kernels_scalar.attn_scores(att, q, kt, n, hs, scale);
+    CHECK(memcmp(att, ref, sizeof(float) * n) == 0, "scalar attention scores read the blocked keys (hs=%d n=%d)", hs, n);
+    llama2_kernels_scalar.attn_values(oref, ref, v, n, hs, stride);
+    for (int kk = 1; kk < n_kernels; kk++) {
+        for (int p = 0; p < n + B; p++) att[p] = -7.0f;
+        kernel_list[kk]->attn_scores(att, q, kt, n, hs, scale);
+        CHECK(memcmp(att, ref, sizeof(float) * n) == 0 && att[n] == -7.0f,
+              "%s attention scores hs=%d n=%d are bit-identical to scalar, nothing written past n", kernel_list[kk]->name, hs, n);
+        kernel_list[kk]->attn_values(out, ref, v, n, hs, stride);
+        CHECK(memcmp(out, oref, sizeof(float) * hs) == 0, "%s attention values hs=%d n=%d are bit-identical to scalar",
+              kernel_list[kk]->name, hs, n);
+    }
+    free(k); free(kt); free(v); free(q); free(ref); free(att); free(oref); free(out);
+}
+
 /* ---- sampler ---- */
 
 static void test_sampler(void) {
@@ -703,6 +742,12 @@ int main(void) {
     check_q8(100, 8, 32);
     test_quantize_edges();
     test_softmax_rmsnorm();
+    check_attention(48, 1, 288);   /* stories15M: one position */
+    check_attention(48, 37, 288);  /* a partial block after whole 4-block passes */
+    check_attention(64, 128, 512);
+    check_attention(8, 9, 64);     /* stories260K's heads */
+    check_attention(100, 70, 100); /* 12 whole vectors and a 4-value tail */
+    check_attention(6, 5, 24);     /* less than one vector */
     test_sampler();
     test_tokenizer();
     test_utf8_filter();
