@@ -21,6 +21,35 @@ static llama2_pool *pool_for(llama2_transformer *t) {
 
 static void rope_table(float *cs, const llama2_config *c);
 
+/* fn(ctx, i) for every i < n, on the pool in about `chunks` ranges of
+ * consecutive items (whole multiples of 8 where there is room): steps too
+ * small to pay for one claim each go over in a few pieces, and neighbouring
+ * tokens, whose keys share cache lines of the key cache, mostly stay on one
+ * thread. */
+typedef struct {
+    llama2_task_fn fn;
+    void *ctx;
+    int n, per_chunk;
+} range_job;
+
+static void run_range(void *ctx, int chunk) {
+    const range_job *r = (const range_job *)ctx;
+    int i1 = (chunk + 1) * r->per_chunk < r->n ? (chunk + 1) * r->per_chunk : r->n;
+    for (int i = chunk * r->per_chunk; i < i1; i++) r->fn(r->ctx, i);
+}
+
+static void for_ranges(llama2_pool *pool, llama2_task_fn fn, void *ctx, int n, int chunks) {
+    int per = (n + chunks - 1) / chunks;
+    if (per > 8) per = (per + 7) / 8 * 8;
+    range_job r = {fn, ctx, n, per};
+    int ranges = (n + per - 1) / per;
+    if (!pool || ranges < 2) {
+        for (int i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    llama2_pool_run(pool, run_range, &r, ranges);
+}
+
 /* seq_len rounded up to whole blocks of the key cache (kernels.h) */
 static size_t key_positions(const llama2_config *c) {
     return ((size_t)c->seq_len + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
@@ -116,16 +145,16 @@ typedef struct {
     const float *q_all; /* n tokens' queries, dim apart */
     float *out;         /* n tokens' outputs, dim apart */
     float *att;         /* scores: n_heads * seq_len per token */
-    int n_heads;
+    int n;              /* tokens */
 } attention_job;
 
-/* Chunk c: head c % n_heads of token c / n_heads, attending over positions
+/* Item c: head c / n of token c % n, attending over positions
  * 0..pos of one layer's cache, written to its slice of out. */
 static void attention_head(void *ctx, int c) {
     const attention_job *j = (const attention_job *)ctx;
     const llama2_transformer *t = j->t;
     const llama2_config *cf = &t->config;
-    const int b = c / j->n_heads, h = c % j->n_heads;
+    const int b = c % j->n, h = c / j->n;
     const int hs = cf->head_size, kv_h = h / (cf->n_heads / cf->n_kv_heads), pos = j->pos0 + b;
     const size_t kv_dim = (size_t)cf->kv_dim;
     const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
@@ -137,18 +166,15 @@ static void attention_head(void *ctx, int c) {
 }
 
 /* Multi-head attention of n tokens (their keys and values already in the
- * cache), every (token, head) pair one chunk of work for the pool once there
- * is enough of it. */
+ * cache), every (token, head) pair one item of work, the items in ranges of
+ * consecutive tokens of a head spread over the pool once there is enough work
+ * (many ranges: later tokens attend over more positions). */
 static void attention(llama2_transformer *t, int layer, int pos0, int n, const float *q_all, float *out,
                       float *att, llama2_pool *pool) {
-    attention_job job = {t, layer, pos0, q_all, out, att, t->config.n_heads};
-    int chunks = n * t->config.n_heads;
+    attention_job job = {t, layer, pos0, q_all, out, att, n};
+    int items = n * t->config.n_heads;
     int64_t work = (int64_t)n * (pos0 + n) * t->config.dim;
-    if (pool && work > 16384) {
-        llama2_pool_run(pool, attention_head, &job, chunks);
-    } else {
-        for (int c = 0; c < chunks; c++) attention_head(&job, c);
-    }
+    for_ranges(work > 16384 ? pool : NULL, attention_head, &job, items, 8 * llama2_pool_threads(pool));
 }
 
 /* Where one forward pass keeps its activations: n tokens' worth of rows. */
@@ -243,10 +269,7 @@ static void step_swiglu(void *ctx, int b) {
 }
 
 static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, int n) {
-    if (pool && n > 1)
-        llama2_pool_run(pool, fn, job, n);
-    else
-        for (int b = 0; b < n; b++) fn(job, b);
+    for_ranges(pool, fn, job, n, 2 * llama2_pool_threads(pool));
 }
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 (n <= LLAMA2_MAX_BATCH),
