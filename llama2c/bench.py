@@ -444,6 +444,21 @@ class Row:
         return out
 
 
+def settle(limit_s: float = 0.5) -> float:
+    """Waits until this process's threads are idle (under 1 ms of CPU time in
+    a 5 ms window, at most limit_s), so that no engine is timed while the
+    other's workers still spin after their last call: llama.cpp's keep one
+    core busy for about 10 ms after each call, ours for about 0.5 ms.
+    Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        c0 = time.process_time()
+        time.sleep(0.005)
+        if time.process_time() - c0 < 0.001:
+            break
+    return time.perf_counter() - start
+
+
 def measure(spec: ModelSpec, threads: int, args, ref_ok: bool, log=print) -> Row:
     n_dec, n_pre = args.decode_tokens, args.prompt_tokens
     ours = RunProgram(spec, threads, Path(args.run_bin)) if args.engine == "run" else Ours(spec, threads)
@@ -473,10 +488,12 @@ def measure(spec: ModelSpec, threads: int, args, ref_ok: bool, log=print) -> Row
         for rep in range(args.reps):
             order = runners if rep % 2 == 0 else runners[::-1]
             for who, r in order:
+                settle()
                 tps, _ = r.decode(n_dec)
                 getattr(row, f"{who}_decode").append(tps)
             if not args.no_prefill:
                 for who, r in order:
+                    settle()
                     getattr(row, f"{who}_prefill").append(r.prefill(prompt))
         la = _loadavg()
         row.load = la[0] if la else None
