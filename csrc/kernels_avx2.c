@@ -103,6 +103,21 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
 #define ACC(o, row) (j0 == 0 ? _mm256_setzero_ps() : load_rows((o), (row), r1))
 #define MULADD(c, w, x) c = _mm256_add_ps(c, _mm256_mul_ps((w), (x)))
 
+/* The weights of the next tile, fetched towards L2 a few lines per token
+ * group while this tile computes: its first pass then need not wait on
+ * memory. Two streams (one per block), `left` lines each. */
+typedef struct {
+    const char *a, *b;
+    int left;
+} prefetch_stream;
+
+INLINE_AVX2 void prefetch_some(prefetch_stream *ps, int lines) {
+    for (; lines > 0 && ps->left > 0; lines--, ps->left--, ps->a += 64, ps->b += 64) {
+        _mm_prefetch(ps->a, _MM_HINT_T1);
+        _mm_prefetch(ps->b, _MM_HINT_T1);
+    }
+}
+
 INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activation *a, int nt, const void *p,
                                     int n, int r0, int r1, int bf16) {
     const int b_first = r0 / 8, b_end = (r1 + 7) / 8;
@@ -114,6 +129,18 @@ INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activati
         for (int j0 = 0; j0 < n; j0 += F32_TILE) { /* the two blocks' weights stream in order */
             const int j1 = j0 + F32_TILE < n ? j0 + F32_TILE : n, m = j1 - j0;
             const float *w0p, *w1p; /* the tile's columns j0..j1 of both blocks, 8 floats each */
+            const size_t es = bf16 ? 2 : 4;
+            prefetch_stream next = {0, 0, 0}; /* the same blocks' next columns, or the next pair's first */
+            if (j1 < n) {
+                int mn = n - j1 < F32_TILE ? n - j1 : F32_TILE;
+                next = (prefetch_stream){(const char *)p + (p0 + 8 * (size_t)j1) * es,
+                                         (const char *)p + (p1 + 8 * (size_t)j1) * es, (int)((mn * 8 * es + 63) / 64)};
+            } else if (b + 2 < b_end) {
+                int mn = n < F32_TILE ? n : F32_TILE;
+                next = (prefetch_stream){(const char *)p + (p1 + (size_t)n * 8) * es,
+                                         (const char *)p + (p1 + (size_t)n * 16) * es, (int)((mn * 8 * es + 63) / 64)};
+            }
+            const int per_group = next.left / 6 + 1; /* spread over the first token groups */
             if (bf16) {
                 for (int j = 0; j < m; j++) {
                     _mm256_storeu_ps(wide + 8 * j, load_w(p, p0 + 8 * (size_t)(j0 + j), 1));
@@ -127,6 +154,7 @@ INLINE_AVX2 void matmul_dense_batch(float *out, size_t os, const llama2_activati
             }
             int t = 0;
             for (; two && t + 6 <= nt; t += 6) { /* 2 blocks x 6 tokens: 12 accumulators */
+                prefetch_some(&next, per_group);
                 const float *x0 = a[t].x + j0, *x1 = a[t + 1].x + j0, *x2 = a[t + 2].x + j0, *x3 = a[t + 3].x + j0,
                             *x4 = a[t + 4].x + j0, *x5 = a[t + 5].x + j0;
                 float *o0 = out + (size_t)t * os, *o1 = o0 + os, *o2 = o1 + os, *o3 = o2 + os, *o4 = o3 + os,

@@ -165,10 +165,12 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
     }
     int blocks = (d + LLAMA2_PACK_ROWS - 1) / LLAMA2_PACK_ROWS, blocks_per_chunk;
     if (n_batch > 1) {
-        /* a batch: one block pair per chunk (the batched kernels' tile
-         * height) up to 64 chunks per thread, so that the threads, claiming
-         * chunks as they go, finish within a small chunk of one another */
-        int pairs = (blocks + 1) / 2, chunks = pairs < 64 * threads ? pairs : 64 * threads;
+        /* a batch: whole block pairs (the batched kernels' tile height),
+         * 16 chunks per thread where there are enough pairs, so that the
+         * threads, claiming chunks as they go, finish within a small chunk
+         * of one another, and each chunk is long enough for the kernel's
+         * prefetching of the next pair's weights to pay */
+        int pairs = (blocks + 1) / 2, chunks = pairs < 16 * threads ? pairs : 16 * threads;
         blocks_per_chunk = 2 * ((pairs + chunks - 1) / chunks);
     } else {
         /* one token: chunks of whole 4-block units (32 rows) where the matrix
