@@ -11,17 +11,18 @@
 #include <intrin.h>
 #endif
 
+/* AVX2 and FMA (every AVX2 CPU made has both; the bf16 kernels use FMA) */
 static int cpu_has_avx2(void) {
 #if defined(LLAMA2_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #elif defined(LLAMA2_HAVE_AVX2_KERNELS) && defined(_MSC_VER)
     int info[4];
     __cpuid(info, 0);
     if (info[0] < 7) return 0;
     __cpuid(info, 1);
-    int osxsave = (info[2] >> 27) & 1, avx = (info[2] >> 28) & 1;
-    if (!osxsave || !avx || (_xgetbv(0) & 6) != 6) return 0;
+    int osxsave = (info[2] >> 27) & 1, avx = (info[2] >> 28) & 1, fma = (info[2] >> 12) & 1;
+    if (!osxsave || !avx || !fma || (_xgetbv(0) & 6) != 6) return 0;
     __cpuidex(info, 7, 0);
     return (info[1] >> 5) & 1;
 #else

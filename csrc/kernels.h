@@ -3,8 +3,9 @@
  *
  * Every kernel computes exactly what the portable scalar loops in run.c and
  * runq.c compute, bit for bit: SIMD lanes hold different output rows, and
- * each lane adds its row's products in the scalar order (separate multiply
- * and add, no fused multiply-add). Integer dot products are exact in any
+ * each lane adds its row's products in the scalar order, with the scalar
+ * loop's rounding (fp32: separate multiply and add, as llama2.c; bf16: one
+ * fused multiply-add per weight). Integer dot products are exact in any
  * order. So outputs never depend on which kernel the CPU gets.
  */
 #ifndef LLAMA2_KERNELS_H

@@ -1,11 +1,13 @@
 /*
  * kernels_avx2.c - AVX2 matrix-vector kernels (x86-64), compiled for any
- * x86-64 and used only when the CPU has AVX2 (see kernels.c).
+ * x86-64 and used only when the CPU has AVX2 and FMA (see kernels.c).
  *
  * fp32 and bf16: weights packed 8 rows per block (kernels.h), bf16 widened
- * to fp32 on load; each of the 8 lanes of an accumulator is one row, summing w[r][j] * x[j] for j = 0, 1, ... with a
- * separate multiply and add, exactly the scalar loop. Four blocks run at
- * once to hide the add latency.
+ * to fp32 on load; each of the 8 lanes of an accumulator is one row, summing
+ * w[r][j] * x[j] for j = 0, 1, ... exactly as the scalar loop does: fp32 with
+ * a separate multiply and add (llama2.c's arithmetic), bf16 with one fused
+ * multiply-add per weight (the bf16 kernels' arithmetic, run.c). Four blocks
+ * run at once to hide the add latency.
  *
  * int8: see the int8 section below.
  */
@@ -16,7 +18,7 @@
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
-#define AVX2_FN __attribute__((target("avx2")))
+#define AVX2_FN __attribute__((target("avx2,fma")))
 #else
 #define AVX2_FN
 #endif
@@ -35,7 +37,7 @@ AVX2_FN static void store_rows(float *out, __m256 v, int row, int r1) {
  * exactly by a 16-bit shift. `bf16` is a constant in every caller, so each
  * kernel below is compiled twice, once per weight type. */
 #if defined(__GNUC__) || defined(__clang__)
-#define INLINE_AVX2 __attribute__((target("avx2"), always_inline)) static inline
+#define INLINE_AVX2 __attribute__((target("avx2,fma"), always_inline)) static inline
 #else
 #define INLINE_AVX2 static __forceinline
 #endif
@@ -47,6 +49,11 @@ INLINE_AVX2 __m256 load_w(const void *p, size_t i, int bf16) {
     return _mm256_loadu_ps((const float *)p + i);
 }
 
+/* acc + w * x: rounded twice for fp32 weights, once (fused) for bf16 */
+INLINE_AVX2 __m256 mac(__m256 acc, __m256 w, __m256 x, int bf16) {
+    return bf16 ? _mm256_fmadd_ps(w, x, acc) : _mm256_add_ps(acc, _mm256_mul_ps(w, x));
+}
+
 INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, int r0, int r1, int bf16) {
     int b = r0 / 8, b_end = (r1 + 7) / 8;
     for (; b + 4 <= b_end; b += 4) {
@@ -55,10 +62,10 @@ INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, 
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int j = 0; j < n; j++) {
             __m256 xj = _mm256_broadcast_ss(x + j);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(load_w(p, p0 + 8 * j, bf16), xj));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(load_w(p, p1 + 8 * j, bf16), xj));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(load_w(p, p2 + 8 * j, bf16), xj));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(load_w(p, p3 + 8 * j, bf16), xj));
+            a0 = mac(a0, load_w(p, p0 + 8 * j, bf16), xj, bf16);
+            a1 = mac(a1, load_w(p, p1 + 8 * j, bf16), xj, bf16);
+            a2 = mac(a2, load_w(p, p2 + 8 * j, bf16), xj, bf16);
+            a3 = mac(a3, load_w(p, p3 + 8 * j, bf16), xj, bf16);
         }
         store_rows(out, a0, 8 * b, r1);
         store_rows(out, a1, 8 * (b + 1), r1);
@@ -69,7 +76,7 @@ INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, 
         const size_t p0 = (size_t)b * n * 8;
         __m256 a0 = _mm256_setzero_ps();
         for (int j = 0; j < n; j++)
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(load_w(p, p0 + 8 * j, bf16), _mm256_broadcast_ss(x + j)));
+            a0 = mac(a0, load_w(p, p0 + 8 * j, bf16), _mm256_broadcast_ss(x + j), bf16);
         store_rows(out, a0, 8 * b, r1);
     }
 }
@@ -101,7 +108,7 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
  * w[r][0]*x[0] + w[r][1]*x[1] + ... in order, exactly as matmul_f32. */
 #define F32_TILE 256
 #define ACC(o, row) (j0 == 0 ? _mm256_setzero_ps() : load_rows((o), (row), r1))
-#define MULADD(c, w, x) c = _mm256_add_ps(c, _mm256_mul_ps((w), (x)))
+#define MULADD(c, w, x) c = mac(c, (w), (x), bf16)
 
 /* The weights of the next tile, fetched towards L2 a few lines per token
  * group while this tile computes: its first pass then need not wait on

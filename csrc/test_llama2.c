@@ -145,8 +145,9 @@ static void check_f32_batch(int n, int d, int nt) {
     free(w); free(x); free(ref); free(out);
 }
 
-/* bf16 kernels, single and batched: bit-identical to the scalar fp32
- * product over the same values widened to fp32 */
+/* bf16 kernels, single and batched: bit-identical to a fused multiply-add
+ * chain over the values widened to fp32 (fmaf, column by column), and close
+ * to the fp32 product of those values */
 static void check_bf16(int n, int d, int nt) {
     uint16_t *h = malloc(2 * (size_t)n * d);
     float *wf = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * nt);
@@ -164,17 +165,25 @@ static void check_bf16(int n, int d, int nt) {
     llama2_matrix mf = {.rows = d, .cols = n, .f = wf}, mh = {.rows = d, .cols = n, .h = h};
     llama2_pack_bf16(t, &mh, NULL);
     llama2_activation a[64];
+    double worst = 0;
     for (int b = 0; b < nt; b++) {
         a[b].x = x + (size_t)b * n;
         a[b].n = n;
-        llama2_kernels_scalar.matmul_f32(ref + b * os, a[b].x, &mf, 0, d);
+        llama2_kernels_scalar.matmul_f32(out, a[b].x, &mf, 0, d);
+        for (int i = 0; i < d; i++) {
+            float v = 0.0f;
+            for (int j = 0; j < n; j++) v = fmaf(wf[(size_t)i * n + j], a[b].x[j], v);
+            ref[b * os + i] = v;
+            worst = fmax(worst, fabs((double)v - out[i]) / (1.0 + fabs(out[i])));
+        }
     }
+    CHECK(worst < 1e-5, "bf16 fused products %dx%d are within rounding of the fp32 products (rel %g)", d, n, worst);
     for (int k = 0; k < n_kernels; k++) {
         const llama2_kernels *K = kernel_list[k];
         for (size_t i = 0; i < os; i++) out[i] = -1.0f;
         K->matmul_bf16(out, x, &mh, 0, d);
         CHECK(memcmp(out, ref, sizeof(float) * d) == 0 && out[d] == -1.0f,
-              "%s bf16 matmul %dx%d is bit-identical to fp32 on the widened values", K->name, d, n);
+              "%s bf16 matmul %dx%d is bit-identical to the fused multiply-add chain", K->name, d, n);
         if (!K->matmul_bf16_batch) continue;
         int r0 = d > 16 ? 8 : 0, r1 = d > 16 ? d - 3 : d, ok = 1;
         for (size_t i = 0; i < os * nt; i++) out[i] = -1.0f;

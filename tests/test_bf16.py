@@ -1,9 +1,11 @@
 """Version 4 files: bf16 matrices (docs/FORMAT.md).
 
-A bf16 file must run exactly as the fp32 file of its (bf16-rounded) values: bf16
-widens to fp32 without error and the engine then does the fp32 arithmetic, so
-the logits are bit-identical, with every kernel. The writers are checked
-against an independent rounding (tests/reference.py) and against torch.
+A bf16 file runs as the fp32 file of its (bf16-rounded) values up to rounding:
+bf16 widens to fp32 without error, and the bf16 matmuls then fuse each
+multiply-add (docs/FORMAT.md), where fp32 files keep llama2.c's separate
+multiply and add. Every kernel gives the same bits for a bf16 file. The writers
+are checked against an independent rounding (tests/reference.py) and against
+torch.
 """
 from __future__ import annotations
 
@@ -33,9 +35,12 @@ def test_bf16_file_runs_as_its_fp32_values(make_model, arch, shared):
     assert c.n_params == b.config.n_params
     tokens = random_tokens(cfg, 12, 5)
     got, want = c_logits(a, tokens), c_logits(b, tokens)
-    assert np.array_equal(got, want)
+    assert not np.array_equal(got, want)  # fused multiply-adds round differently...
+    assert_f32_close(got, want, f"v4 vs v1 {arch}")  # ...within float rounding
     # and both agree with the float64 reference on the rounded weights
-    assert_f32_close(got, R.forward(cfg, R.bf16_weights(w), tokens), f"v4 {arch}")
+    ref = R.forward(cfg, R.bf16_weights(w), tokens)
+    assert_f32_close(got, ref, f"v4 {arch}")
+    assert_f32_close(want, ref, f"v1 {arch}")
 
 
 def test_bf16_file_layout(make_model):
