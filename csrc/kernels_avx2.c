@@ -98,14 +98,15 @@ AVX2_FN static __m256 load_rows(const float *out, int row, int r1) {
     return _mm256_loadu_ps(tmp);
 }
 
-/* Batched fp32 and bf16 product (prefill): a 2-block x 4-token tile of 8
- * accumulators (8 independent add chains, 12 of the 16 registers, no
- * spills), so each weight vector loaded serves 4 tokens and each broadcast
- * x value 2 row blocks. A block pair's columns go in tiles of F32_TILE
- * whose weights (16 KB) stay in L1 while every token of the batch uses
- * them, read from memory in one sequential sweep; between tiles a sum is
- * parked in out and picked up again, so every output is still
- * w[r][0]*x[0] + w[r][1]*x[1] + ... in order, exactly as matmul_f32. */
+/* Batched fp32 and bf16 product (prefill): a 2-block x 6-token tile of 12
+ * accumulators (12 independent add chains, 15 of the 16 registers, no
+ * spills), so each weight vector loaded serves 6 tokens and each broadcast
+ * x value 2 row blocks; 4-token and single-token tiles take what is left.
+ * A block pair's columns go in tiles of F32_TILE whose weights (16 KB)
+ * stay in L1 while every token of the batch uses them, while the next
+ * tile's weights are prefetched; between tiles a sum is parked in out and
+ * picked up again, so every output is still w[r][0]*x[0] + w[r][1]*x[1] +
+ * ... in order, exactly as the scalar loop of its weight type. */
 #define F32_TILE 256
 #define ACC(o, row) (j0 == 0 ? _mm256_setzero_ps() : load_rows((o), (row), r1))
 #define MULADD(c, w, x) c = mac(c, (w), (x), bf16)
