@@ -79,7 +79,8 @@ int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
     size_t key_cache = (size_t)c->n_layers * key_positions(c) * kv; /* whole blocks of positions */
     int ok = (t->x = (float *)llama2_own(t, d * 4)) && (t->xb = (float *)llama2_own(t, d * 4)) &&
              (t->xb2 = (float *)llama2_own(t, d * 4)) && (t->hb = (float *)llama2_own(t, h * 4)) &&
-             (t->hb2 = (float *)llama2_own(t, h * 4)) && (t->q = (float *)llama2_own(t, d * 4)) && (t->k = (float *)llama2_own(t, kv * 4)) &&
+             (t->hb2 = (float *)llama2_own(t, h * 4)) && (t->q = (float *)llama2_own(t, d * 4)) &&
+             (t->k = (float *)llama2_own(t, kv * 4)) &&
              (t->att = (float *)llama2_own(t, (size_t)c->n_heads * (size_t)c->seq_len * 4)) &&
              (t->logits = (float *)llama2_own(t, (size_t)c->vocab_size * 4)) &&
              (t->key_cache = (float *)llama2_own(t, key_cache * 4)) &&
