@@ -18,6 +18,10 @@ AID_MODEL = AIDREAMS / "aidreams260K.bin"
 AID_TOK = AIDREAMS / "tok512.bin"
 
 
+# every test here reads the reference files: skip them all without ../shared/data
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+
 @pytest.fixture(scope="module")
 def data(shared_data):
     return shared_data
