@@ -3,7 +3,7 @@
 # threads, ours against llama.cpp (when llama-cpp-python is installed), medians of
 # interleaved pairs; rewrites the table in docs/BENCHMARKS.md.
 #
-#   bench/run.sh                        # everything (~45 min on 2 cores)
+#   bench/run.sh                        # everything (~20 min on 2 cores)
 #   BENCH_SHAPES=stories15M,stories42M bench/run.sh
 #   bench/run.sh --reps 3               # extra flags go to `llama2c bench`
 #
