@@ -80,9 +80,9 @@ void *llama2_own(llama2_transformer *t, size_t bytes) {
     /* Big buffers (repacked weights, the KV cache) on 2 MB pages where the
      * kernel allows it: streaming gigabytes of weights through 4 KB pages
      * costs a page walk every 4 KB. Freed with free() like any other. */
-    const size_t huge = (size_t)2 << 20;
-    if (bytes >= 2 * huge && posix_memalign(&p, huge, (bytes + huge - 1) / huge * huge) == 0) {
-        madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+    const size_t huge = (size_t)2 << 20, rounded = (bytes + huge - 1) / huge * huge;
+    if (bytes >= 2 * huge && posix_memalign(&p, huge, rounded) == 0) {
+        madvise(p, rounded, MADV_HUGEPAGE);
         memset(p, 0, bytes);
     } else {
         p = NULL;
