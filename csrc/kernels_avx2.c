@@ -58,7 +58,11 @@ INLINE_AVX2 __m256 mac(__m256 acc, __m256 w, __m256 x, int bf16) {
  * rows (8 MB and more, 1024 columns and more: TinyLlama's, not the small
  * models' classifiers) goes one block at a time instead: there a single
  * sequential stream reads faster than four 8-row streams 32 KB or more
- * apart, and one add chain per block is still quicker than memory. */
+ * apart, and one add chain per block is still quicker than memory. That
+ * stream also asks for the line STREAM_AHEAD bytes ahead of each one it
+ * reads (TinyLlama fp32 decode +10-15% at 1 and 2 threads, measured with
+ * the two kernels alternating token by token in one process). */
+#define STREAM_AHEAD 512
 INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, int r0, int r1, int bf16,
                               int one_stream) {
     int b = r0 / 8, b_end = (r1 + 7) / 8;
@@ -81,7 +85,13 @@ INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, 
     for (; b < b_end; b++) {
         const size_t p0 = (size_t)b * n * 8;
         __m256 a0 = _mm256_setzero_ps();
-        for (int j = 0; j < n; j++)
+        int j = 0;
+        for (; one_stream && !bf16 && j + 2 <= n; j += 2) { /* one 64-byte line per step */
+            _mm_prefetch((const char *)((const float *)p + p0 + 8 * j) + STREAM_AHEAD, _MM_HINT_T0);
+            a0 = mac(a0, load_w(p, p0 + 8 * j, bf16), _mm256_broadcast_ss(x + j), bf16);
+            a0 = mac(a0, load_w(p, p0 + 8 * j + 8, bf16), _mm256_broadcast_ss(x + j + 1), bf16);
+        }
+        for (; j < n; j++)
             a0 = mac(a0, load_w(p, p0 + 8 * j, bf16), _mm256_broadcast_ss(x + j), bf16);
         store_rows(out, a0, 8 * b, r1);
     }

@@ -749,6 +749,7 @@ int main(void) {
     check_f32(64, 50);   /* rows not a multiple of 8: padded block */
     check_f32(172, 64);
     check_f32_streamed(1024, 2061);
+    check_f32_streamed(1025, 2050); /* odd row length: the last column after the line pairs */
     check_f32_batch(37, 11, 3);
     check_f32_batch(288, 288, 4);
     check_f32_batch(600, 90, 7);   /* 3 column tiles, rows not a multiple of 24 or 8 */
