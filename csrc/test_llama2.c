@@ -75,22 +75,29 @@ static void free_owner(llama2_transformer *t) {
     free(t);
 }
 
+/* Every kernel against the scalar loop, bit for bit, over all rows and over
+ * a thread's sub-range. Matrices of 8 MB and more with rows of 1024 and
+ * more are the ones the AVX2 kernel reads one block at a time (one memory
+ * stream, prefetched). The scalar loop is checked against double math on
+ * rows up to 512 long, where float rounding stays under the 1e-5 bound. */
 static void check_f32(int n, int d) {
-    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n);
+    float *w = malloc(sizeof(float) * (size_t)n * d), *x = malloc(sizeof(float) * n);
     float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
-    for (int i = 0; i < n * d; i++) w[i] = frand();
+    for (size_t i = 0; i < (size_t)n * d; i++) w[i] = frand();
     for (int i = 0; i < n; i++) x[i] = frand();
     llama2_transformer *t = owner();
     llama2_matrix m = {.rows = d, .cols = n, .f = w};
     llama2_pack_f32(t, &m, NULL);
     llama2_kernels_scalar.matmul_f32(ref, x, &m, 0, d);
-    double worst = 0;
-    for (int i = 0; i < d; i++) {
-        double exact = 0;
-        for (int j = 0; j < n; j++) exact += (double)w[i * n + j] * x[j];
-        worst = fmax(worst, fabs(exact - ref[i]));
+    if (n <= 512) {
+        double worst = 0;
+        for (int i = 0; i < d; i++) {
+            double exact = 0;
+            for (int j = 0; j < n; j++) exact += (double)w[i * n + j] * x[j];
+            worst = fmax(worst, fabs(exact - ref[i]));
+        }
+        CHECK(worst < 1e-5, "scalar fp32 matmul %dx%d matches double math (max err %g)", d, n, worst);
     }
-    CHECK(worst < 1e-5, "scalar fp32 matmul %dx%d matches double math (max err %g)", d, n, worst);
     for (int k = 1; k < n_kernels; k++) {
         /* whole range, and an 8-aligned sub-range as a thread would get */
         for (int i = 0; i < d; i++) out[i] = -1.0f;
@@ -104,28 +111,6 @@ static void check_f32(int n, int d) {
                      memcmp(out + 8, ref + 8, sizeof(float) * (d - 11)) == 0;
             CHECK(ok, "%s fp32 matmul writes exactly rows [8, %d)", kernel_list[k]->name, d - 3);
         }
-    }
-    free_owner(t);
-    free(w); free(x); free(ref); free(out);
-}
-
-/* a matrix of 8 MB or more, which the AVX2 kernel reads one block at a time
- * (one memory stream): still bit-identical to the scalar loop */
-static void check_f32_streamed(int n, int d) {
-    float *w = malloc(sizeof(float) * (size_t)n * d), *x = malloc(sizeof(float) * n);
-    float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
-    for (size_t i = 0; i < (size_t)n * d; i++) w[i] = frand();
-    for (int i = 0; i < n; i++) x[i] = frand();
-    llama2_transformer *t = owner();
-    llama2_matrix m = {.rows = d, .cols = n, .f = w};
-    llama2_pack_f32(t, &m, NULL);
-    llama2_kernels_scalar.matmul_f32(ref, x, &m, 0, d);
-    for (int k = 1; k < n_kernels; k++) {
-        for (int i = 0; i < d; i++) out[i] = -1.0f;
-        kernel_list[k]->matmul_f32(out, x, &m, 8, d - 3);
-        int ok = out[7] == -1.0f && out[d - 3] == -1.0f && memcmp(out + 8, ref + 8, sizeof(float) * (d - 11)) == 0;
-        CHECK(ok, "%s fp32 matmul %dx%d (%zu MB) is bit-identical to scalar, rows [8, %d)", kernel_list[k]->name, d,
-              n, (size_t)n * d * 4 >> 20, d - 3);
     }
     free_owner(t);
     free(w); free(x); free(ref); free(out);
@@ -748,8 +733,8 @@ int main(void) {
     check_f32(288, 288);
     check_f32(64, 50);   /* rows not a multiple of 8: padded block */
     check_f32(172, 64);
-    check_f32_streamed(1024, 2061);
-    check_f32_streamed(1025, 2050); /* odd row length: the last column after the line pairs */
+    check_f32(1024, 2061); /* 8 MB: one stream */
+    check_f32(1025, 2050); /* one stream, odd row length: the last column after the line pairs */
     check_f32_batch(37, 11, 3);
     check_f32_batch(288, 288, 4);
     check_f32_batch(600, 90, 7);   /* 3 column tiles, rows not a multiple of 24 or 8 */
