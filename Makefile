@@ -9,7 +9,8 @@
 CC ?= gcc
 PYTHON ?= python3
 LIB_SRC = csrc/checkpoint.c csrc/run.c csrc/runq.c csrc/forward.c csrc/tokenizer.c \
-          csrc/sampler.c csrc/session.c csrc/kernels.c csrc/kernels_avx2.c csrc/threadpool.c
+          csrc/sampler.c csrc/session.c csrc/kernels.c csrc/kernels_avx2.c csrc/threadpool.c \
+          csrc/memory.c
 HDR = csrc/llama2.h csrc/internal.h csrc/kernels.h csrc/threadpool.h
 BASE_FLAGS = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas -ffp-contract=off
 LIBS = -lm -pthread
@@ -66,7 +67,7 @@ testcc:
 	./testc
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of everything (CI runs it).
-SAN = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+SAN = -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer
 sanitize:
 	mkdir -p build/sanitize
 	$(CC) $(BASE_FLAGS) $(SAN) -o build/sanitize/run csrc/cli.c $(LIB_SRC) $(LIBS)

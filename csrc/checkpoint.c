@@ -67,30 +67,20 @@ const char *llama2_version(void) { return "0.1.0"; }
 
 /* ---- owned buffers ---- */
 
-void *llama2_own(llama2_transformer *t, size_t bytes) {
-    if (t->n_owned == t->cap_owned) {
-        int cap = t->cap_owned ? 2 * t->cap_owned : 16;
-        void **grown = (void **)realloc(t->owned, (size_t)cap * sizeof(void *));
-        if (!grown) return NULL;
-        t->owned = grown;
-        t->cap_owned = cap;
+/* Repacked weights stream through the cache on every token: buffers of 4 MB
+ * and more sit on 2 MB pages where the kernel allows it (a 4 KB page walk
+ * every 4 KB costs memory bandwidth). */
+void *llama2_own(llama2_transformer *t, size_t bytes) { return llama2_buffers_alloc(&t->owned, bytes, 1); }
+
+int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_error *err) {
+    *out = NULL;
+    if (!t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null transformer");
+    if (!t->ctx) {
+        int rc = llama2_context_new(&t->ctx, t, 0, err);
+        if (rc) return rc;
     }
-    void *p = NULL;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    /* Big buffers (repacked weights, the KV cache) on 2 MB pages where the
-     * kernel allows it: streaming gigabytes of weights through 4 KB pages
-     * costs a page walk every 4 KB. Freed with free() like any other. */
-    const size_t huge = (size_t)2 << 20, rounded = (bytes + huge - 1) / huge * huge;
-    if (bytes >= 2 * huge && posix_memalign(&p, huge, rounded) == 0) {
-        madvise(p, rounded, MADV_HUGEPAGE);
-        memset(p, 0, bytes);
-    } else {
-        p = NULL;
-    }
-#endif
-    if (!p) p = calloc(1, bytes ? bytes : 1);
-    if (p) t->owned[t->n_owned++] = p;
-    return p;
+    *out = t->ctx;
+    return LLAMA2_OK;
 }
 
 /* ---- mapping a file read-only ---- */
@@ -117,7 +107,8 @@ static int map_file(const char *path, void **data, int64_t *size, llama2_error *
     if (!*data) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot map", path);
     return LLAMA2_OK;
 #else
-    int fd = open(path, O_RDONLY);
+    /* not blocking: opening a FIFO for reading would wait for a writer */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) {
         if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
         return llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
@@ -384,8 +375,7 @@ static int dequantize_embedding(llama2_transformer *t, const llama2_matrix *emb,
     return LLAMA2_OK;
 }
 
-static int map_weights(llama2_transformer *t, const unsigned char *body, unsigned flags,
-                       llama2_error *err) {
+static int map_weights(llama2_transformer *t, const unsigned char *body, llama2_error *err) {
     llama2_config *c = &t->config;
     int L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
     cursor cur = {body};
@@ -464,28 +454,95 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, unsigne
         }
     }
 
-    if (flags & LLAMA2_OPEN_QUANTIZE) {
-        /* exactly what the exporter's version 2 file of these weights runs:
-         * group size 64 halved until it divides dim, every matrix quantized,
-         * the embedding looked up dequantized */
-        t->gs = 64;
-        while (d % t->gs != 0) t->gs /= 2;
-        for (int i = 0; i < 7 * L; i++) {
-            int rc = quantize_matrix(t, &t->matrices[i], err);
-            if (rc) return rc;
-        }
-        llama2_matrix emb = {.rows = V, .cols = d, .f = t->token_embedding};
-        int rc = quantize_matrix(t, &emb, err);
+    return LLAMA2_OK;
+}
+
+/* Exactly what the exporter's version 2 file of these weights runs: group
+ * size 64 halved until it divides dim, every matrix quantized, the embedding
+ * looked up dequantized. */
+static int quantize_all(llama2_transformer *t, llama2_error *err) {
+    llama2_config *c = &t->config;
+    int L = c->n_layers, d = c->dim, V = c->vocab_size;
+    t->gs = 64;
+    while (d % t->gs != 0) t->gs /= 2;
+    for (int i = 0; i < 7 * L; i++) {
+        int rc = quantize_matrix(t, &t->matrices[i], err);
         if (rc) return rc;
-        if (c->shared_classifier) {
-            t->wcls = emb;
-        } else if ((rc = quantize_matrix(t, &t->wcls, err))) {
-            return rc;
-        }
-        if ((rc = dequantize_embedding(t, &emb, err))) return rc;
-        c->weights = LLAMA2_WEIGHTS_Q8_0;
-        c->group_size = t->gs;
     }
+    llama2_matrix emb = {.rows = V, .cols = d, .f = t->token_embedding};
+    int rc = quantize_matrix(t, &emb, err);
+    if (rc) return rc;
+    if (c->shared_classifier) {
+        t->wcls = emb;
+    } else if ((rc = quantize_matrix(t, &t->wcls, err))) {
+        return rc;
+    }
+    if ((rc = dequantize_embedding(t, &emb, err))) return rc;
+    c->weights = LLAMA2_WEIGHTS_Q8_0;
+    c->group_size = t->gs;
+    return LLAMA2_OK;
+}
+
+/* ---- refusing NaN and infinite weights ---- */
+
+/* Index of the first NaN or infinity among n values (fp32, or bf16 when
+ * bf16 is set), or -1. Scanned in blocks without an early exit, so the
+ * common all-finite case runs at memory speed. */
+static int64_t first_nonfinite(const void *data, int64_t n, int bf16) {
+    const int64_t block = 4096;
+    for (int64_t b0 = 0; b0 < n; b0 += block) {
+        int64_t b1 = b0 + block < n ? b0 + block : n;
+        unsigned bad = 0;
+        if (bf16) {
+            const uint16_t *h = (const uint16_t *)data;
+            for (int64_t i = b0; i < b1; i++) bad |= (h[i] & 0x7f80u) == 0x7f80u;
+        } else {
+            const uint32_t *u = (const uint32_t *)data; /* fp32 bit patterns */
+            for (int64_t i = b0; i < b1; i++) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+        }
+        if (!bad) continue;
+        for (int64_t i = b0; i < b1; i++) {
+            uint32_t e = bf16 ? (((const uint16_t *)data)[i] & 0x7f80u) == 0x7f80u
+                              : (((const uint32_t *)data)[i] & 0x7f800000u) == 0x7f800000u;
+            if (e) return i;
+        }
+    }
+    return -1;
+}
+
+static int nonfinite_error(llama2_error *err, const char *what, int layer, int64_t at) {
+    if (layer >= 0)
+        return llama2_fail(err, LLAMA2_ERR_FORMAT,
+                           "%s of layer %d holds a NaN or infinite value (element %lld): the file is corrupt",
+                           what, layer, (long long)at);
+    return llama2_fail(err, LLAMA2_ERR_FORMAT, "%s holds a NaN or infinite value (element %lld): the file is corrupt",
+                       what, (long long)at);
+}
+
+/* A matrix's weights (fp32, bf16) or, for Q8_0, its scales. */
+static int64_t matrix_nonfinite(const llama2_matrix *m, int gs) {
+    int64_t n = (int64_t)m->rows * m->cols;
+    if (m->f) return first_nonfinite(m->f, n, 0);
+    if (m->h) return first_nonfinite(m->h, n, 1);
+    return first_nonfinite(m->s, n / gs, 0);
+}
+
+/* Every norm weight, embedding, matrix and scale must be finite: a NaN
+ * would silently turn every output into NaN. */
+static int check_finite(const llama2_transformer *t, llama2_error *err) {
+    const llama2_config *c = &t->config;
+    static const char *names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    int64_t L = c->n_layers, d = c->dim, at;
+    if ((at = first_nonfinite(t->rms_att, L * d, 0)) >= 0) return nonfinite_error(err, "rms_att_weight", (int)(at / d), at % d);
+    if ((at = first_nonfinite(t->rms_ffn, L * d, 0)) >= 0) return nonfinite_error(err, "rms_ffn_weight", (int)(at / d), at % d);
+    if ((at = first_nonfinite(t->rms_final, d, 0)) >= 0) return nonfinite_error(err, "rms_final_weight", -1, at);
+    if ((at = first_nonfinite(t->token_embedding, (int64_t)c->vocab_size * d, 0)) >= 0)
+        return nonfinite_error(err, "the token embedding", -1, at);
+    for (int i = 0; i < 7 * c->n_layers; i++)
+        if ((at = matrix_nonfinite(&t->matrices[i], t->gs)) >= 0)
+            return nonfinite_error(err, names[i / c->n_layers], i % c->n_layers, at);
+    if (t->wcls.f != t->token_embedding && (at = matrix_nonfinite(&t->wcls, t->gs)) >= 0)
+        return nonfinite_error(err, "the classifier", -1, at);
     return LLAMA2_OK;
 }
 
@@ -550,10 +607,11 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
                                                      : LLAMA2_WEIGHTS_F32;
         t->config.file_size = size;
         t->config.n_params = count_params(&t->config);
-        rc = map_weights(t, (const unsigned char *)data + header_bytes, flags, err);
+        rc = map_weights(t, (const unsigned char *)data + header_bytes, err);
     }
+    if (!rc) rc = check_finite(t, err);
+    if (!rc && (flags & LLAMA2_OPEN_QUANTIZE) && t->config.weights != LLAMA2_WEIGHTS_Q8_0) rc = quantize_all(t, err);
     if (!rc) rc = select_kernels(t, err);
-    if (!rc) rc = llama2_alloc_state(t, err);
     if (rc) {
         llama2_transformer_free(t);
         return rc;
@@ -564,10 +622,9 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
 
 void llama2_transformer_free(llama2_transformer *t) {
     if (!t) return;
-    llama2_pool_free(t->pool);
+    llama2_context_free(t->ctx);
     unmap_file(t->map, t->map_size);
-    for (int i = 0; i < t->n_owned; i++) free(t->owned[i]);
-    free(t->owned);
+    llama2_buffers_free(&t->owned);
     free(t);
 }
 
@@ -577,7 +634,6 @@ const llama2_config *llama2_transformer_config(const llama2_transformer *t) {
 
 void llama2_transformer_set_threads(llama2_transformer *t, int n) {
     if (!t) return;
-    t->n_threads = n > 0 ? n : 0;
-    llama2_pool_free(t->pool); /* restarted with the new count on the next pass */
-    t->pool = NULL;
+    t->n_threads = n > 256 ? 256 : n > 0 ? n : 0; /* capped as LLAMA2_THREADS is */
+    t->threads_version++; /* contexts restart their pools with the new count */
 }

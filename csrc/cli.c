@@ -51,6 +51,7 @@ static void usage(const char *why) {
             "  -z <string> tokenizer file (default: tokenizer.bin)\n"
             "  -m <string> mode: generate or chat (default generate)\n"
             "  -y <string> system prompt for chat mode\n"
+            "  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)\n"
 #ifdef LLAMA2_RUNQ
             "fp32 model files are quantized to Q8_0 while loading; version 2 files run as they are.\n"
 #else
@@ -155,7 +156,7 @@ static void chat(llama2_session *ss, const char *cli_prompt, const char *cli_sys
 int main(int argc, char *argv[]) {
     const char *checkpoint = NULL, *tokenizer_path = "tokenizer.bin";
     float temperature = 1.0f, topp = 0.9f;
-    int steps = 256;
+    int steps = 256, n_ctx = 0;
     const char *prompt = NULL, *mode = "generate", *system_prompt = NULL;
     long long seed = 0;
 
@@ -176,6 +177,7 @@ int main(int argc, char *argv[]) {
         case 'z': tokenizer_path = val; break;
         case 'm': mode = val; break;
         case 'y': system_prompt = val; break;
+        case 'c': n_ctx = atoi(val); if (n_ctx < 0) usage("the context length must be >= 0"); break;
         default: usage("unknown option");
         }
     }
@@ -198,8 +200,10 @@ int main(int argc, char *argv[]) {
     params.topp = topp;
     llama2_sampler *sampler;
     if (llama2_sampler_new(&sampler, c->vocab_size, &params, (uint64_t)seed, &err)) die(&err);
+    llama2_context *ctx;
+    if (llama2_context_new(&ctx, t, n_ctx, &err)) die(&err);
     llama2_session *ss;
-    if (llama2_session_new(&ss, t, tk, sampler, chat_mode ? LLAMA2_MODE_CHAT : LLAMA2_MODE_GENERATE,
+    if (llama2_session_new_ctx(&ss, ctx, tk, sampler, chat_mode ? LLAMA2_MODE_CHAT : LLAMA2_MODE_GENERATE,
                            prompt, prompt ? strlen(prompt) : 0, steps, &err))
         die(&err);
 
@@ -210,6 +214,7 @@ int main(int argc, char *argv[]) {
 
     llama2_session_free(ss);
     llama2_sampler_free(sampler);
+    llama2_context_free(ctx);
     llama2_tokenizer_free(tk);
     llama2_transformer_free(t);
     return 0;

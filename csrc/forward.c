@@ -1,25 +1,33 @@
 /*
  * forward.c - the transformer forward pass for one token at one position,
  * shared by the fp32 and int8 engines (each matmul goes to the kernel that
- * matches its weights), and the run state it works in.
+ * matches its weights), and the context it works in: one sequence's KV
+ * cache and buffers, over a model's weights that any number of contexts
+ * share.
  */
 #include "kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "threadpool.h"
 
-/* The thread pool, started on first use with the requested thread count. */
-static llama2_pool *pool_for(llama2_transformer *t) {
-    if (!t->pool) {
-        int n = t->n_threads > 0 ? t->n_threads : llama2_default_threads();
-        if (n > 1) t->pool = llama2_pool_new(n); /* NULL: run on this thread */
+/* The context's thread pool, started on first use with the model's thread
+ * count (and again after llama2_transformer_set_threads). */
+static llama2_pool *pool_for(llama2_context *cx) {
+    const llama2_transformer *t = cx->t;
+    if (cx->pool && cx->pool_version != t->threads_version) {
+        llama2_pool_free(cx->pool);
+        cx->pool = NULL;
     }
-    return t->pool;
+    if (!cx->pool) {
+        int n = t->n_threads > 0 ? t->n_threads : llama2_default_threads();
+        if (n > 1) cx->pool = llama2_pool_new(n); /* NULL: run on this thread */
+        cx->pool_version = t->threads_version;
+    }
+    return cx->pool;
 }
-
-static void rope_table(float *cs, const llama2_config *c);
 
 /* fn(ctx, i) for every i < n, on the pool in about `chunks` ranges of
  * consecutive items (whole multiples of 8 where there is room): steps too
@@ -50,54 +58,96 @@ static void for_ranges(llama2_pool *pool, llama2_task_fn fn, void *ctx, int n, i
     llama2_pool_run(pool, run_range, &r, ranges);
 }
 
-/* seq_len rounded up to whole blocks of the key cache (kernels.h) */
-static size_t key_positions(const llama2_config *c) {
-    return ((size_t)c->seq_len + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
+/* n_ctx rounded up to whole blocks of the key cache (kernels.h) */
+static size_t key_positions(const llama2_context *cx) {
+    return ((size_t)cx->n_ctx + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
 }
 
 /* The keys of one layer's kv head h, in the blocked layout */
-static float *key_head(const llama2_transformer *t, int layer, int h) {
-    const llama2_config *c = &t->config;
-    return t->key_cache + ((size_t)layer * c->n_kv_heads + (size_t)h) * key_positions(c) * (size_t)c->head_size;
+static float *key_head(const llama2_context *cx, int layer, int h) {
+    const llama2_config *c = &cx->t->config;
+    return cx->key_cache + ((size_t)layer * c->n_kv_heads + (size_t)h) * key_positions(cx) * (size_t)c->head_size;
 }
 
 /* Stores the (rotated) key k of position pos into the layer's cache. */
-static void store_key(const llama2_transformer *t, int layer, int pos, const float *k) {
-    const llama2_config *c = &t->config;
+static void store_key(const llama2_context *cx, int layer, int pos, const float *k) {
+    const llama2_config *c = &cx->t->config;
     const int hs = c->head_size;
     const size_t at = (size_t)(pos / LLAMA2_KEY_BLOCK) * LLAMA2_KEY_BLOCK * hs + pos % LLAMA2_KEY_BLOCK;
     for (int h = 0; h < c->n_kv_heads; h++) {
-        float *kt = key_head(t, layer, h) + at;
+        float *kt = key_head(cx, layer, h) + at;
         for (int i = 0; i < hs; i++) kt[LLAMA2_KEY_BLOCK * i] = k[h * hs + i];
     }
 }
 
-int llama2_alloc_state(llama2_transformer *t, llama2_error *err) {
+/* A KV cache bigger than this is not put on huge pages: a run that touches
+ * a few positions of each layer's and head's region would commit 2 MB for
+ * each instead of 4 KB. */
+#define HUGE_KV_LIMIT ((size_t)512 << 20)
+
+static void *ctx_alloc(llama2_context *cx, size_t bytes, int huge_ok) {
+    return llama2_buffers_alloc(&cx->owned, bytes, huge_ok);
+}
+
+/* The context's buffers; the caches and tables sized for n_ctx positions are
+ * committed page by page as positions are reached. */
+static int context_alloc(llama2_context *cx, llama2_error *err) {
+    const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, kv = (size_t)c->kv_dim;
-    size_t cache = (size_t)c->n_layers * (size_t)c->seq_len * kv;
-    size_t key_cache = (size_t)c->n_layers * key_positions(c) * kv; /* whole blocks of positions */
-    int ok = (t->x = (float *)llama2_own(t, d * 4)) && (t->xb = (float *)llama2_own(t, d * 4)) &&
-             (t->xb2 = (float *)llama2_own(t, d * 4)) && (t->hb = (float *)llama2_own(t, h * 4)) &&
-             (t->hb2 = (float *)llama2_own(t, h * 4)) && (t->q = (float *)llama2_own(t, d * 4)) &&
-             (t->k = (float *)llama2_own(t, kv * 4)) &&
-             (t->att = (float *)llama2_own(t, (size_t)c->n_heads * (size_t)c->seq_len * 4)) &&
-             (t->logits = (float *)llama2_own(t, (size_t)c->vocab_size * 4)) &&
-             (t->key_cache = (float *)llama2_own(t, key_cache * 4)) &&
-             (t->value_cache = (float *)llama2_own(t, cache * 4)) &&
-             (t->rope_cs = (float *)llama2_own(t, (size_t)c->seq_len * (size_t)c->head_size * 4));
+    size_t cache = (size_t)c->n_layers * (size_t)cx->n_ctx * kv;
+    size_t key_cache = (size_t)c->n_layers * key_positions(cx) * kv; /* whole blocks of positions */
+    int huge = (cache + key_cache) * 4 <= HUGE_KV_LIMIT;
+    int ok = (cx->x = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->xb = (float *)ctx_alloc(cx, d * 4, 0)) &&
+             (cx->xb2 = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->hb = (float *)ctx_alloc(cx, h * 4, 0)) &&
+             (cx->hb2 = (float *)ctx_alloc(cx, h * 4, 0)) && (cx->q = (float *)ctx_alloc(cx, d * 4, 0)) &&
+             (cx->k = (float *)ctx_alloc(cx, kv * 4, 0)) &&
+             (cx->att = (float *)ctx_alloc(cx, (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0)) &&
+             (cx->logits = (float *)ctx_alloc(cx, (size_t)c->vocab_size * 4, 0)) &&
+             (cx->key_cache = (float *)ctx_alloc(cx, key_cache * 4, huge)) &&
+             (cx->value_cache = (float *)ctx_alloc(cx, cache * 4, huge)) &&
+             (cx->rope_cs = (float *)ctx_alloc(cx, (size_t)cx->n_ctx * (size_t)c->head_size * 4, 0));
     if (ok && t->gs > 0) {
         size_t gd = (d + (size_t)t->gs - 1) / (size_t)t->gs, gh = (h + (size_t)t->gs - 1) / (size_t)t->gs;
-        ok = (t->xq = (int8_t *)llama2_own(t, d)) && (t->xs = (float *)llama2_own(t, gd * 4)) &&
-             (t->hq = (int8_t *)llama2_own(t, h)) && (t->hs = (float *)llama2_own(t, gh * 4));
+        ok = (cx->xq = (int8_t *)ctx_alloc(cx, d, 0)) && (cx->xs = (float *)ctx_alloc(cx, gd * 4, 0)) &&
+             (cx->hq = (int8_t *)ctx_alloc(cx, h, 0)) && (cx->hs = (float *)ctx_alloc(cx, gh * 4, 0));
     }
-    if (ok) rope_table(t->rope_cs, c);
     if (!ok)
         return llama2_fail(err, LLAMA2_ERR_NOMEM,
-                           "out of memory allocating the run state (KV cache of %lld floats for seq_len %d)",
-                           (long long)cache * 2, c->seq_len);
+                           "out of memory allocating a context (KV cache of %lld floats for n_ctx %d)",
+                           (long long)cache * 2, cx->n_ctx);
     return LLAMA2_OK;
 }
+
+int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err) {
+    llama2_ok(err);
+    if (!out || !t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    *out = NULL;
+    const int seq_len = t->config.seq_len;
+    if (n_ctx > seq_len)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "n_ctx %d is larger than the model's seq_len %d", n_ctx,
+                           seq_len);
+    llama2_context *cx = (llama2_context *)calloc(1, sizeof(*cx));
+    if (!cx) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    cx->t = t;
+    cx->n_ctx = n_ctx > 0 ? n_ctx : seq_len;
+    int rc = context_alloc(cx, err);
+    if (rc) {
+        llama2_context_free(cx);
+        return rc;
+    }
+    *out = cx;
+    return LLAMA2_OK;
+}
+
+void llama2_context_free(llama2_context *cx) {
+    if (!cx) return;
+    llama2_pool_free(cx->pool);
+    llama2_buffers_free(&cx->owned);
+    free(cx);
+}
+
+int llama2_context_n_ctx(const llama2_context *cx) { return cx ? cx->n_ctx : 0; }
 
 /* Makes x ready for a matmul: quantized too when the weights are int8. */
 static void prepare(llama2_activation *a, const float *x, int n, int8_t *q, float *s, int gs) {
@@ -108,23 +158,28 @@ static void prepare(llama2_activation *a, const float *x, int n, int8_t *q, floa
     if (gs > 0) llama2_quantize(q, s, x, n, gs);
 }
 
-/* The rotation angles' cos and sin for every position, computed once with
- * exactly the expressions llama2.c evaluates per token (so the same floats):
+/* The rotation angles' cos and sin of positions up to `end`, tabled once as
+ * positions are first reached, with exactly the expressions llama2.c
+ * evaluates per token (so the same floats):
  * freq = 1 / theta^(head_dim / head_size), val = pos * freq. */
-static void rope_table(float *cs, const llama2_config *c) {
+static void rope_extend(llama2_context *cx, int end) {
+    const llama2_config *c = &cx->t->config;
+    if (end <= cx->rope_ready) return;
+    float *cs = cx->rope_cs;
     for (int i = 0; i < c->head_size; i += 2) {
         float freq = 1.0f / powf(c->rope_theta, i / (float)c->head_size);
-        for (int pos = 0; pos < c->seq_len; pos++) {
+        for (int pos = cx->rope_ready; pos < end; pos++) {
             float val = pos * freq;
             cs[(size_t)pos * c->head_size + i] = cosf(val);
             cs[(size_t)pos * c->head_size + i + 1] = sinf(val);
         }
     }
+    cx->rope_ready = end;
 }
 
-static void rope(const llama2_transformer *t, float *q, float *k, int pos) {
-    const llama2_config *c = &t->config;
-    const float *cs = t->rope_cs + (size_t)pos * c->head_size;
+static void rope(const llama2_context *cx, float *q, float *k, int pos) {
+    const llama2_config *c = &cx->t->config;
+    const float *cs = cx->rope_cs + (size_t)pos * c->head_size;
     for (int i = 0; i < c->dim; i += 2) {
         int head_dim = i % c->head_size;
         float fcr = cs[head_dim];
@@ -141,11 +196,11 @@ static void rope(const llama2_transformer *t, float *q, float *k, int pos) {
 }
 
 typedef struct {
-    llama2_transformer *t;
+    const llama2_context *cx;
     int layer, pos0; /* token b of the batch is at position pos0 + b */
     const float *q_all; /* n tokens' queries, dim apart */
     float *out;         /* n tokens' outputs, dim apart */
-    float *att;         /* scores: n_heads * seq_len per token */
+    float *att;         /* scores: n_heads * n_ctx per token */
     int n;              /* tokens */
 } attention_job;
 
@@ -153,16 +208,17 @@ typedef struct {
  * 0..pos of one layer's cache, written to its slice of out. */
 static void attention_head(void *ctx, int c) {
     const attention_job *j = (const attention_job *)ctx;
-    const llama2_transformer *t = j->t;
+    const llama2_context *cx = j->cx;
+    const llama2_transformer *t = cx->t;
     const llama2_config *cf = &t->config;
     const int b = c % j->n, h = c / j->n;
     const int hs = cf->head_size, kv_h = h / (cf->n_heads / cf->n_kv_heads), pos = j->pos0 + b;
     const size_t kv_dim = (size_t)cf->kv_dim;
     const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
-    float *att = j->att + ((size_t)b * cf->n_heads + h) * cf->seq_len;
-    t->kernels->attn_scores(att, q, key_head(t, j->layer, kv_h), pos + 1, hs, sqrtf((float)hs));
+    float *att = j->att + ((size_t)b * cf->n_heads + h) * cx->n_ctx;
+    t->kernels->attn_scores(att, q, key_head(cx, j->layer, kv_h), pos + 1, hs, sqrtf((float)hs));
     llama2_softmax(att, pos + 1);
-    const float *v = t->value_cache + (size_t)j->layer * (size_t)cf->seq_len * kv_dim + (size_t)kv_h * hs;
+    const float *v = cx->value_cache + (size_t)j->layer * (size_t)cx->n_ctx * kv_dim + (size_t)kv_h * hs;
     t->kernels->attn_values(j->out + (size_t)b * cf->dim + (size_t)h * hs, att, v, pos + 1, hs, kv_dim);
 }
 
@@ -170,11 +226,11 @@ static void attention_head(void *ctx, int c) {
  * cache), every (token, head) pair one item of work, the items in ranges of
  * consecutive tokens of a head spread over the pool once there is enough work
  * (many ranges: later tokens attend over more positions). */
-static void attention(llama2_transformer *t, int layer, int pos0, int n, const float *q_all, float *out,
+static void attention(const llama2_context *cx, int layer, int pos0, int n, const float *q_all, float *out,
                       float *att, llama2_pool *pool) {
-    attention_job job = {t, layer, pos0, q_all, out, att, n};
-    int items = n * t->config.n_heads;
-    int64_t work = (int64_t)n * (pos0 + n) * t->config.dim;
+    attention_job job = {cx, layer, pos0, q_all, out, att, n};
+    int items = n * cx->t->config.n_heads;
+    int64_t work = (int64_t)n * (pos0 + n) * cx->t->config.dim;
     for_ranges(work > 16384 ? pool : NULL, attention_head, &job, items, 8 * llama2_pool_threads(pool));
 }
 
@@ -187,28 +243,30 @@ typedef struct {
 
 static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
 
-static int alloc_batch(llama2_transformer *t, llama2_error *err) {
-    if (t->batch_ready) return LLAMA2_OK;
+static int alloc_batch(llama2_context *cx, llama2_error *err) {
+    if (cx->batch_ready) return LLAMA2_OK;
+    const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     size_t B = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
-    int ok = (t->bx = (float *)llama2_own(t, B * d * 4)) && (t->bxb = (float *)llama2_own(t, B * d * 4)) &&
-             (t->bxb2 = (float *)llama2_own(t, B * d * 4)) && (t->bhb = (float *)llama2_own(t, B * h * 4)) &&
-             (t->bhb2 = (float *)llama2_own(t, B * h * 4)) && (t->bq = (float *)llama2_own(t, B * d * 4)) &&
-             (t->bk = (float *)llama2_own(t, B * (size_t)c->kv_dim * 4)) &&
-             (t->batt = (float *)llama2_own(t, B * (size_t)c->n_heads * (size_t)c->seq_len * 4));
+    int ok = (cx->bx = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bxb = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
+             (cx->bxb2 = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bhb = (float *)ctx_alloc(cx, B * h * 4, 1)) &&
+             (cx->bhb2 = (float *)ctx_alloc(cx, B * h * 4, 1)) && (cx->bq = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
+             (cx->bk = (float *)ctx_alloc(cx, B * (size_t)c->kv_dim * 4, 1)) &&
+             (cx->batt = (float *)ctx_alloc(cx, B * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
     if (ok && t->gs > 0)
-        ok = (t->bxq = (int8_t *)llama2_own(t, B * d)) && (t->bhq = (int8_t *)llama2_own(t, B * h)) &&
-             (t->bxs = (float *)llama2_own(t, B * groups_of(c->dim, t->gs) * 4)) &&
-             (t->bhs = (float *)llama2_own(t, B * groups_of(c->hidden_dim, t->gs) * 4));
+        ok = (cx->bxq = (int8_t *)ctx_alloc(cx, B * d, 1)) && (cx->bhq = (int8_t *)ctx_alloc(cx, B * h, 1)) &&
+             (cx->bxs = (float *)ctx_alloc(cx, B * groups_of(c->dim, t->gs) * 4, 1)) &&
+             (cx->bhs = (float *)ctx_alloc(cx, B * groups_of(c->hidden_dim, t->gs) * 4, 1));
     if (!ok) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
-    t->batch_ready = 1;
+    cx->batch_ready = 1;
     return LLAMA2_OK;
 }
 
 /* The per-token steps between matmuls. Each token's step is independent of
  * the others', so a batch spreads them over the pool, token by token. */
 typedef struct {
-    llama2_transformer *t;
+    const llama2_context *cx;
+    const llama2_transformer *t;
     const buffers *B;
     llama2_activation *a;
     int layer, pos;
@@ -231,8 +289,8 @@ static void step_rope(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_config *c = &j->t->config;
     float *k = j->B->k + (size_t)b * c->kv_dim;
-    rope(j->t, j->B->q + (size_t)b * c->dim, k, j->pos + b);
-    store_key(j->t, j->layer, j->pos + b, k);
+    rope(j->cx, j->B->q + (size_t)b * c->dim, k, j->pos + b);
+    store_key(j->cx, j->layer, j->pos + b, k);
 }
 
 static void step_attn_out(void *ctx, int b) {
@@ -278,20 +336,22 @@ static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, 
  * token goes through exactly the arithmetic of a single-token pass: the
  * batch only shares the reading of the weights and spreads the per-token
  * steps over the threads. */
-static void forward_tokens(llama2_transformer *t, const buffers *B, const int *tokens, int n, int pos,
+static void forward_tokens(llama2_context *cx, const buffers *B, const int *tokens, int n, int pos,
                            int want_logits) {
+    const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
-    llama2_pool *pool = pool_for(t);
+    llama2_pool *pool = pool_for(cx);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
-    step_job job = {t, B, a, 0, pos};
+    step_job job = {cx, t, B, a, 0, pos};
 
+    rope_extend(cx, pos + n);
     for (int b = 0; b < n; b++)
         memcpy(B->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
     for (int l = 0; l < c->n_layers; l++) {
-        size_t loff = (size_t)l * (size_t)c->seq_len * (size_t)kv_dim;
-        float *v0 = t->value_cache + loff + (size_t)pos * kv_dim;
+        size_t loff = (size_t)l * (size_t)cx->n_ctx * (size_t)kv_dim;
+        float *v0 = cx->value_cache + loff + (size_t)pos * kv_dim;
         job.layer = l;
 
         for_each_token(pool, step_attn_in, &job, n);
@@ -299,7 +359,7 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
         llama2_matvec_batch(B->k, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
         llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
         for_each_token(pool, step_rope, &job, n);
-        attention(t, l, pos, n, B->q, B->xb, B->att, pool);
+        attention(cx, l, pos, n, B->q, B->xb, B->att, pool);
         for_each_token(pool, step_attn_out, &job, n);
         llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
         for_each_token(pool, step_ffn_in, &job, n);
@@ -315,7 +375,7 @@ static void forward_tokens(llama2_transformer *t, const buffers *B, const int *t
     for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
     prepare(&a[0], x, dim, B->xq, B->xs, gs);
-    llama2_matvec(t->logits, &a[0], &t->wcls, gs, k, pool);
+    llama2_matvec(cx->logits, &a[0], &t->wcls, gs, k, pool);
 }
 
 static int check_token(const llama2_config *c, int token, llama2_error *err) {
@@ -324,41 +384,56 @@ static int check_token(const llama2_config *c, int token, llama2_error *err) {
     return LLAMA2_OK;
 }
 
-int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err) {
-    if (!t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null transformer");
-    const llama2_config *c = &t->config;
+int llama2_context_forward(llama2_context *cx, int token, int pos, float **logits, llama2_error *err) {
+    if (!cx) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null context");
+    const llama2_config *c = &cx->t->config;
     int rc = check_token(c, token, err);
     if (rc) return rc;
-    if (pos < 0 || pos >= c->seq_len)
-        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, c->seq_len);
-    buffers one = {t->x, t->xb, t->xb2, t->hb, t->hb2, t->q, t->k, t->att, t->xq, t->hq, t->xs, t->hs};
-    forward_tokens(t, &one, &token, 1, pos, 1);
-    if (logits) *logits = t->logits;
+    if (pos < 0 || pos >= cx->n_ctx)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, cx->n_ctx);
+    buffers one = {cx->x, cx->xb, cx->xb2, cx->hb, cx->hb2, cx->q, cx->k, cx->att, cx->xq, cx->hq, cx->xs, cx->hs};
+    forward_tokens(cx, &one, &token, 1, pos, 1);
+    if (logits) *logits = cx->logits;
     llama2_ok(err);
     return LLAMA2_OK;
 }
 
-int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits,
-                         llama2_error *err) {
-    if (!t || (!tokens && n > 0)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
-    const llama2_config *c = &t->config;
+int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, int pos, float **logits,
+                                 llama2_error *err) {
+    if (!cx || (!tokens && n > 0)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    const llama2_config *c = &cx->t->config;
     if (n <= 0) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "a batch needs at least one token (got %d)", n);
-    if (pos < 0 || pos > c->seq_len - n)
-        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "positions %d..%d out of range [0, %d)", pos, pos + n - 1,
-                           c->seq_len);
+    if (pos < 0 || pos > cx->n_ctx - n)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "%d tokens at position %d do not fit in [0, %d)", n, pos,
+                           cx->n_ctx);
     for (int i = 0; i < n; i++) {
         int rc = check_token(c, tokens[i], err);
         if (rc) return rc;
     }
-    if (n == 1) return llama2_forward(t, tokens[0], pos, logits, err);
-    int rc = alloc_batch(t, err);
+    if (n == 1) return llama2_context_forward(cx, tokens[0], pos, logits, err);
+    int rc = alloc_batch(cx, err);
     if (rc) return rc;
-    buffers batch = {t->bx, t->bxb, t->bxb2, t->bhb, t->bhb2, t->bq, t->bk, t->batt, t->bxq, t->bhq, t->bxs, t->bhs};
+    buffers batch = {cx->bx, cx->bxb, cx->bxb2, cx->bhb, cx->bhb2, cx->bq, cx->bk, cx->batt,
+                     cx->bxq, cx->bhq, cx->bxs, cx->bhs};
     for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
         int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
-        forward_tokens(t, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
+        forward_tokens(cx, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
     }
-    if (logits) *logits = t->logits;
+    if (logits) *logits = cx->logits;
     llama2_ok(err);
     return LLAMA2_OK;
+}
+
+/* The model-level calls run in the model's own default context. */
+int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err) {
+    llama2_context *cx;
+    int rc = llama2_default_context(t, &cx, err);
+    return rc ? rc : llama2_context_forward(cx, token, pos, logits, err);
+}
+
+int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits,
+                         llama2_error *err) {
+    llama2_context *cx;
+    int rc = llama2_default_context(t, &cx, err);
+    return rc ? rc : llama2_context_forward_batch(cx, tokens, n, pos, logits, err);
 }

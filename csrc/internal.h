@@ -52,11 +52,37 @@ typedef struct {
     int n;
 } llama2_activation;
 
+/* ---- owned memory (memory.c) ---- */
+
+/* A zeroed buffer whose pages are committed only when first touched
+ * (anonymous mapping); huge: 2 MB-aligned and advised for huge pages. */
+void *llama2_lazy_alloc(size_t bytes, int huge);
+void llama2_lazy_free(void *p, size_t bytes, int huge);
+
+typedef struct {
+    void *p;
+    size_t bytes;
+    int lazy, huge;
+} llama2_buffer;
+
+/* Buffers freed together (a model's repacked weights, a context's state). */
+typedef struct {
+    llama2_buffer *items;
+    int n, cap;
+} llama2_buffers;
+
+/* Zeroed; buffers of 4 MB and more come from llama2_lazy_alloc (on huge
+ * pages when huge_ok), so untouched parts cost no memory. NULL: no memory. */
+void *llama2_buffers_alloc(llama2_buffers *b, size_t bytes, int huge_ok);
+void llama2_buffers_free(llama2_buffers *b);
+
+/* ---- the model: weights only, shared by every context ---- */
+
 struct llama2_transformer {
     llama2_config config;
     int gs; /* group size for Q8_0 matrices, 0 for fp32 */
     int n_threads;          /* asked for; 0 = default */
-    struct llama2_pool *pool; /* started on the first forward pass */
+    int threads_version;    /* bumped by set_threads: contexts restart their pools */
     const struct llama2_kernels_s *kernels;
 
     /* weights (pointers into the mapping or into owned buffers) */
@@ -68,15 +94,26 @@ struct llama2_transformer {
     /* storage */
     void *map;          /* memory-mapped file */
     int64_t map_size;
-    void **owned;       /* buffers to free */
-    int n_owned, cap_owned;
+    llama2_buffers owned;
     llama2_matrix *matrices; /* backing array for wq..w3 */
 
-    /* run state */
+    /* the context llama2_forward and llama2_session_new use, made on first use */
+    llama2_context *ctx;
+};
+
+/* ---- a context: one sequence's KV cache and the buffers a pass works in ---- */
+
+struct llama2_context {
+    llama2_transformer *t;
+    int n_ctx;                /* positions 0..n_ctx-1 */
+    struct llama2_pool *pool; /* started on the first forward pass */
+    int pool_version;         /* t->threads_version the pool was started for */
+
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att, *logits;
     float *key_cache;   /* per layer and kv head, positions in blocks (kernels.h) */
     float *value_cache; /* per layer, position after position, kv_dim each */
-    float *rope_cs; /* cos, sin of each position's rotation per pair of a head: seq_len x head_size */
+    float *rope_cs;     /* cos, sin of each position's rotation per pair of a head: n_ctx x head_size */
+    int rope_ready;     /* positions of rope_cs filled so far */
     int8_t *xq;  float *xs;  /* quantized dim-sized activation */
     int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
 
@@ -84,15 +121,19 @@ struct llama2_transformer {
      * LLAMA2_MAX_BATCH tokens (rows of dim / hidden_dim) */
     int batch_ready;
     float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq, *bk;
-    float *batt; /* attention scores: n_heads * seq_len per token of the batch */
+    float *batt; /* attention scores: n_heads * n_ctx per token of the batch */
     int8_t *bxq, *bhq;
     float *bxs, *bhs;
+
+    llama2_buffers owned;
 };
 
 #define LLAMA2_MAX_BATCH 64
 
 /* checkpoint.c */
 void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t */
+/* the default context, made on first use */
+int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_error *err);
 
 /* run.c: fp32 pieces (also used by the int8 path) */
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
@@ -115,7 +156,5 @@ void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const 
 /* sampler.c: advance the RNG as one sample would, without sampling */
 void llama2_sampler_skip(llama2_sampler *s);
 
-/* forward.c */
-int llama2_alloc_state(llama2_transformer *t, llama2_error *err);
 
 #endif

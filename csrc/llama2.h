@@ -73,17 +73,43 @@ LLAMA2_API int llama2_transformer_open(llama2_transformer **out, const char *pat
                                        unsigned flags, llama2_error *err);
 LLAMA2_API void llama2_transformer_free(llama2_transformer *t);
 LLAMA2_API const llama2_config *llama2_transformer_config(const llama2_transformer *t);
-/* n <= 0: as many as the machine has. */
+/* n <= 0: as many as the machine has; more than 256 counts as 256. Takes
+ * effect on each context's next pass; not while a pass runs. */
 LLAMA2_API void llama2_transformer_set_threads(llama2_transformer *t, int n);
+
+/* ---- contexts: one sequence's KV cache and run state ------------------- */
+
+/* A model holds only weights; a context holds what one sequence needs: its
+ * KV cache for positions 0..n_ctx-1 and the buffers a pass works in. Any
+ * number of contexts share one model, and contexts of one model may run in
+ * different threads at once (one context must not be used from two threads
+ * at the same time). Memory is committed as positions are reached, so a
+ * short run costs little however large n_ctx is. */
+typedef struct llama2_context llama2_context;
+
+/* n_ctx <= 0: the model's seq_len; larger than seq_len is an error. The
+ * context borrows t, which must outlive it. */
+LLAMA2_API int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx,
+                                  llama2_error *err);
+LLAMA2_API void llama2_context_free(llama2_context *ctx);
+LLAMA2_API int llama2_context_n_ctx(const llama2_context *ctx);
+
 /* Runs one token at one position and returns the logits (vocab_size floats,
- * owned by the transformer, valid until the next call). The KV cache keeps
+ * owned by the context, valid until its next call). The KV cache keeps
  * positions 0..pos-1 from earlier calls. */
-LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,
-                              llama2_error *err);
+LLAMA2_API int llama2_context_forward(llama2_context *ctx, int token, int pos, float **logits,
+                                      llama2_error *err);
 
 /* Runs n tokens at positions pos..pos+n-1 in one pass over the weights
  * (prompt processing). The KV cache and, when logits is not NULL, the last
- * token's logits are bit-identical to n calls of llama2_forward. */
+ * token's logits are bit-identical to n calls of llama2_context_forward. */
+LLAMA2_API int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos,
+                                            float **logits, llama2_error *err);
+
+/* The same two in the model's own default context (made on first use, with
+ * n_ctx = seq_len): what llama2.c's single-sequence programs need. */
+LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,
+                              llama2_error *err);
 LLAMA2_API int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos,
                                     float **logits, llama2_error *err);
 
@@ -183,10 +209,15 @@ typedef struct llama2_session llama2_session;
 #define LLAMA2_MODE_GENERATE 0
 #define LLAMA2_MODE_CHAT 1
 
-/* The session borrows t, tk and s; they must outlive it. steps <= 0 or
- * > seq_len means seq_len. In generate mode the prompt (may be "") is
- * encoded with BOS; in chat mode the first call to llama2_session_step asks
- * for input. */
+/* The session borrows ctx, tk and s; they must outlive it, and it writes
+ * ctx's KV cache from position 0. steps <= 0 or > n_ctx means n_ctx. In
+ * generate mode the prompt (may be "") is encoded with BOS; in chat mode the
+ * first call to llama2_session_step asks for input. */
+LLAMA2_API int llama2_session_new_ctx(llama2_session **out, llama2_context *ctx,
+                                      llama2_tokenizer *tk, llama2_sampler *s, int mode,
+                                      const char *prompt, size_t prompt_len, int steps,
+                                      llama2_error *err);
+/* The same in t's default context (llama2_forward's). */
 LLAMA2_API int llama2_session_new(llama2_session **out, llama2_transformer *t,
                                   llama2_tokenizer *tk, llama2_sampler *s, int mode,
                                   const char *prompt, size_t prompt_len, int steps,

@@ -9,7 +9,7 @@
 #include <string.h>
 
 struct llama2_session {
-    llama2_transformer *t;
+    llama2_context *ctx;
     llama2_tokenizer *tk;
     llama2_sampler *s;
     int mode, steps;
@@ -42,7 +42,7 @@ static int set_prompt(llama2_session *ss, const char *text, size_t len, llama2_e
     }
     int rc = llama2_encode(ss->tk, text, len, 1, 0, ss->prompt, &ss->n_prompt, err);
     if (rc) return rc;
-    int vocab = llama2_transformer_config(ss->t)->vocab_size;
+    int vocab = ss->ctx->t->config.vocab_size;
     for (int i = 0; i < ss->n_prompt; i++)
         if (ss->prompt[i] >= vocab)
             return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
@@ -147,21 +147,31 @@ int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_token
                        llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps,
                        llama2_error *err) {
     llama2_ok(err);
-    if (!out || !t || !tk || !s) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (!out || !t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    llama2_context *ctx;
+    int rc = llama2_default_context(t, &ctx, err);
+    return rc ? rc : llama2_session_new_ctx(out, ctx, tk, s, mode, prompt, prompt_len, steps, err);
+}
+
+int llama2_session_new_ctx(llama2_session **out, llama2_context *ctx, llama2_tokenizer *tk,
+                           llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps,
+                           llama2_error *err) {
+    llama2_ok(err);
+    if (!out || !ctx || !tk || !s) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
     *out = NULL;
     if (mode != LLAMA2_MODE_GENERATE && mode != LLAMA2_MODE_CHAT)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "unknown mode %d", mode);
-    const llama2_config *c = llama2_transformer_config(t);
+    const llama2_config *c = &ctx->t->config;
     if (llama2_tokenizer_vocab_size(tk) < c->vocab_size)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "tokenizer has %d tokens but the model's vocab_size is %d",
                            llama2_tokenizer_vocab_size(tk), c->vocab_size);
     llama2_session *ss = (llama2_session *)calloc(1, sizeof(*ss));
     if (!ss) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
-    ss->t = t;
+    ss->ctx = ctx;
     ss->tk = tk;
     ss->s = s;
     ss->mode = mode;
-    ss->steps = steps <= 0 || steps > c->seq_len ? c->seq_len : steps;
+    ss->steps = steps <= 0 || steps > ctx->n_ctx ? ctx->n_ctx : steps;
     int longest = 0;
     for (int i = 0; i < c->vocab_size; i++) {
         int len = 0;
@@ -197,7 +207,7 @@ static int emit(llama2_session *ss, int prev, int token, int at) {
  * logits are not needed) and returns in st the text those m steps print.
  * chat: each of those steps would also have drawn a sample. */
 static int prefill(llama2_session *ss, llama2_step *st, int from, int m, int chat, llama2_error *err) {
-    int rc = llama2_forward_batch(ss->t, ss->prompt + from, m, ss->pos, NULL, err);
+    int rc = llama2_context_forward_batch(ss->ctx, ss->prompt + from, m, ss->pos, NULL, err);
     if (rc) return rc;
     size_t n = 0;
     for (int i = 0; i < m; i++) {
@@ -235,7 +245,7 @@ static int step_generate(llama2_session *ss, llama2_step *st, llama2_error *err)
         }
     }
     float *logits;
-    int rc = llama2_forward(ss->t, ss->token, ss->pos, &logits, err);
+    int rc = llama2_context_forward(ss->ctx, ss->token, ss->pos, &logits, err);
     if (rc) return rc;
     st->token = ss->token;
     st->in_prompt = ss->pos < ss->n_prompt - 1;
@@ -269,7 +279,7 @@ static int step_chat(llama2_session *ss, llama2_step *st, llama2_error *err) {
     int token = ss->user_idx < ss->n_prompt ? ss->prompt[ss->user_idx++] : ss->next;
     if (token == LLAMA2_TOKEN_EOS) ss->user_turn = 1;
     float *logits;
-    int rc = llama2_forward(ss->t, token, ss->pos, &logits, err);
+    int rc = llama2_context_forward(ss->ctx, token, ss->pos, &logits, err);
     if (rc) return rc;
     llama2_sampler_accept(ss->s, token);
     ss->next = llama2_sample(ss->s, logits);

@@ -70,8 +70,7 @@ static void find_kernels(void) {
 /* a dummy transformer that owns packed buffers */
 static llama2_transformer *owner(void) { return (llama2_transformer *)calloc(1, sizeof(llama2_transformer)); }
 static void free_owner(llama2_transformer *t) {
-    for (int i = 0; i < t->n_owned; i++) free(t->owned[i]);
-    free(t->owned);
+    llama2_buffers_free(&t->owned);
     free(t);
 }
 

@@ -13,10 +13,16 @@
 #include "internal.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#if !defined(_WIN32)
+#include <fcntl.h>
+#include <unistd.h>
+#endif
 
 #define MAX_PIECE_BYTES (1 << 16)
 
@@ -79,12 +85,44 @@ static int build_table(llama2_tokenizer *tk) {
 
 /* ---- loading ---- */
 
-static int read_file(const char *path, unsigned char **data, size_t *size, llama2_error *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
-        return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot open tokenizer file: %s", path, strerror(errno));
+/* Opens path for reading only if it is a regular file: checked on the open
+ * descriptor, and opened without blocking, so a FIFO or a device is an
+ * error instead of a hang. */
+static FILE *open_regular(const char *path, llama2_error *err, int *rc) {
+#if defined(_WIN32)
+    struct _stati64 st;
+    if (_stati64(path, &st) != 0) {
+        *rc = errno == ENOENT ? llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path)
+                              : llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
+        return NULL;
     }
+    if (!(st.st_mode & _S_IFREG)) {
+        *rc = llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
+        return NULL;
+    }
+    FILE *f = fopen(path, "rb");
+#else
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    struct stat st;
+    if (fd >= 0 && (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))) {
+        close(fd);
+        *rc = llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
+        return NULL;
+    }
+    FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
+    if (fd >= 0 && !f) close(fd);
+#endif
+    if (!f)
+        *rc = errno == ENOENT ? llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path)
+                              : llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot open tokenizer file: %s", path,
+                                            strerror(errno));
+    return f;
+}
+
+static int read_file(const char *path, unsigned char **data, size_t *size, llama2_error *err) {
+    int rc = LLAMA2_OK;
+    FILE *f = open_regular(path, err, &rc);
+    if (!f) return rc;
     size_t cap = 1 << 16, n = 0;
     unsigned char *buf = (unsigned char *)malloc(cap);
     while (buf) {
@@ -99,7 +137,7 @@ static int read_file(const char *path, unsigned char **data, size_t *size, llama
     int failed = ferror(f);
     fclose(f);
     if (!buf) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory reading %s", path);
-    if (failed) { free(buf); return llama2_fail(err, LLAMA2_ERR_IO, "%s: read error (is it a directory?)", path); }
+    if (failed) { free(buf); return llama2_fail(err, LLAMA2_ERR_IO, "%s: read error", path); }
     *data = buf;
     *size = n;
     return LLAMA2_OK;
@@ -333,6 +371,8 @@ int llama2_encode(llama2_tokenizer *tk, const char *text, size_t len, int bos, i
     llama2_ok(err);
     if (!tk || (!text && len) || !tokens || !n_tokens)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (len > (size_t)INT_MAX - 3)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "text of %zu bytes is too long to encode", len);
     int n = 0;
     if (bos) tokens[n++] = LLAMA2_TOKEN_BOS;
     if (len > 0 && tk->space_id >= 0) tokens[n++] = tk->space_id;
@@ -350,7 +390,12 @@ int llama2_encode(llama2_tokenizer *tk, const char *text, size_t len, int bos, i
         if (id >= 0) {
             tokens[n++] = id;
         } else {
-            for (size_t j = 0; j < cp_len; j++) tokens[n++] = (unsigned char)cp[j] + 3;
+            /* byte fallback: <0x00>..<0xFF> are ids 3..258, as in llama2.c; a
+             * vocabulary too small to hold a byte's id gets <unk> (id 0) */
+            for (size_t j = 0; j < cp_len; j++) {
+                int byte_id = (unsigned char)cp[j] + 3;
+                tokens[n++] = byte_id < tk->vocab_size ? byte_id : 0;
+            }
         }
         cp_len = 0;
     }

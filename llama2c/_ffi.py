@@ -37,6 +37,12 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
 void llama2_transformer_free(llama2_transformer *t);
 const llama2_config *llama2_transformer_config(const llama2_transformer *t);
 void llama2_transformer_set_threads(llama2_transformer *t, int n);
+typedef struct llama2_context llama2_context;
+int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err);
+void llama2_context_free(llama2_context *ctx);
+int llama2_context_n_ctx(const llama2_context *ctx);
+int llama2_context_forward(llama2_context *ctx, int token, int pos, float **logits, llama2_error *err);
+int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err);
 int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 
@@ -70,6 +76,7 @@ typedef struct {
     int text_len; const char *text;
 } llama2_step;
 typedef struct llama2_session llama2_session;
+int llama2_session_new_ctx(llama2_session **out, llama2_context *ctx, llama2_tokenizer *tk, llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps, llama2_error *err);
 int llama2_session_new(llama2_session **out, llama2_transformer *t, llama2_tokenizer *tk, llama2_sampler *s, int mode, const char *prompt, size_t prompt_len, int steps, llama2_error *err);
 void llama2_session_free(llama2_session *ss);
 int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);

@@ -17,18 +17,18 @@ import time
 from .errors import Llama2Error
 
 
-def _load(model, tokenizer, n_threads=None, quantize=False):
+def _load(model, tokenizer, n_threads=None, quantize=False, n_ctx=None):
     from .generate import Llama
     from .models import bundled_model
 
     if model is None:
         model, default_tok = bundled_model()
         tokenizer = tokenizer or default_tok
-    return Llama(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize)
+    return Llama(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize, n_ctx=n_ctx)
 
 
 def cmd_generate(args) -> int:
-    llama = _load(args.model, args.tokenizer, args.threads, args.quantize)
+    llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     start, n = None, 0
     for piece in llama.stream(args.prompt, steps=args.steps, temperature=args.temperature,
                               topp=args.top_p, seed=args.seed, top_k=args.top_k, min_p=args.min_p,
@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llama = _load(args.model, args.tokenizer, args.threads, args.quantize)
+    llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     session = llama.chat_session(system=args.system)
     while True:
         try:
@@ -61,7 +61,7 @@ def cmd_chat(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        if session.pos >= llama.config.seq_len:
+        if session.pos >= session.n_ctx:
             print("(the model's context is full)", file=sys.stderr)
             return 0
 
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep tokens with p >= MIN_P * p_max (default off)")
         sp.add_argument("--repeat-penalty", type=float, default=1.0,
                         help="penalize tokens seen in the last 64 (e.g. 1.1; default 1 = off)")
-        sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+        sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores, at most 256)")
+        sp.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
+                        help="context length in tokens (default: the model's seq_len)")
         sp.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
 
     g = sub.add_parser("generate", help="generate text from a prompt")
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (Llama2Error, OSError, ValueError) as e:
+    except (Llama2Error, OSError, ValueError, OverflowError) as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f"llama2c: error: {msg}", file=sys.stderr)
         return 1

@@ -18,9 +18,11 @@ import numpy as np
 
 from . import _ffi
 from ._ffi import ffi, lib
+from .context import Context
 from .errors import InvalidArgumentError, StateError, new_error, raise_for
 from .sampler import Sampler, check_settings, resolve_seed
 from .tokenizer import BOS, EOS, Tokenizer
+from .validate import c_path, check_int, check_threads
 
 
 @dataclass(frozen=True)
@@ -95,26 +97,51 @@ class Llama:
 
     tokenizer=None uses tokenizer.bin beside the model file (loaded on first
     use, so forward() works without one). quantize=True runs fp32 files with
-    the int8 engine (Q8_0, quantized while loading), as `runq` does."""
+    the int8 engine (Q8_0, quantized while loading), as `runq` does.
+    n_ctx: the context length of every context made here (default: the
+    model's seq_len; memory is committed only as positions are reached).
+
+    The weights are loaded once; forward(), generate()/stream() and each chat
+    session run in contexts of their own (see create_context), so none of
+    them disturbs another's KV cache."""
 
     def __init__(self, model_path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                 n_threads: int | None = None, quantize: bool = False):
-        self.model_path = os.fspath(model_path)
+                 n_threads: int | None = None, quantize: bool = False, n_ctx: int | None = None):
+        raw_path = c_path(model_path)
+        self.model_path = os.fsdecode(raw_path)
+        threads = check_threads(n_threads) if n_threads is not None else None
+        if n_ctx is not None:
+            n_ctx = check_int("n_ctx", n_ctx, 1)
+        tokenizer_raw = c_path(tokenizer) if tokenizer is not None else None
         err = new_error()
         out = ffi.new("llama2_transformer **")
         flags = _ffi.OPEN_QUANTIZE if quantize else 0
-        raise_for(lib.llama2_transformer_open(out, self.model_path.encode(), flags, err), err,
-                  self.model_path)
+        raise_for(lib.llama2_transformer_open(out, raw_path, flags, err), err, self.model_path)
         self._ptr = ffi.gc(out[0], lib.llama2_transformer_free)
         self.config = _config_from(lib.llama2_transformer_config(self._ptr))
-        if n_threads is not None:
-            if int(n_threads) < 1:
-                raise InvalidArgumentError(f"n_threads must be >= 1 (got {n_threads})")
-            lib.llama2_transformer_set_threads(self._ptr, int(n_threads))
-        self._tokenizer_path = os.fspath(tokenizer) if tokenizer is not None else None
+        if n_ctx is not None and n_ctx > self.config.seq_len:
+            raise InvalidArgumentError(f"n_ctx {n_ctx} is larger than the model's seq_len {self.config.seq_len}")
+        self.n_ctx: int = n_ctx or self.config.seq_len
+        if threads is not None:
+            lib.llama2_transformer_set_threads(self._ptr, threads)
+        self._tokenizer_path = os.fsdecode(tokenizer_raw) if tokenizer_raw is not None else None
         self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._context: Context | None = None  # forward() / forward_batch()
+        self._gen_context: Context | None = None  # generate() / stream()
+
+    def create_context(self, n_ctx: int | None = None) -> Context:
+        """A fresh KV cache over this model's weights (n_ctx: default this
+        Llama's), with forward() and forward_batch() of its own."""
+        return Context(self._ptr, self.n_ctx if n_ctx is None else n_ctx, self.config.vocab_size, owner=self)
+
+    @property
+    def context(self) -> Context:
+        """The context forward() and forward_batch() run in."""
+        if self._context is None:
+            self._context = self.create_context()
+        return self._context
 
     # ---- exclusive use: one call at a time per model ----
     def _acquire(self):
@@ -148,42 +175,30 @@ class Llama:
         return self.tokenizer.decode(ids)
 
     def forward(self, token: int, pos: int) -> np.ndarray:
-        """Logits (float32, vocab_size) for token at position pos; the KV cache
-        holds whatever positions earlier calls filled."""
-        err = new_error()
-        logits = ffi.new("float **")
-        self._acquire()
-        try:
-            raise_for(lib.llama2_forward(self._ptr, int(token), int(pos), logits, err), err)
-            return np.frombuffer(ffi.buffer(logits[0], 4 * self.config.vocab_size), dtype=np.float32).copy()
-        finally:
-            self._release()
+        """Logits (float32, vocab_size) for token at position pos in this
+        Llama's own context (self.context): its KV cache holds whatever
+        positions earlier forward calls filled; generate() and chat sessions
+        do not touch it. Calls from several threads are serialized."""
+        return self.context.forward(token, pos)
 
     def forward_batch(self, tokens, pos: int) -> np.ndarray:
         """Runs tokens at positions pos, pos+1, ... in one pass over the weights
         (prompt processing) and returns the last token's logits: bit-identical
         to calling forward() for each token in turn."""
-        ids = [int(t) for t in tokens]
-        err = new_error()
-        logits = ffi.new("float **")
-        self._acquire()
-        try:
-            raise_for(lib.llama2_forward_batch(self._ptr, ffi.new("int[]", ids), len(ids), int(pos), logits, err), err)
-            return np.frombuffer(ffi.buffer(logits[0], 4 * self.config.vocab_size), dtype=np.float32).copy()
-        finally:
-            self._release()
+        return self.context.forward_batch(tokens, pos)
 
     # ---- generation ----
     def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
-        if int(steps) < 0:
-            raise InvalidArgumentError(f"steps must be >= 0 (got {steps})")
+        steps = check_int("steps", steps, 0)
         tok = self.tokenizer
         sampler = _make_sampler(self.config.vocab_size, sampling)
         data = _bytes(prompt)
+        if self._gen_context is None:
+            self._gen_context = self.create_context()
         out = ffi.new("llama2_session **")
         err = new_error()
-        raise_for(lib.llama2_session_new(out, self._ptr, tok._ptr, sampler._ptr, _ffi.MODE_GENERATE,
-                                         data, len(data), int(steps), err), err)
+        raise_for(lib.llama2_session_new_ctx(out, self._gen_context._ptr, tok._ptr, sampler._ptr,
+                                             _ffi.MODE_GENERATE, data, len(data), steps, err), err)
         session = ffi.gc(out[0], lib.llama2_session_free)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if stops or stop_at_eos:
@@ -194,7 +209,7 @@ class Llama:
             raise_for(lib.llama2_session_set_stops(session, int(bool(stop_at_eos)), ffi.new("char *[]", keep),
                                                    ffi.new("size_t[]", [len(b) for b in encoded]),
                                                    len(encoded), err), err)
-        # the session borrows the sampler: keep it alive as long as the session
+        # the session borrows the sampler and the context: both live in this call
         return session, sampler
 
     def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
@@ -249,7 +264,8 @@ class Llama:
 
     # ---- chat (Llama 2 chat template) ----
     def chat_session(self, system: str | None = None) -> "ChatSession":
-        """A multi-turn conversation that keeps its KV cache between turns."""
+        """A multi-turn conversation with a KV cache (a context) of its own,
+        kept between turns."""
         return ChatSession(self, system)
 
     def chat(self, messages: str | list[dict], *, steps: int | None = None, temperature: float = 1.0,
@@ -271,11 +287,14 @@ class Llama:
 
 class ChatSession:
     """Turns of a Llama 2 chat: each user turn is `[INST] ... [/INST]` after
-    BOS, the reply runs until EOS, and everything shares one KV cache."""
+    BOS, the reply runs until EOS, and every turn goes into the session's own
+    context, which nothing else writes."""
 
     def __init__(self, llama: Llama, system: str | None):
         self.llama = llama
         self.system = system
+        self.context = llama.create_context()
+        self.n_ctx = self.context.n_ctx
         self.pos = 0
         self.turns = 0
         self._pending: list[int] = []  # tokens to feed before the next turn (EOS)
@@ -289,16 +308,18 @@ class ChatSession:
         return self.llama.tokenize(f"[INST] {text} [/INST]", bos=True)
 
     def _feed(self, tokens: list[int]) -> np.ndarray | None:
-        logits = None
+        """Runs tokens in one batched pass (bit-identical to one at a time)."""
+        if not tokens:
+            return None
+        if self.pos + len(tokens) > self.n_ctx:
+            raise InvalidArgumentError(f"the conversation is longer than the context: {self.pos} tokens so far "
+                                       f"and {len(tokens)} more do not fit in n_ctx {self.n_ctx}")
         for t in tokens:
             if self._sampler is not None:
                 self._sampler.accept(t)
             self._history.append(t)
-            if self.pos >= self.llama.config.seq_len:
-                raise InvalidArgumentError(f"the conversation is longer than the model's seq_len "
-                                           f"({self.llama.config.seq_len})")
-            logits = self.llama.forward(t, self.pos)
-            self.pos += 1
+        logits = self.context.forward_batch(tokens, self.pos)
+        self.pos += len(tokens)
         return logits
 
     def _feed_history(self, user: str, reply: str) -> None:
@@ -321,7 +342,7 @@ class ChatSession:
         logits = self._feed(self._pending + self._user_tokens(user))
         self._pending = []
         self.turns += 1
-        budget = llama.config.seq_len - self.pos if steps is None else int(steps)
+        budget = self.n_ctx - self.pos if steps is None else check_int("steps", steps, 0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         filt = ffi.new("llama2_utf8_filter *")
         buf = ffi.new("char[]", 4096)
@@ -339,7 +360,7 @@ class ChatSession:
             if text:
                 yield text
             prev = token
-            if self.pos >= llama.config.seq_len:
+            if self.pos >= self.n_ctx:
                 break
             logits = self._feed([token])
         tail = decoder.decode(b"", final=True)
@@ -370,5 +391,5 @@ def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
 
         model_path, default_tok = bundled_model()
         tokenizer = tokenizer if tokenizer is not None else default_tok
-    llama = Llama(model_path, tokenizer=tokenizer)
+    llama = Llama(model_path, tokenizer=tokenizer, n_ctx=extensions.pop("n_ctx", None))
     return llama.generate(prompt, steps=steps, temperature=temperature, topp=topp, seed=seed, **extensions)

@@ -19,7 +19,8 @@ USAGE = """usage: llama2c run <model.bin> [options]
   -i <string> prompt
   -z <string> tokenizer file (default: tokenizer.bin)
   -m <string> mode: generate or chat (default generate)
-  -y <string> system prompt for chat mode"""
+  -y <string> system prompt for chat mode
+  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)"""
 
 
 def _usage(why: str) -> int:
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
         return _usage("a model file is required")
     model = argv[0]
     opts = {"t": "1.0", "p": "0.9", "s": "0", "n": "256", "i": None, "z": "tokenizer.bin",
-            "m": "generate", "y": None}
+            "m": "generate", "y": None, "c": "0"}
     rest = argv[1:]
     for k in range(0, len(rest), 2):
         flag = rest[k]
@@ -82,14 +83,18 @@ def main(argv: list[str]) -> int:
     if not 0.0 <= topp <= 1.0:
         topp = 0.9
     steps = max(steps, 0)
+    n_ctx = _to_int32(_c_atoi(opts["c"]))
+    if n_ctx < 0:
+        return _usage("the context length must be >= 0")
 
-    llama = Llama(model, tokenizer=opts["z"])
+    llama = Llama(model, tokenizer=opts["z"], n_ctx=n_ctx or None)
+    context = llama.create_context()
     sampler = Sampler(llama.config.vocab_size, temperature=temperature, topp=topp, seed=seed)
     mode = _ffi.MODE_CHAT if opts["m"] == "chat" else _ffi.MODE_GENERATE
     prompt = (opts["i"] or "").encode() if mode == _ffi.MODE_GENERATE else b""
     out, err = ffi.new("llama2_session **"), new_error()
-    raise_for(lib.llama2_session_new(out, llama._ptr, llama.tokenizer._ptr, sampler._ptr, mode,
-                                     prompt, len(prompt), steps, err), err)
+    raise_for(lib.llama2_session_new_ctx(out, context._ptr, llama.tokenizer._ptr, sampler._ptr, mode,
+                                         prompt, len(prompt), steps, err), err)
     session = ffi.gc(out[0], lib.llama2_session_free)
     step = ffi.new("llama2_step *")
     stdout = sys.stdout.buffer

@@ -7,22 +7,35 @@ import numpy as np
 
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError, new_error, raise_for
+from .validate import check_int
 
 U64 = (1 << 64) - 1
 
 
+def as_float(name: str, value) -> float:
+    """value as a float; anything else (or an int too big for a float) is an
+    InvalidArgumentError."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be a number (got {value!r})")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"{name} must be a number (got {value!r})") from None
+
+
 def check_settings(temperature: float, topp: float, top_k: int = 0, min_p: float = 0.0,
                    repetition_penalty: float = 1.0) -> None:
+    temperature, topp = as_float("temperature", temperature), as_float("topp", topp)
+    min_p, repetition_penalty = as_float("min_p", min_p), as_float("repetition_penalty", repetition_penalty)
     if not temperature >= 0.0:
         raise InvalidArgumentError(f"temperature must be >= 0 (got {temperature})")
     if not 0.0 <= topp <= 1.0:
         raise InvalidArgumentError(f"topp must be in [0, 1] (got {topp})")
-    if int(top_k) < 0:
-        raise InvalidArgumentError(f"top_k must be >= 0 (got {top_k})")
+    check_int("top_k", top_k, 0)
     if not 0.0 <= min_p <= 1.0:
         raise InvalidArgumentError(f"min_p must be in [0, 1] (got {min_p})")
-    if not repetition_penalty > 0.0:
-        raise InvalidArgumentError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
+    if not 0.0 < repetition_penalty < float("inf"):
+        raise InvalidArgumentError(f"repetition_penalty must be > 0 and finite (got {repetition_penalty})")
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -41,12 +54,13 @@ class Sampler:
                  seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, repetition_window: int = 64):
         check_settings(temperature, topp, top_k, min_p, repetition_penalty)
-        self.vocab_size = int(vocab_size)
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
         params = ffi.new("llama2_sampler_params *")
         lib.llama2_sampler_params_default(params)
-        params.temperature, params.topp = temperature, topp
-        params.topk, params.minp = int(top_k), min_p
-        params.repetition_penalty, params.repetition_window = repetition_penalty, int(repetition_window)
+        params.temperature, params.topp = as_float("temperature", temperature), as_float("topp", topp)
+        params.topk, params.minp = check_int("top_k", top_k, 0), as_float("min_p", min_p)
+        params.repetition_penalty = as_float("repetition_penalty", repetition_penalty)
+        params.repetition_window = check_int("repetition_window", repetition_window, 0)
         out = ffi.new("llama2_sampler **")
         err = new_error()
         raise_for(lib.llama2_sampler_new(out, self.vocab_size, params, resolve_seed(seed), err), err)
@@ -64,7 +78,7 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         """Records a context token for the repetition penalty."""
-        lib.llama2_sampler_accept(self._ptr, int(token))
+        lib.llama2_sampler_accept(self._ptr, check_int("token", token))
 
     @property
     def rng_state(self) -> int:

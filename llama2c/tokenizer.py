@@ -5,6 +5,7 @@ import os
 
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError, new_error, raise_for
+from .validate import INT_MAX, c_path, check_int
 
 BOS, EOS = 1, 2
 
@@ -16,11 +17,12 @@ class Tokenizer:
     (a model's tokenizer is opened with the model's vocab_size)."""
 
     def __init__(self, path: str | os.PathLike, vocab_size: int | None = None):
-        self.path = os.fspath(path)
+        raw = c_path(path)
+        self.path = os.fsdecode(raw)
+        n = -1 if vocab_size is None else check_int("vocab_size", vocab_size, 1)
         err = new_error()
         out = ffi.new("llama2_tokenizer **")
-        n = -1 if vocab_size is None else int(vocab_size)
-        raise_for(lib.llama2_tokenizer_open(out, self.path.encode(), n, err), err, self.path)
+        raise_for(lib.llama2_tokenizer_open(out, raw, n, err), err, self.path)
         self._ptr = ffi.gc(out[0], lib.llama2_tokenizer_free)
 
     @property
@@ -32,17 +34,19 @@ class Tokenizer:
         err = new_error()
         piece = ffi.new("const char **")
         length = ffi.new("int *")
-        raise_for(lib.llama2_tokenizer_piece(self._ptr, int(token), piece, length, ffi.NULL, err), err)
+        raise_for(lib.llama2_tokenizer_piece(self._ptr, check_int("token", token), piece, length, ffi.NULL, err), err)
         return ffi.unpack(piece[0], length[0])
 
     def score(self, token: int) -> float:
         err = new_error()
         score = ffi.new("float *")
-        raise_for(lib.llama2_tokenizer_piece(self._ptr, int(token), ffi.NULL, ffi.NULL, score, err), err)
+        raise_for(lib.llama2_tokenizer_piece(self._ptr, check_int("token", token), ffi.NULL, ffi.NULL, score, err), err)
         return score[0]
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if len(data) > INT_MAX - 3:
+            raise InvalidArgumentError(f"text of {len(data)} bytes is too long to encode")
         tokens = ffi.new("int[]", len(data) + 3)
         n = ffi.new("int *")
         err = new_error()
@@ -59,7 +63,7 @@ class Tokenizer:
         err = new_error()
         vocab = self.vocab_size
         for token in ids:
-            token = int(token)
+            token = check_int("token", token)
             if not 0 <= token < vocab:
                 raise InvalidArgumentError(f"token {token} out of range [0, {vocab})")
             if token in (BOS, EOS):
