@@ -366,11 +366,12 @@ def test_hf_export_and_import_round_trip(transformers, tmp_path, case):
     assert export(folder, "--version", "hf", "--checkpoint", ckpt) == 0
     conf = json.loads((folder / "config.json").read_text())
     assert conf["architectures"] == ["LlamaForCausalLM"] and conf["model_type"] == "llama"
-    # exporting again over the folder is fine; stale shards beside it are refused
-    assert export(folder, "--version", "hf", "--checkpoint", ckpt) == 0
+    # exporting again over the folder takes --force; stale shards beside it are refused
+    assert export(folder, "--version", "hf", "--checkpoint", ckpt) == 1
+    assert export(folder, "--version", "hf", "--checkpoint", ckpt, "--force") == 0
     (tmp_path / "stale").mkdir()
     (tmp_path / "stale" / "model-00001-of-00002.safetensors").write_bytes(b"")
-    assert export(tmp_path / "stale", "--version", "hf", "--checkpoint", ckpt) == 1
+    assert export(tmp_path / "stale", "--version", "hf", "--checkpoint", ckpt, "--force") == 1
     assert not (tmp_path / "stale" / "model.safetensors").exists()
     assert (conf["hidden_size"], conf["intermediate_size"], conf["num_hidden_layers"],
             conf["num_attention_heads"], conf["num_key_value_heads"], conf["vocab_size"],
@@ -533,7 +534,7 @@ def test_failed_export_leaves_no_partial_file(tmp_path):
         out = tmp_path / "model.bin"
         out.write_bytes(b"previous")
         with pytest.raises(RuntimeError, match="disk on fire"):
-            write_bin(_Failing(model.params, model.state_dict()), out, version)
+            write_bin(_Failing(model.params, model.state_dict()), out, version, force=True)
         assert out.read_bytes() == b"previous"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
     with pytest.raises(RuntimeError):

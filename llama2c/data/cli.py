@@ -1,12 +1,15 @@
 """Command line of the data tools (called by `llama2c tokenizer ...` / `llama2c data ...`,
 or `python -m llama2c.data ...`):
 
-  tokenizer train INPUT... --vocab-size N -o tok.model
-  tokenizer export tok.model [-o tok.bin]
+  tokenizer train INPUT... --vocab-size N -o tok.model [--force]
+  tokenizer export tok.model [-o tok.bin] [--force]
   data prepare INPUT... --tokenizer tok.model -o DIR [--val-fraction F] [--workers N]
   data tinystories download [--data-dir data] [--url URL]
   data tinystories train_vocab --vocab-size N [--data-dir data]
   data tinystories pretokenize [--vocab-size N] [--tokenizer tok.model] [--data-dir data]
+
+An existing tokenizer file is replaced only with --force; `data prepare` builds the
+new shards beside DIR and swaps them in only when they are complete.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def cmd_tokenizer_train(a) -> int:
 
     out = train_tokenizer(a.inputs, a.vocab_size, a.output, num_threads=a.threads,
                           input_sentence_size=a.max_sentences,
-                          remove_extra_whitespaces=a.remove_extra_whitespaces, verbose=a.verbose)
+                          remove_extra_whitespaces=a.remove_extra_whitespaces, verbose=a.verbose,
+                          force=a.force)
     print(f"wrote {out} ({a.vocab_size} pieces)", file=sys.stderr)
     return 0
 
@@ -40,7 +44,7 @@ def cmd_tokenizer_export(a) -> int:
         raise ValueError("tokenizer export is not available in this installation "
                          "(llama2c.export.tokenizer_bin is missing)")
     out = a.output or str(Path(a.model).with_suffix(".bin"))
-    export(a.model, out)
+    export(a.model, out, force=a.force)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -101,10 +105,12 @@ def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
                    help="collapse runs of spaces (SentencePiece's default, which llama2.c's "
                         "train_vocab left on); off by default so encoding matches the C tokenizer")
     t.add_argument("-v", "--verbose", action="store_true", help="show SentencePiece's log")
+    t.add_argument("-f", "--force", action="store_true", help="replace an existing output model")
     t.set_defaults(func=cmd_tokenizer_train)
     e = tsub.add_parser("export", help="write a tokenizer.bin for ./run")
     e.add_argument("model", help="SentencePiece .model")
     e.add_argument("-o", "--output", default=None, help="output .bin (default: MODEL with .bin)")
+    e.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     e.set_defaults(func=cmd_tokenizer_export)
 
     data = top.add_parser("data", help="prepare training data")

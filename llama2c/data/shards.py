@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +28,7 @@ import numpy as np
 from .stories import PathLike, expand_inputs, read_stories, validation_mask
 
 META = "meta.json"
+TOKENIZER = "tokenizer.model"
 MAX_VOCAB = 65536            # ids must fit in uint16
 DEFAULT_SHARD_TOKENS = 1 << 27
 CHUNK_STORIES = 2000
@@ -123,6 +125,8 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
     ``workers`` processes encode in parallel (default: the number of CPUs).
     Worker processes start only once there is more than ``parallel_threshold``
     characters of text (smaller inputs encode faster in this process).
+    The new set is built in a temporary directory beside ``out_dir`` and swapped in
+    only when it is complete: on any error the previous set stays as it was.
     Returns the metadata also written to ``out_dir/meta.json``."""
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
@@ -143,14 +147,40 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
     workers = max(1, int(workers or os.cpu_count() or 1))
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")) + [out / META]:
-        if stale.exists():
-            stale.unlink()
-    tok_copy = out / "tokenizer.model"
-    if tok_copy.resolve() != tokenizer_model.resolve():
-        shutil.copyfile(tokenizer_model, tok_copy)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    staging = _staging_dir(out)
+    try:
+        shutil.copyfile(tokenizer_model, staging / TOKENIZER)
+        writers = _tokenize(files, str(tokenizer_model), staging, val_fraction, workers, shard_tokens,
+                            chunk_stories, parallel_threshold, progress)
+        if writers["train"].stories + writers["val"].stories == 0:
+            raise ValueError("the inputs hold no stories")
+        meta = {
+            "format": "llama2c-tokens",
+            "version": 1,
+            "dtype": "uint16",
+            "vocab_size": vocab_size,
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "tokenizer": TOKENIZER,
+            "tokenizer_source": str(tokenizer_model.resolve()),
+            "inputs": [str(p.resolve()) for p in files],
+            "val_fraction": val_fraction,
+            "splits": {name: {"stories": w.stories, "tokens": w.tokens, "shards": w.shards}
+                       for name, w in writers.items()},
+        }
+        (staging / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
 
+
+def _tokenize(files: List[Path], tokenizer_model: str, out: Path, val_fraction: float, workers: int,
+              shard_tokens: int, chunk_stories: int, parallel_threshold: int,
+              progress: bool) -> Dict[str, _ShardWriter]:
+    """Encodes the stories of ``files`` into shards in ``out``; returns the writers."""
     writers = {"train": _ShardWriter(out, "train", shard_tokens),
                "val": _ShardWriter(out, "val", shard_tokens)}
     bar = None
@@ -171,12 +201,12 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
                 import multiprocessing as mp
 
                 ctx = mp.get_context("spawn")
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_model),))
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_model,))
             if pool is not None:
                 results = pool.imap(_encode_chunk, batch)
             else:
                 if not local_ready:
-                    _init_worker(str(tokenizer_model))
+                    _init_worker(tokenizer_model)
                     local_ready = True
                 results = map(_encode_chunk, batch)
             for train_ids, val_ids, n_train, n_val in results:
@@ -192,28 +222,30 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
             w.close()
         if bar is not None:
             bar.close()
+    return writers
 
-    n_stories = writers["train"].stories + writers["val"].stories
-    if n_stories == 0:
-        raise ValueError("the inputs hold no stories")
-    meta = {
-        "format": "llama2c-tokens",
-        "version": 1,
-        "dtype": "uint16",
-        "vocab_size": vocab_size,
-        "bos_id": sp.bos_id(),
-        "eos_id": sp.eos_id(),
-        "tokenizer": tok_copy.name,
-        "tokenizer_source": str(tokenizer_model.resolve()),
-        "inputs": [str(p.resolve()) for p in files],
-        "val_fraction": val_fraction,
-        "splits": {name: {"stories": w.stories, "tokens": w.tokens, "shards": w.shards}
-                   for name, w in writers.items()},
-    }
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / META)
-    return meta
+
+def _staging_dir(out: Path) -> Path:
+    """A new hidden directory beside ``out`` (same filesystem, so files move by rename)."""
+    real = out.resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replaces the prepared set in ``out`` by the complete one in ``staging``:
+    the old meta.json goes first (a half-swapped directory is never taken for a
+    valid set), then the old shards; the new meta.json comes last. Other files
+    in ``out`` are left alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = [out / META] + sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin"))
+    for path in old:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != META:
+            os.replace(path, out / path.name)
+    os.replace(staging / META, out / META)
 
 
 def load_meta(data_dir: PathLike) -> Dict:

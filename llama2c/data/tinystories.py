@@ -201,10 +201,12 @@ def tokenizer_path(data_dir: PathLike, vocab_size: int) -> Path:
 def train_vocab(data_dir: PathLike = "data", vocab_size: int = 4096, num_shards: int = 10,
                 **kwargs) -> Path:
     """Train a tokenizer on the stories of the first ``num_shards`` shards (as llama2.c
-    does) and write it to ``data_dir/tok{vocab_size}.model``."""
+    does) and write it to ``data_dir/tok{vocab_size}.model`` (replacing an earlier
+    one, as llama2.c does: the name is the pipeline's, not the user's)."""
     if vocab_size <= 0:
         raise ValueError("train_vocab needs --vocab-size > 0 (0 means the Llama 2 tokenizer)")
     files = shard_files(data_dir)[:max(1, num_shards)]
+    kwargs.setdefault("force", True)
     return train_tokenizer(files, vocab_size, tokenizer_path(data_dir, vocab_size), **kwargs)
 
 

@@ -9,11 +9,11 @@ collapsing (so SentencePiece encodes exactly as the C tokenizer does).
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..outputs import commit, refuse_existing
 from .stories import PathLike, expand_inputs, read_stories, write_corpus
 
 # llama2.c passes this raw string (backslash escapes included) as unk_surface
@@ -54,11 +54,13 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], vocab_size: int
                     out_model_path: PathLike, *, num_threads: Optional[int] = None,
                     input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE,
                     max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
-                    remove_extra_whitespaces: bool = False, verbose: bool = False) -> Path:
+                    remove_extra_whitespaces: bool = False, verbose: bool = False,
+                    force: bool = False) -> Path:
     """Train a BPE tokenizer of ``vocab_size`` pieces on the stories of ``inputs``
     (text, JSON or JSONL files, see llama2c.data.stories) and write it to
     ``out_model_path`` (plus the human-readable ``.vocab`` next to it).
-    Returns the model path."""
+    An existing ``out_model_path`` is replaced only with ``force=True`` (else
+    FileExistsError, before any training). Returns the model path."""
     import sentencepiece as spm
 
     vocab_size = int(vocab_size)
@@ -66,6 +68,7 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], vocab_size: int
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
                          "259 pieces (<unk>, <s>, </s> and 256 bytes); use at least 260")
     out = Path(out_model_path)
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = expand_inputs(inputs)
     with tempfile.TemporaryDirectory(prefix="llama2c-spm-", dir=out.parent) as tmp:
@@ -86,7 +89,7 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], vocab_size: int
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
                              f"this text: {msg}") from None
-        os.replace(prefix.with_suffix(".model"), out)
+        commit(prefix.with_suffix(".model"), out, overwrite=force)
         vocab_out = out.with_suffix(".vocab") if out.suffix == ".model" else Path(str(out) + ".vocab")
-        shutil.move(str(prefix.with_suffix(".vocab")), str(vocab_out))
+        os.replace(prefix.with_suffix(".vocab"), vocab_out)
     return out

@@ -1,7 +1,8 @@
 """`llama2c export OUT --version {0,1,2,3,4,hf} (--checkpoint CKPT | --meta-llama DIR
-| --hf DIR | --bin IN.bin) [--tokenizer tok.model] [--group-size N] [--max-seq-len N]`.
+| --hf DIR | --bin IN.bin) [--tokenizer tok.model] [--group-size N] [--max-seq-len N] [--force]`.
 
-Errors print one line on stderr and return 1 (no traceback)."""
+An existing OUT (or, for hf, a file the export would write into the folder) is
+replaced only with --force. Errors print one line on stderr and return 1 (no traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,8 @@ def build_parser(prog: str = "llama2c export") -> argparse.ArgumentParser:
                    help="Q8_0 group size for --version 2 (default 64; halved until it divides dim)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="override the context length stored in the output")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="replace an existing OUT (for hf: the files it writes in the folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -75,11 +78,12 @@ def main(argv=None) -> int:
 
         with open_source(kind, path, max_seq_len=args.max_seq_len) as src:
             if args.version == "hf":
-                out = write_hf(src, args.out, tokenizer=args.tokenizer, progress=not args.quiet)
+                out = write_hf(src, args.out, tokenizer=args.tokenizer, progress=not args.quiet,
+                               force=args.force)
                 print(f"wrote {out}/ (Hugging Face LlamaForCausalLM)")
             else:
                 out = write_bin(src, args.out, int(args.version), group_size=args.group_size,
-                                progress=not args.quiet, warn=warn)
+                                progress=not args.quiet, warn=warn, force=args.force)
                 print(f"wrote {out} (version {args.version}, {out.stat().st_size:,} bytes)")
     except KeyboardInterrupt:
         return 130

@@ -378,6 +378,26 @@ class CheckpointSource(StateDictSource):
 
 
 # ---------------------------------------------------------------------------
+# files of a model folder
+# ---------------------------------------------------------------------------
+
+
+def inside_folder(folder: Path, name, where: str) -> Path:
+    """``folder / name``, refused with a FormatError when it resolves (``..``, an
+    absolute path, symlinks) outside ``folder``. One exception: huggingface_hub's
+    cache links ``snapshots/REV/*`` to ``../../blobs/*`` of the same repository."""
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{where}: bad file name {name!r}")
+    path = folder / name
+    root, real = folder.resolve(), path.resolve()
+    if root in real.parents:
+        return path
+    if root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs":
+        return path
+    raise FormatError(f"{where}: {name!r} resolves outside {folder}; refusing to read it")
+
+
+# ---------------------------------------------------------------------------
 # Meta Llama 2 checkpoints
 # ---------------------------------------------------------------------------
 
@@ -395,7 +415,8 @@ class MetaSource(Source):
     model-parallel shards (each loaded memory-mapped with weights_only=True;
     a tensor is concatenated from the shards only when it is asked for).
     seq_len comes from params.json's max_seq_len when present, else 2048 like
-    llama2.c's exporter (use --max-seq-len to change it)."""
+    llama2.c's exporter (use --max-seq-len to change it). Symlinks leading out of
+    the folder are refused (see inside_folder)."""
 
     def __init__(self, folder, max_seq_len: int | None = None):
         folder = Path(folder)
@@ -403,10 +424,12 @@ class MetaSource(Source):
         pj = folder / "params.json"
         if not pj.is_file():
             raise FileNotFoundError(f"no params.json in {folder}")
-        params = json.loads(pj.read_text())
         shards = sorted(folder.glob("consolidated.*.pth"))
         if not shards:
             raise FileNotFoundError(f"no consolidated.*.pth in {folder}")
+        for s in [pj] + shards:
+            inside_folder(folder, s.name, str(folder))
+        params = json.loads(pj.read_text())
         self.shards = []
         for s in shards:
             try:
@@ -455,7 +478,8 @@ class HFSource(Source):
     """A Hugging Face Llama folder: config.json and model.safetensors,
     model-0000x-of-0000y.safetensors (+ index), pytorch_model.bin or
     pytorch_model-0000x-of-0000y.bin (+ index; loaded with weights_only=True,
-    memory-mapped). q_proj / k_proj are un-permuted with n_heads / n_kv_heads."""
+    memory-mapped). q_proj / k_proj are un-permuted with n_heads / n_kv_heads.
+    Every file read must lie inside the folder (see inside_folder)."""
 
     def __init__(self, folder):
         folder = Path(folder)
@@ -463,6 +487,7 @@ class HFSource(Source):
         cj = folder / "config.json"
         if not cj.is_file():
             raise FileNotFoundError(f"no config.json in {folder}")
+        inside_folder(folder, cj.name, str(folder))
         try:
             fields = hf.args_from_config(json.loads(cj.read_text()), str(cj))
         except ValueError as e:
@@ -482,9 +507,12 @@ class HFSource(Source):
         f = self.folder
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (f / index).is_file():
+                inside_folder(f, index, str(f))
                 wm = json.loads((f / index).read_text()).get("weight_map")
                 if not isinstance(wm, dict):
                     raise FormatError(f"{f / index}: no weight_map")
+                for fname in set(wm.values()):
+                    inside_folder(f, fname, f"{f / index}: weight file")
                 return dict(wm)
         st = sorted(p.name for p in f.glob("*.safetensors"))
         if st:
@@ -499,7 +527,7 @@ class HFSource(Source):
     def _open(self, fname: str):
         h = self._files.get(fname)
         if h is None:
-            path = self.folder / fname
+            path = inside_folder(self.folder, fname, str(self.folder))
             if not path.is_file():
                 raise FileNotFoundError(f"missing weight file {path}")
             if fname.endswith(".safetensors"):

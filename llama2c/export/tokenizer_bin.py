@@ -46,14 +46,16 @@ def tokenizer_pieces(model_path) -> tuple[list[bytes], list[float]]:
     return pieces, scores
 
 
-def export_tokenizer(model_path, out_path=None) -> Path:
+def export_tokenizer(model_path, out_path=None, *, force: bool = False) -> Path:
     """Writes the tokenizer.bin of a SentencePiece model (default: the model
-    path with .bin) atomically; returns the path written."""
-    from .writers import atomic_write
+    path with .bin) atomically; an existing output is replaced only with
+    force=True (else FileExistsError). Returns the path written."""
+    from ..outputs import atomic_write, refuse_existing
 
-    pieces, scores = tokenizer_pieces(model_path)
     out = Path(out_path) if out_path is not None else default_output(model_path)
-    with atomic_write(out) as f:
+    refuse_existing(out, force)
+    pieces, scores = tokenizer_pieces(model_path)
+    with atomic_write(out, overwrite=force) as f:
         f.write(struct.pack("<I", max(len(p) for p in pieces)))
         for p, s in zip(pieces, scores):
             f.write(struct.pack("<fi", s, len(p)))
@@ -62,7 +64,7 @@ def export_tokenizer(model_path, out_path=None) -> Path:
 
 
 def main(argv=None) -> int:
-    """`llama2c tokenizer export tok.model [-o tok.bin]`: one-line errors, status 1."""
+    """`llama2c tokenizer export tok.model [-o tok.bin] [--force]`: one-line errors, status 1."""
     import argparse
     import sys
 
@@ -70,12 +72,13 @@ def main(argv=None) -> int:
                                 description="Write llama2.c's tokenizer.bin for a SentencePiece model.")
     p.add_argument("model", help="SentencePiece tokenizer.model")
     p.add_argument("-o", "--output", default=None, help="output (default: MODEL with .bin)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        out = export_tokenizer(args.model, args.output)
+        out = export_tokenizer(args.model, args.output, force=args.force)
     except (OSError, ValueError) as e:
         msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename \
             else str(e)

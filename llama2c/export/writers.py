@@ -3,7 +3,8 @@
 Each tensor is read from the source, converted and written before the next
 one is read (the progress bar counts tensors), and every file is written to a
 temporary file in its destination directory and renamed over the target only
-when complete, so a failed export never leaves a partial file behind.
+when complete, so a failed export never leaves a partial file behind. An
+existing output is replaced only with ``force=True`` (the command's --force).
 """
 from __future__ import annotations
 
@@ -12,44 +13,15 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..outputs import atomic_write, refuse_existing
 from . import binfmt, hf
 from .sources import Source
 
 __all__ = ["atomic_write", "write_bin", "write_hf", "as_source"]
-
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """Yields a binary file object for a temporary file beside `path`;
-    renames it to `path` on success (after fsync), removes it on error."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def as_source(obj) -> Source:
@@ -93,10 +65,12 @@ def warn_lossy(args, version: int) -> str | None:
 
 
 def write_bin(source, path, version: int, group_size: int | None = None, progress: bool = False,
-              warn=None) -> Path:
+              warn=None, *, force: bool = False) -> Path:
     """Writes `source` (see as_source) as a model file of version 0, 1, 2
     (Q8_0), 3 or 4 (bf16 matrices). group_size (version 2 only): the starting group size,
-    halved until it divides dim (default 64). Returns the path written."""
+    halved until it divides dim (default 64). An existing `path` is replaced only
+    with force=True (else FileExistsError). Returns the path written."""
+    refuse_existing(path, force)
     src = as_source(source)
     a = src.args
     if version not in binfmt.VERSIONS:
@@ -132,7 +106,7 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
     q8_keys = set() if version != 2 else {k for k in order if not k.endswith("norm.weight")}
     bf16_keys = set() if version != 4 else {k for k in order if not k.endswith("norm.weight")}
     path = Path(path)
-    with atomic_write(path) as f, _progress(len(order), path.name, progress) as bar:
+    with atomic_write(path, overwrite=force) as f, _progress(len(order), path.name, progress) as bar:
         f.write(header)
         for key in order:
             if key == "<freq_cis>":
@@ -152,17 +126,25 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
     return path
 
 
-def write_hf(source, folder, tokenizer=None, progress: bool = False) -> Path:
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json")
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_hf(source, folder, tokenizer=None, progress: bool = False, *, force: bool = False) -> Path:
     """Writes a Hugging Face LlamaForCausalLM folder: model.safetensors
     (float32, metadata format=pt; q/k permuted to HF's rotary layout),
     config.json, generation_config.json and, given a SentencePiece
     tokenizer.model, that file with tokenizer_config.json and
-    special_tokens_map.json. Returns the folder."""
-    src = as_source(source)
-    a = src.args
+    special_tokens_map.json. Files of these names already in the folder are
+    replaced only with force=True (else FileExistsError, before anything is
+    written). Returns the folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a directory")
+    for name in HF_FILES + (HF_TOKENIZER_FILES if tokenizer is not None else ()):
+        refuse_existing(folder / name, force)
+    src = as_source(source)
+    a = src.args
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"no such tokenizer: {tokenizer}")
     if folder.is_dir():
@@ -177,7 +159,7 @@ def write_hf(source, folder, tokenizer=None, progress: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     keys = src.keys()
     names = [(hf.hf_name(k), tuple(_shape(src, k))) for k in keys]
-    with atomic_write(folder / "model.safetensors") as f, \
+    with atomic_write(folder / "model.safetensors", overwrite=force) as f, \
             _progress(len(keys), "model.safetensors", progress) as bar:
         w = hf.SafetensorsWriter(f, names, metadata={"format": "pt"})
         for key, (name, _) in zip(keys, names):
@@ -189,13 +171,13 @@ def write_hf(source, folder, tokenizer=None, progress: bool = False) -> Path:
             if bar is not None:
                 bar.update(1)
         w.finish()
-    _write_json(folder / "config.json", hf.config_json(a))
-    _write_json(folder / "generation_config.json", hf.generation_config_json())
+    _write_json(folder / "config.json", hf.config_json(a), force)
+    _write_json(folder / "generation_config.json", hf.generation_config_json(), force)
     if tokenizer is not None:
-        with atomic_write(folder / "tokenizer.model") as f, open(tokenizer, "rb") as g:
+        with atomic_write(folder / "tokenizer.model", overwrite=force) as f, open(tokenizer, "rb") as g:
             shutil.copyfileobj(g, f)
-        _write_json(folder / "tokenizer_config.json", hf.tokenizer_config_json(a.max_seq_len))
-        _write_json(folder / "special_tokens_map.json", hf.special_tokens_map_json())
+        _write_json(folder / "tokenizer_config.json", hf.tokenizer_config_json(a.max_seq_len), force)
+        _write_json(folder / "special_tokens_map.json", hf.special_tokens_map_json(), force)
     return folder
 
 
@@ -205,6 +187,6 @@ def _shape(src: Source, key: str):
     return expected_shape(src.args, key)
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_write(path) as f:
+def _write_json(path: Path, obj, force: bool) -> None:
+    with atomic_write(path, overwrite=force) as f:
         f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8"))

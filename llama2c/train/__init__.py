@@ -40,7 +40,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "llama2c train") -> int:
         msg = str(e)
         if isinstance(e, OSError) and e.filename and e.strerror:
             msg = f"{e.filename}: {e.strerror}"
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        lines = [x for x in msg.strip().splitlines() if x.strip()]   # errors are one line
+        print(f"{prog}: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

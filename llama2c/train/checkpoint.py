@@ -1,4 +1,6 @@
-"""ckpt.pt: written atomically, read with ``torch.load(weights_only=True)``.
+"""ckpt.pt: written atomically, read with ``torch.load(weights_only=True)``
+(torch>=2.6: earlier versions' safe loader can be bypassed, CVE-2025-32434).
+A save or a resume first removes the temporaries an interrupted save left behind.
 
 Contents (all tensors or plain Python values, so the safe loader accepts them)::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
@@ -57,11 +60,40 @@ def set_rng_state(state: Dict[str, Any], device_type: str = "cpu") -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
+def _temp_pattern(path: Path) -> "re.Pattern[str]":
+    """The names mkstemp gives atomic_save's temporaries of ``path``:
+    ``.NAME.`` + 8 random characters + ``.tmp``."""
+    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+
+
+def remove_stale_temporaries(path: os.PathLike) -> List[Path]:
+    """Deletes the temporaries an interrupted atomic_save of ``path`` left in its
+    directory (regular files named as atomic_save names them, nothing else).
+    Returns what was removed."""
+    path = Path(path)
+    pattern = _temp_pattern(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:      # another process got there first
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
 def atomic_save(obj: Any, path: os.PathLike) -> Path:
     """torch.save to a temporary file in the same directory, fsync, then os.replace:
-    a reader sees the old file or the new one, never a partial one."""
+    a reader sees the old file or the new one, never a partial one. Temporaries
+    left by an earlier, interrupted save of the same path are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -78,13 +110,44 @@ def atomic_save(obj: Any, path: os.PathLike) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, refused by the safe loader,
+    or not a llama2c training checkpoint (the message is one line)."""
+
+
+def _why(e: Exception) -> str:
+    """One short line for a torch.load failure (its messages run to several lines)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = m.group(1).split(" was not an allowed global")[0].strip() if m else ""
+        return "refused by torch.load(weights_only=True)" + (f": {detail}" if detail else "")
+    why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return why if len(why) <= 160 else why[:157] + "..."
+
+
+# what a resume reads from the checkpoint
+REQUIRED = ("model", "model_args", "optimizer", "iter_num", "best_val_loss", "sampler", "config")
+
+
 def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """Reads ``path`` with ``torch.load(weights_only=True)`` for a resume (after
+    removing temporaries an interrupted save left beside it). Raises
+    FileNotFoundError or CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path}: not a llama2c training checkpoint")
+    remove_stale_temporaries(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # bad zip, truncated pickle, objects the safe loader refuses
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_why(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a llama2c training checkpoint")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a llama2c training checkpoint (no {', '.join(missing)})")
     return ckpt
 
 

@@ -25,6 +25,8 @@ class TrainConfig:
     eval_only: bool = _k(False, "I/O", "evaluate once and exit")
     always_save_checkpoint: bool = _k(False, "I/O", "checkpoint at every eval, not only when val loss improves")
     init_from: str = _k("scratch", "I/O", "scratch | resume (continue from out_dir/ckpt.pt)")
+    overwrite: bool = _k(False, "I/O", "let a scratch run replace the checkpoint, model.bin and log "
+                                       "already in out_dir")
     # data
     batch_size: int = _k(128, "data", "sequences per micro-batch (per process)")
     max_seq_len: int = _k(256, "data", "context length in tokens")

@@ -158,7 +158,21 @@ def export_model_bin(state_dict: Dict[str, torch.Tensor], model_args: Dict[str, 
 
     src = StateDictSource(model_args, ck.clean_state_dict(state_dict), name="trained model",
                           tied=bool(model_args.get("tie_embeddings", True)))
-    return write_bin(src, path, version=version, warn=warn)
+    return write_bin(src, path, version=version, warn=warn, force=True)
+
+
+def refuse_to_overwrite(cfg: TrainConfig) -> bool:
+    """A scratch run would replace out_dir's ckpt.pt / model.bin: refuse
+    (FileExistsError) unless cfg.overwrite. Returns True when an earlier run is
+    being overwritten."""
+    if cfg.init_from != "scratch" or cfg.eval_only:
+        return False
+    out = Path(cfg.out_dir)
+    found = [out / name for name in ("ckpt.pt", "model.bin") if (out / name).exists()]
+    if found and not cfg.overwrite:
+        raise FileExistsError(f"{found[0]} already exists: continue that run with --init_from=resume, "
+                              "or start over with --overwrite")
+    return bool(found)
 
 
 # ---------------------------------------------------------------------------
@@ -190,10 +204,13 @@ class Trainer:
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        overwriting = refuse_to_overwrite(cfg)         # before any process group: every rank refuses
         self.rt = rt = setup_runtime(cfg)
         self.out_dir = Path(cfg.out_dir)
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if overwriting:                            # --overwrite: the old run's log goes too
+                (self.out_dir / "log.jsonl").unlink(missing_ok=True)
         self.dtype = resolve_dtype(cfg, rt)
         if cfg.fsdp and self.dtype == "float16":
             raise UsageError("--fsdp trains in float32 or bfloat16 (float16 needs a sharded grad "
