@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include "threadpool.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -688,6 +689,107 @@ static void test_model_errors(void) {
     free(buf);
 }
 
+/* A random version 1 model file (shared classifier) of these dims. */
+static void write_v1(const char *path, int dim, int hidden, int layers, int heads, int kv_heads, int vocab,
+                     int seq_len) {
+    int hs = dim / heads, kv = hs * kv_heads;
+    size_t floats = (size_t)2 * layers * dim + dim + (size_t)vocab * dim +
+                    (size_t)layers * (2 * dim * dim + 2 * kv * dim + 3 * hidden * dim);
+    unsigned char *buf = calloc(1, 256 + 4 * floats);
+    uint32_t magic = 0x616b3432u;
+    int head[9] = {1, dim, hidden, layers, heads, kv_heads, vocab, seq_len};
+    memcpy(buf, &magic, 4);
+    memcpy(buf + 4, head, 8 * sizeof(int));
+    buf[36] = 1;
+    float *w = (float *)(buf + 256);
+    for (size_t i = 0; i < floats; i++) w[i] = 0.5f * frand();
+    write_bytes(path, buf, 256 + 4 * floats);
+    free(buf);
+}
+
+/* Contexts of one model are independent: interleaved sequences give
+ * bit-for-bit the logits each gives alone; n_ctx bounds positions. */
+static void test_contexts(void) {
+    llama2_error err;
+    const char *path = tmp_path("ctx.bin");
+    write_v1(path, 32, 48, 2, 4, 2, 40, 64);
+    llama2_transformer *t;
+    if (llama2_transformer_open(&t, path, 0, &err) != LLAMA2_OK) {
+        CHECK(0, "context test model opens: %s", err.message);
+        return;
+    }
+    llama2_context *a, *b, *alone, *small;
+    CHECK(llama2_context_new(&a, t, 0, &err) == LLAMA2_OK && llama2_context_n_ctx(a) == 64, "n_ctx 0 is seq_len");
+    CHECK(llama2_context_new(&b, t, 0, &err) == LLAMA2_OK, "a second context");
+    CHECK(llama2_context_new(&alone, t, 0, &err) == LLAMA2_OK, "a third context");
+    CHECK(llama2_context_new(&small, t, 3, &err) == LLAMA2_OK && llama2_context_n_ctx(small) == 3, "n_ctx 3");
+    llama2_context *big = NULL;
+    CHECK(llama2_context_new(&big, t, 65, &err) == LLAMA2_ERR_ARGUMENT && !big && strstr(err.message, "seq_len"),
+          "n_ctx past seq_len refused: %s", err.message);
+    const int seq_a[5] = {1, 7, 9, 30, 2}, seq_b[5] = {1, 20, 21, 22, 23};
+    float *la = NULL, *lb = NULL, *l1 = NULL;
+    int ok = 1;
+    for (int pos = 0; pos < 5; pos++) {
+        ok &= llama2_context_forward(a, seq_a[pos], pos, &la, &err) == LLAMA2_OK;
+        ok &= llama2_context_forward(b, seq_b[pos], pos, &lb, &err) == LLAMA2_OK;
+        ok &= llama2_forward(t, seq_b[4 - pos], pos, &l1, &err) == LLAMA2_OK; /* the default context */
+    }
+    CHECK(ok, "interleaved forwards run");
+    float *ref = NULL;
+    ok = llama2_context_forward_batch(alone, seq_a, 5, 0, &ref, &err) == LLAMA2_OK;
+    CHECK(ok && memcmp(ref, la, 40 * sizeof(float)) == 0, "context a unaffected by b and the default context");
+    ok = llama2_context_forward_batch(alone, seq_b, 5, 0, &ref, &err) == LLAMA2_OK;
+    CHECK(ok && memcmp(ref, lb, 40 * sizeof(float)) == 0, "context b unaffected by a and the default context");
+    CHECK(llama2_context_forward(small, 1, 3, &la, &err) == LLAMA2_ERR_ARGUMENT, "pos == n_ctx refused");
+    CHECK(llama2_context_forward_batch(small, seq_a, 4, 0, &la, &err) == LLAMA2_ERR_ARGUMENT,
+          "a batch past n_ctx refused: %s", err.message);
+    CHECK(llama2_context_forward_batch(a, seq_a, 3, INT_MAX - 1, &la, &err) == LLAMA2_ERR_ARGUMENT,
+          "a batch at INT_MAX refused without overflow: %s", err.message);
+    llama2_transformer_set_threads(t, 3);
+    ok = llama2_context_forward_batch(b, seq_a, 5, 0, &lb, &err) == LLAMA2_OK;
+    ok &= llama2_context_forward_batch(alone, seq_a, 5, 0, &ref, &err) == LLAMA2_OK;
+    CHECK(ok && memcmp(ref, lb, 40 * sizeof(float)) == 0, "3 threads give the same logits");
+    llama2_context_free(a);
+    llama2_context_free(b);
+    llama2_context_free(alone);
+    llama2_context_free(small);
+    llama2_transformer_free(t);
+
+    /* a NaN anywhere in the weights is a format error naming the tensor */
+    FILE *f = fopen(path, "r+b");
+    float nan_value = NAN;
+    fseek(f, 256 + 4 * (2 * 2 * 32 + 32 + 40 * 32 + 5), SEEK_SET); /* wq of layer 0, element 5 */
+    fwrite(&nan_value, 4, 1, f);
+    fclose(f);
+    CHECK(llama2_transformer_open(&t, path, 0, &err) == LLAMA2_ERR_FORMAT && strstr(err.message, "wq of layer 0"),
+          "NaN weight refused: %s", err.message);
+    CHECK(llama2_transformer_open(&t, path, LLAMA2_OPEN_QUANTIZE, &err) == LLAMA2_ERR_FORMAT,
+          "NaN weight refused before quantizing: %s", err.message);
+    remove(path);
+}
+
+/* A vocabulary too small for byte fallback (ids 3..258) gets <unk>. */
+static void test_small_vocab_byte_fallback(void) {
+    const char *pieces[] = {"<unk>", "<s>", "</s>", " ", "a", "b", "ab"};
+    const float scores[] = {0, 0, 0, -1, -2, -3, -4};
+    const char *path = tmp_path("tok7.bin");
+    write_tokenizer(path, pieces, scores, 7);
+    llama2_tokenizer *tk;
+    llama2_error err;
+    if (llama2_tokenizer_open(&tk, path, -1, &err) != LLAMA2_OK) {
+        CHECK(0, "small tokenizer opens: %s", err.message);
+        return;
+    }
+    const char *text = "ab z\xc3\xa9\xff";
+    int tokens[32], n = 0, in_range = 1;
+    CHECK(llama2_encode(tk, text, strlen(text), 1, 1, tokens, &n, &err) == LLAMA2_OK, "encodes");
+    for (int i = 0; i < n; i++) in_range &= tokens[i] >= 0 && tokens[i] < 7;
+    /* BOS, " ", "ab", " ", then z, the two bytes of é and 0xff as <unk>, EOS */
+    CHECK(in_range && n == 9 && tokens[2] == 6 && tokens[4] == 0 && tokens[7] == 0, "byte fallback past the vocabulary is <unk>");
+    llama2_tokenizer_free(tk);
+    remove(path);
+}
+
 /* The thread pool runs every chunk of every job exactly once and returns
  * only when all are done, also when consecutive jobs have very different
  * chunk counts (a worker still holding the last ticket of a short job must
@@ -769,6 +871,8 @@ int main(void) {
     test_tokenizer();
     test_utf8_filter();
     test_model_errors();
+    test_contexts();
+    test_small_vocab_byte_fallback();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .validate import regular_file
+
 MAGIC = 0x616B3432
 HEADER_BYTES = 256
 
@@ -93,6 +95,7 @@ class BinModel:
 def read_model(path: str | os.PathLike) -> BinModel:
     """Reads a llama2c/llama2.c model file of version 0 to 4 (bf16 widened to fp32)."""
     path = Path(path)
+    regular_file(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     if raw.size < 28:
         raise ValueError(f"{path}: too small to be a model file ({raw.size} bytes)")

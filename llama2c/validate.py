@@ -37,3 +37,19 @@ def c_path(path) -> bytes:
     if b"\0" in raw:
         raise InvalidArgumentError(f"path contains a NUL byte: {os.fsdecode(raw)!r}")
     return raw
+
+
+def regular_file(path) -> None:
+    """Refuses, before anything opens it, a path that is not a regular file:
+    opening a FIFO for reading would wait forever for a writer, and a device
+    or a directory is never a model. FileNotFoundError when it is missing."""
+    import stat
+
+    from .errors import Llama2IOError
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"{os.fspath(path)}: no such file", os.fspath(path)) from None
+    if not stat.S_ISREG(mode):
+        raise Llama2IOError(f"{os.fspath(path)}: not a regular file")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
+from ..validate import regular_file
 from ..model import ModelArgs
 from . import binfmt, hf
 
@@ -264,6 +265,7 @@ class BinSource(Source):
 
 
 def open_bin(path) -> BinSource:
+    regular_file(path)
     return BinSource(path)
 
 
@@ -573,8 +575,10 @@ class HFSource(Source):
 
 def open_source(kind: str, path, max_seq_len: int | None = None) -> Source:
     """kind: 'bin', 'checkpoint', 'meta' or 'hf'."""
+    if kind == "checkpoint":
+        regular_file(path)
     if kind == "bin":
-        src = BinSource(path)
+        src = open_bin(path)
     elif kind == "checkpoint":
         src = CheckpointSource(path)
     elif kind == "meta":
