@@ -98,7 +98,7 @@ class Llama:
     tokenizer=None uses tokenizer.bin beside the model file (loaded on first
     use, so forward() works without one). quantize=True runs fp32 files with
     the int8 engine (Q8_0, quantized while loading), as `runq` does.
-    n_ctx: the context length of every context made here (default: the
+    n_ctx: the context length of every context made here (None or 0: the
     model's seq_len; memory is committed only as positions are reached).
 
     The weights are loaded once; forward(), generate()/stream() and each chat
@@ -110,8 +110,8 @@ class Llama:
         raw_path = c_path(model_path)
         self.model_path = os.fsdecode(raw_path)
         threads = check_threads(n_threads) if n_threads is not None else None
-        if n_ctx is not None:
-            n_ctx = check_int("n_ctx", n_ctx, 1)
+        if n_ctx is not None:  # 0: the model's seq_len, as llama-cpp-python reads it
+            n_ctx = check_int("n_ctx", n_ctx, 0) or None
         tokenizer_raw = c_path(tokenizer) if tokenizer is not None else None
         err = new_error()
         out = ffi.new("llama2_transformer **")

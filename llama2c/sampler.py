@@ -40,9 +40,14 @@ def check_settings(temperature: float, topp: float, top_k: int = 0, min_p: float
 
 def resolve_seed(seed: int | None) -> int:
     """None, 0 or a negative seed: a fresh random seed (the CLI uses the clock)."""
-    if seed is None or int(seed) <= 0:
+    if seed is None:
         return int.from_bytes(os.urandom(4), "little") or 1
-    return int(seed) & U64
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    seed = check_int("seed", seed, -(2**1000), 2**1000)  # any size: reduced to 64 bits
+    if seed <= 0:
+        return int.from_bytes(os.urandom(4), "little") or 1
+    return seed & U64
 
 
 class Sampler:

@@ -168,7 +168,8 @@ def test_n_ctx_limits_positions_and_keeps_logits(make_model):
     with pytest.raises(llama2c.InvalidArgumentError, match="seq_len"):
         llama2c.Llama(m.path, n_ctx=GQA.seq_len + 1)
     with pytest.raises(llama2c.InvalidArgumentError):
-        llama2c.Llama(m.path, n_ctx=0)
+        llama2c.Llama(m.path, n_ctx=-1)
+    assert llama2c.Llama(m.path, n_ctx=0).n_ctx == GQA.seq_len  # 0: the model's, as in llama-cpp-python
     # the generation budget follows n_ctx
     assert short.generate("", steps=0, temperature=0) == short.generate("", steps=100, temperature=0)
 
@@ -246,7 +247,8 @@ def mha(make_model):
 
 
 @pytest.mark.parametrize("kwargs", [dict(steps=2**31), dict(top_k=2**31), dict(steps=-1), dict(top_k=-2**40),
-                                    dict(temperature=10**400), dict(steps=1.5), dict(min_p=2.0)])
+                                    dict(temperature=10**400), dict(steps=1.5), dict(min_p=2.0),
+                                    dict(seed=float("nan")), dict(seed="7")])
 def test_out_of_range_settings(mha, kwargs):
     with pytest.raises(llama2c.InvalidArgumentError):
         mha.generate("a", **kwargs)
