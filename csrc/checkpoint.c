@@ -11,7 +11,6 @@
 #define _DEFAULT_SOURCE /* madvise(MADV_HUGEPAGE) */
 #endif
 #include "kernels.h"
-#include "threadpool.h"
 
 #include <errno.h>
 #include <math.h>
@@ -40,48 +39,6 @@
 #define MAX_VOCAB (1 << 22)
 #define MAX_SEQ (1 << 22)
 #define MAX_GROUP (1 << 16)
-
-/* ---- errors ---- */
-
-int llama2_fail(llama2_error *err, int code, const char *fmt, ...) {
-    if (err) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err->message, sizeof(err->message), fmt, ap);
-        va_end(ap);
-        err->code = code;
-    }
-    return code;
-}
-
-void llama2_ok(llama2_error *err) {
-    if (err) {
-        err->code = LLAMA2_OK;
-        err->message[0] = '\0';
-    }
-}
-
-void llama2_free(void *p) { free(p); }
-
-const char *llama2_version(void) { return "0.1.0"; }
-
-/* ---- owned buffers ---- */
-
-/* Repacked weights stream through the cache on every token: buffers of 4 MB
- * and more sit on 2 MB pages where the kernel allows it (a 4 KB page walk
- * every 4 KB costs memory bandwidth). */
-void *llama2_own(llama2_transformer *t, size_t bytes) { return llama2_buffers_alloc(&t->owned, bytes, 1); }
-
-int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_error *err) {
-    *out = NULL;
-    if (!t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null transformer");
-    if (!t->ctx) {
-        int rc = llama2_context_new(&t->ctx, t, 0, err);
-        if (rc) return rc;
-    }
-    *out = t->ctx;
-    return LLAMA2_OK;
-}
 
 /* ---- mapping a file read-only ---- */
 

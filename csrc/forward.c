@@ -1,9 +1,9 @@
 /*
  * forward.c - the transformer forward pass for one token at one position,
- * shared by the fp32 and int8 engines (each matmul goes to the kernel that
- * matches its weights), and the context it works in: one sequence's KV
- * cache and buffers, over a model's weights that any number of contexts
- * share.
+ * or a batch of prompt tokens, shared by the fp32, bf16 and int8 engines
+ * (each matmul goes to the kernel that matches its weights). It runs in a
+ * context (context.c): one sequence's KV cache and buffers, over a model's
+ * weights that any number of contexts share.
  */
 #include "kernels.h"
 
@@ -12,22 +12,6 @@
 #include <string.h>
 
 #include "threadpool.h"
-
-/* The context's thread pool, started on first use with the model's thread
- * count (and again after llama2_transformer_set_threads). */
-static llama2_pool *pool_for(llama2_context *cx) {
-    const llama2_transformer *t = cx->t;
-    if (cx->pool && cx->pool_version != t->threads_version) {
-        llama2_pool_free(cx->pool);
-        cx->pool = NULL;
-    }
-    if (!cx->pool) {
-        int n = t->n_threads > 0 ? t->n_threads : llama2_default_threads();
-        if (n > 1) cx->pool = llama2_pool_new(n); /* NULL: run on this thread */
-        cx->pool_version = t->threads_version;
-    }
-    return cx->pool;
-}
 
 /* fn(ctx, i) for every i < n, on the pool in about `chunks` ranges of
  * consecutive items (whole multiples of 8 where there is room): steps too
@@ -58,15 +42,10 @@ static void for_ranges(llama2_pool *pool, llama2_task_fn fn, void *ctx, int n, i
     llama2_pool_run(pool, run_range, &r, ranges);
 }
 
-/* n_ctx rounded up to whole blocks of the key cache (kernels.h) */
-static size_t key_positions(const llama2_context *cx) {
-    return ((size_t)cx->n_ctx + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
-}
-
 /* The keys of one layer's kv head h, in the blocked layout */
 static float *key_head(const llama2_context *cx, int layer, int h) {
     const llama2_config *c = &cx->t->config;
-    return cx->key_cache + ((size_t)layer * c->n_kv_heads + (size_t)h) * key_positions(cx) * (size_t)c->head_size;
+    return cx->key_cache + ((size_t)layer * c->n_kv_heads + (size_t)h) * llama2_key_positions(cx) * (size_t)c->head_size;
 }
 
 /* Stores the (rotated) key k of position pos into the layer's cache. */
@@ -79,75 +58,6 @@ static void store_key(const llama2_context *cx, int layer, int pos, const float 
         for (int i = 0; i < hs; i++) kt[LLAMA2_KEY_BLOCK * i] = k[h * hs + i];
     }
 }
-
-/* A KV cache bigger than this is not put on huge pages: a run that touches
- * a few positions of each layer's and head's region would commit 2 MB for
- * each instead of 4 KB. */
-#define HUGE_KV_LIMIT ((size_t)512 << 20)
-
-static void *ctx_alloc(llama2_context *cx, size_t bytes, int huge_ok) {
-    return llama2_buffers_alloc(&cx->owned, bytes, huge_ok);
-}
-
-/* The context's buffers; the caches and tables sized for n_ctx positions are
- * committed page by page as positions are reached. */
-static int context_alloc(llama2_context *cx, llama2_error *err) {
-    const llama2_transformer *t = cx->t;
-    const llama2_config *c = &t->config;
-    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, kv = (size_t)c->kv_dim;
-    size_t cache = (size_t)c->n_layers * (size_t)cx->n_ctx * kv;
-    size_t key_cache = (size_t)c->n_layers * key_positions(cx) * kv; /* whole blocks of positions */
-    int huge = (cache + key_cache) * 4 <= HUGE_KV_LIMIT;
-    int ok = (cx->x = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->xb = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->xb2 = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->hb = (float *)ctx_alloc(cx, h * 4, 0)) &&
-             (cx->hb2 = (float *)ctx_alloc(cx, h * 4, 0)) && (cx->q = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->k = (float *)ctx_alloc(cx, kv * 4, 0)) &&
-             (cx->att = (float *)ctx_alloc(cx, (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0)) &&
-             (cx->logits = (float *)ctx_alloc(cx, (size_t)c->vocab_size * 4, 0)) &&
-             (cx->key_cache = (float *)ctx_alloc(cx, key_cache * 4, huge)) &&
-             (cx->value_cache = (float *)ctx_alloc(cx, cache * 4, huge)) &&
-             (cx->rope_cs = (float *)ctx_alloc(cx, (size_t)cx->n_ctx * (size_t)c->head_size * 4, 0));
-    if (ok && t->gs > 0) {
-        size_t gd = (d + (size_t)t->gs - 1) / (size_t)t->gs, gh = (h + (size_t)t->gs - 1) / (size_t)t->gs;
-        ok = (cx->xq = (int8_t *)ctx_alloc(cx, d, 0)) && (cx->xs = (float *)ctx_alloc(cx, gd * 4, 0)) &&
-             (cx->hq = (int8_t *)ctx_alloc(cx, h, 0)) && (cx->hs = (float *)ctx_alloc(cx, gh * 4, 0));
-    }
-    if (!ok)
-        return llama2_fail(err, LLAMA2_ERR_NOMEM,
-                           "out of memory allocating a context (KV cache of %lld floats for n_ctx %d)",
-                           (long long)cache * 2, cx->n_ctx);
-    return LLAMA2_OK;
-}
-
-int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err) {
-    llama2_ok(err);
-    if (!out || !t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
-    *out = NULL;
-    const int seq_len = t->config.seq_len;
-    if (n_ctx > seq_len)
-        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "n_ctx %d is larger than the model's seq_len %d", n_ctx,
-                           seq_len);
-    llama2_context *cx = (llama2_context *)calloc(1, sizeof(*cx));
-    if (!cx) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
-    cx->t = t;
-    cx->n_ctx = n_ctx > 0 ? n_ctx : seq_len;
-    int rc = context_alloc(cx, err);
-    if (rc) {
-        llama2_context_free(cx);
-        return rc;
-    }
-    *out = cx;
-    return LLAMA2_OK;
-}
-
-void llama2_context_free(llama2_context *cx) {
-    if (!cx) return;
-    llama2_pool_free(cx->pool);
-    llama2_buffers_free(&cx->owned);
-    free(cx);
-}
-
-int llama2_context_n_ctx(const llama2_context *cx) { return cx ? cx->n_ctx : 0; }
 
 /* Makes x ready for a matmul: quantized too when the weights are int8. */
 static void prepare(llama2_activation *a, const float *x, int n, int8_t *q, float *s, int gs) {
@@ -243,25 +153,6 @@ typedef struct {
 
 static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
 
-static int alloc_batch(llama2_context *cx, llama2_error *err) {
-    if (cx->batch_ready) return LLAMA2_OK;
-    const llama2_transformer *t = cx->t;
-    const llama2_config *c = &t->config;
-    size_t B = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
-    int ok = (cx->bx = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bxb = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
-             (cx->bxb2 = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bhb = (float *)ctx_alloc(cx, B * h * 4, 1)) &&
-             (cx->bhb2 = (float *)ctx_alloc(cx, B * h * 4, 1)) && (cx->bq = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
-             (cx->bk = (float *)ctx_alloc(cx, B * (size_t)c->kv_dim * 4, 1)) &&
-             (cx->batt = (float *)ctx_alloc(cx, B * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
-    if (ok && t->gs > 0)
-        ok = (cx->bxq = (int8_t *)ctx_alloc(cx, B * d, 1)) && (cx->bhq = (int8_t *)ctx_alloc(cx, B * h, 1)) &&
-             (cx->bxs = (float *)ctx_alloc(cx, B * groups_of(c->dim, t->gs) * 4, 1)) &&
-             (cx->bhs = (float *)ctx_alloc(cx, B * groups_of(c->hidden_dim, t->gs) * 4, 1));
-    if (!ok) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
-    cx->batch_ready = 1;
-    return LLAMA2_OK;
-}
-
 /* The per-token steps between matmuls. Each token's step is independent of
  * the others', so a batch spreads them over the pool, token by token. */
 typedef struct {
@@ -341,7 +232,7 @@ static void forward_tokens(llama2_context *cx, const buffers *B, const int *toke
     const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
-    llama2_pool *pool = pool_for(cx);
+    llama2_pool *pool = llama2_context_pool(cx);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
     step_job job = {cx, t, B, a, 0, pos};
@@ -411,7 +302,7 @@ int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, i
         if (rc) return rc;
     }
     if (n == 1) return llama2_context_forward(cx, tokens[0], pos, logits, err);
-    int rc = alloc_batch(cx, err);
+    int rc = llama2_context_alloc_batch(cx, err);
     if (rc) return rc;
     buffers batch = {cx->bx, cx->bxb, cx->bxb2, cx->bhb, cx->bhb2, cx->bq, cx->bk, cx->batt,
                      cx->bxq, cx->bhq, cx->bxs, cx->bhs};

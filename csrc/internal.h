@@ -103,6 +103,9 @@ struct llama2_transformer {
 
 /* ---- a context: one sequence's KV cache and the buffers a pass works in ---- */
 
+/* positions per block of the key cache (layout in kernels.h) */
+#define LLAMA2_KEY_BLOCK 8
+
 struct llama2_context {
     llama2_transformer *t;
     int n_ctx;                /* positions 0..n_ctx-1 */
@@ -130,9 +133,17 @@ struct llama2_context {
 
 #define LLAMA2_MAX_BATCH 64
 
-/* checkpoint.c */
-void *llama2_own(llama2_transformer *t, size_t bytes); /* zeroed, freed with t */
-/* the default context, made on first use */
+/* memory.c: a buffer the model owns, zeroed, freed with t */
+void *llama2_own(llama2_transformer *t, size_t bytes);
+
+/* context.c */
+/* n_ctx rounded up to whole blocks of the key cache (kernels.h) */
+static inline size_t llama2_key_positions(const llama2_context *cx) {
+    return ((size_t)cx->n_ctx + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
+}
+struct llama2_pool *llama2_context_pool(llama2_context *cx); /* NULL: run on this thread */
+int llama2_context_alloc_batch(llama2_context *cx, llama2_error *err);
+/* the model's default context, made on first use */
 int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_error *err);
 
 /* run.c: fp32 pieces (also used by the int8 path) */

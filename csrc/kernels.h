@@ -67,7 +67,7 @@ typedef struct llama2_kernels_s {
  * kt[(p / 8) * 8 * head_size + i * 8 + p % 8], so that one load holds
  * dimension i of 8 positions and the scores of 8 positions build up lane by
  * lane, each in the scalar order. */
-#define LLAMA2_KEY_BLOCK 8
+/* (LLAMA2_KEY_BLOCK is defined in internal.h, beside the context) */
 
 extern const llama2_kernels llama2_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)

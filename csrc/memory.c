@@ -118,3 +118,8 @@ void llama2_buffers_free(llama2_buffers *b) {
     b->items = NULL;
     b->n = b->cap = 0;
 }
+
+/* Repacked weights stream through the cache on every token: a model's
+ * buffers of 4 MB and more sit on 2 MB pages where the kernel allows it (a
+ * 4 KB page walk every 4 KB costs memory bandwidth). */
+void *llama2_own(llama2_transformer *t, size_t bytes) { return llama2_buffers_alloc(&t->owned, bytes, 1); }
