@@ -96,7 +96,7 @@ int llama2_session_set_stops(llama2_session *ss, int stop_at_eos, const char *co
 }
 
 static int reserve(char **buf, size_t *cap, size_t need) {
-    if (need <= *cap) return 1;
+    if (need <= *cap && *buf) return 1; /* a buffer exists even for 0 bytes: memcpy never sees NULL */
     size_t c = *cap ? *cap : 64;
     while (c < need) c *= 2;
     char *grown = (char *)realloc(*buf, c);

@@ -282,14 +282,15 @@ class Ours:
         from .sampler import Sampler
 
         llama = self.llama
+        context = llama.create_context()
         sampler = Sampler(self.config.vocab_size, temperature=0.0, topp=0.9, seed=1)
         out, err = ffi.new("llama2_session **"), new_error()
-        raise_for(lib.llama2_session_new(out, llama._ptr, llama.tokenizer._ptr, sampler._ptr,
-                                         _ffi.MODE_GENERATE, b"", 0, n + 1, err), err)
+        raise_for(lib.llama2_session_new_ctx(out, context._ptr, llama.tokenizer._ptr, sampler._ptr,
+                                             _ffi.MODE_GENERATE, b"", 0, n + 1, err), err)
         session = ffi.gc(out[0], lib.llama2_session_free)
         step = ffi.new("llama2_step *")
         start, timed_from, pos = None, 0, 0
-        llama._acquire()
+        context._enter()
         try:
             while True:
                 raise_for(lib.llama2_session_step(session, step, err), err)
@@ -299,9 +300,9 @@ class Ours:
                 if start is None:
                     start, timed_from = time.perf_counter(), pos
         finally:
-            llama._release()
+            context._exit()
         end = time.perf_counter()
-        del session, sampler
+        del session, sampler, context
         if start is None or pos <= timed_from:
             return float("nan"), 0
         return (pos - timed_from) / (end - start), pos - timed_from

@@ -5,7 +5,8 @@ needs (its KV cache and working buffers), so a chat session, a generate()
 call and your own forward() calls never overwrite each other's cache.
 Memory is committed as positions are reached, so an idle or short context
 costs little whatever its n_ctx. One context serves one thread at a time
-(its calls are serialized); contexts of one model run in parallel.
+(calls from other threads wait; the thread that holds it, in an unfinished
+stream, gets a StateError); contexts of one model run in parallel.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import new_error, raise_for
+from .errors import StateError, new_error, raise_for
 from .validate import INT_MAX, check_int
 
 
@@ -31,7 +32,22 @@ class Context:
         self._owner = owner  # the model must outlive its contexts
         self.n_ctx: int = lib.llama2_context_n_ctx(self._ptr)
         self.vocab_size = vocab_size
-        self.lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._active: int | None = None  # the thread using the context now
+
+    # ---- one call (or one stream) at a time ----
+    def _enter(self) -> None:
+        """Waits for the context; in the thread that holds it (a stream not
+        finished yet) that would never end, so it is a StateError."""
+        me = threading.get_ident()
+        if self._active == me:
+            raise StateError("this context is busy in this thread (an unfinished stream?): finish or close it first")
+        self._lock.acquire()
+        self._active = me
+
+    def _exit(self) -> None:
+        self._active = None
+        self._lock.release()
 
     def _logits(self, ptr) -> np.ndarray:
         return np.frombuffer(ffi.buffer(ptr, 4 * self.vocab_size), dtype=np.float32).copy()
@@ -43,9 +59,12 @@ class Context:
         pos = check_int("pos", pos)
         err = new_error()
         logits = ffi.new("float **")
-        with self.lock:
+        self._enter()
+        try:
             raise_for(lib.llama2_context_forward(self._ptr, token, pos, logits, err), err)
             return self._logits(logits[0])
+        finally:
+            self._exit()
 
     def forward_batch(self, tokens, pos: int) -> np.ndarray:
         """tokens at positions pos, pos+1, ... in one pass over the weights;
@@ -55,7 +74,10 @@ class Context:
         check_int("number of tokens", len(ids), 0, INT_MAX)
         err = new_error()
         logits = ffi.new("float **")
-        with self.lock:
+        self._enter()
+        try:
             raise_for(lib.llama2_context_forward_batch(self._ptr, ffi.new("int[]", ids), len(ids), pos,
                                                        logits, err), err)
             return self._logits(logits[0])
+        finally:
+            self._exit()

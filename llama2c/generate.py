@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,8 +18,9 @@ import numpy as np
 from . import _ffi
 from ._ffi import ffi, lib
 from .context import Context
-from .errors import InvalidArgumentError, StateError, new_error, raise_for
-from .sampler import Sampler, check_settings, resolve_seed
+from .errors import InvalidArgumentError, new_error, raise_for
+from .sampler import Sampler, make_sampler
+from .session import Session
 from .tokenizer import BOS, EOS, Tokenizer
 from .validate import c_path, check_int, check_threads
 
@@ -55,12 +55,6 @@ def _config_from(c) -> ModelConfig:
         group_size=c.group_size, rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
         file_size=int(c.file_size), n_params=int(c.n_params),
     )
-
-
-def _bytes(text: str) -> bytes:
-    if not isinstance(text, str):
-        raise TypeError(f"expected a str, got {type(text).__name__}")
-    return text.encode("utf-8")
 
 
 def render_chat(messages: list[dict]) -> list[tuple[str, str | None]]:
@@ -126,10 +120,8 @@ class Llama:
             lib.llama2_transformer_set_threads(self._ptr, threads)
         self._tokenizer_path = os.fsdecode(tokenizer_raw) if tokenizer_raw is not None else None
         self._tokenizer: Tokenizer | None = None
-        self._lock = threading.Lock()
-        self._owner: int | None = None
         self._context: Context | None = None  # forward() / forward_batch()
-        self._gen_context: Context | None = None  # generate() / stream()
+        self._generator: Session | None = None  # generate() / stream()
 
     def create_context(self, n_ctx: int | None = None) -> Context:
         """A fresh KV cache over this model's weights (n_ctx: default this
@@ -142,18 +134,6 @@ class Llama:
         if self._context is None:
             self._context = self.create_context()
         return self._context
-
-    # ---- exclusive use: one call at a time per model ----
-    def _acquire(self):
-        if self._owner == threading.get_ident():
-            raise StateError("this Llama is busy in this thread (an unfinished stream?): "
-                             "finish or close it first")
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-
-    def _release(self):
-        self._owner = None
-        self._lock.release()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -174,6 +154,26 @@ class Llama:
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
+    def session(self, n_ctx: int | None = None) -> Session:
+        """A generation context of its own: generate(), stream(), forward()
+        and forward_batch(), none of which touches another's KV cache."""
+        return Session(self, n_ctx)
+
+    def _generation(self) -> Session:
+        if self._generator is None:
+            self._generator = self.session()
+        return self._generator
+
+    # ---- generation (in a session of this Llama's own) ----
+    def generate(self, prompt: str = "", **settings) -> str:
+        """The text `run` prints for these settings (prompt included), without
+        its final newline: see Session.generate."""
+        return self._generation().generate(prompt, **settings)
+
+    def stream(self, prompt: str = "", **settings) -> Iterator[str]:
+        """Yields the same text as generate(), piece by piece: see Session.stream."""
+        return self._generation().stream(prompt, **settings)
+
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (float32, vocab_size) for token at position pos in this
         Llama's own context (self.context): its KV cache holds whatever
@@ -188,80 +188,6 @@ class Llama:
         return self.context.forward_batch(tokens, pos)
 
     # ---- generation ----
-    def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
-        steps = check_int("steps", steps, 0)
-        tok = self.tokenizer
-        sampler = _make_sampler(self.config.vocab_size, sampling)
-        data = _bytes(prompt)
-        if self._gen_context is None:
-            self._gen_context = self.create_context()
-        out = ffi.new("llama2_session **")
-        err = new_error()
-        raise_for(lib.llama2_session_new_ctx(out, self._gen_context._ptr, tok._ptr, sampler._ptr,
-                                             _ffi.MODE_GENERATE, data, len(data), steps, err), err)
-        session = ffi.gc(out[0], lib.llama2_session_free)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if stops or stop_at_eos:
-            encoded = [_bytes(x) for x in stops]
-            if any(not b for b in encoded):
-                raise InvalidArgumentError("stop strings must not be empty")
-            keep = [ffi.new("char[]", b) for b in encoded]
-            raise_for(lib.llama2_session_set_stops(session, int(bool(stop_at_eos)), ffi.new("char *[]", keep),
-                                                   ffi.new("size_t[]", [len(b) for b in encoded]),
-                                                   len(encoded), err), err)
-        # the session borrows the sampler and the context: both live in this call
-        return session, sampler
-
-    def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-                 stop_at_eos: bool = False) -> str:
-        """The text `run` prints for these settings (prompt included), without
-        its final newline. steps=0 means the model's seq_len. top_k, min_p,
-        repetition_penalty, stop strings and stop_at_eos are extensions, off
-        by default so outputs stay comparable with llama2.c."""
-        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
-        self._acquire()
-        try:
-            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
-            text = ffi.new("char **")
-            length = ffi.new("size_t *")
-            err = new_error()
-            raise_for(lib.llama2_session_run(session, text, length, ffi.NULL, err), err)
-            try:
-                return ffi.unpack(text[0], length[0]).decode("utf-8", errors="replace")
-            finally:
-                lib.llama2_free(text[0])
-        finally:
-            self._release()
-
-    def stream(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-               stop_at_eos: bool = False) -> Iterator[str]:
-        """Yields the same text as generate(), piece by piece as it is made."""
-        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
-        self._acquire()
-        try:
-            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
-            step = ffi.new("llama2_step *")
-            err = new_error()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            while True:
-                raise_for(lib.llama2_session_step(session, step, err), err)
-                piece = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
-                if piece:
-                    yield piece
-                if step.kind != _ffi.STEP_TOKEN:
-                    break
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield tail
-        finally:
-            self._release()
-
     # ---- chat (Llama 2 chat template) ----
     def chat_session(self, system: str | None = None) -> "ChatSession":
         """A multi-turn conversation with a KV cache (a context) of its own,
@@ -333,7 +259,7 @@ class ChatSession:
                repetition_penalty: float = 1.0) -> Iterator[str]:
         """The reply to one user turn, piece by piece; it ends at EOS."""
         llama = self.llama
-        sampler = _make_sampler(llama.config.vocab_size, dict(
+        sampler = make_sampler(llama.config.vocab_size, dict(
             temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty))
         for t in self._history[-64:]:
@@ -369,15 +295,6 @@ class ChatSession:
 
     def send(self, user: str, **kwargs) -> str:
         return "".join(self.stream(user, **kwargs))
-
-
-def _make_sampler(vocab_size: int, sampling: dict) -> Sampler:
-    check_settings(sampling["temperature"], sampling["topp"], sampling.get("top_k", 0),
-                   sampling.get("min_p", 0.0), sampling.get("repetition_penalty", 1.0))
-    return Sampler(vocab_size, temperature=sampling["temperature"], topp=sampling["topp"],
-                   seed=resolve_seed(sampling.get("seed")), top_k=sampling.get("top_k", 0),
-                   min_p=sampling.get("min_p", 0.0),
-                   repetition_penalty=sampling.get("repetition_penalty", 1.0))
 
 
 def generate(model_path: str | os.PathLike | None, prompt: str = "", *,

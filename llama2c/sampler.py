@@ -101,3 +101,14 @@ def random_f32(state: int) -> tuple[float, int]:
     s = ffi.new("uint64_t *", int(state) & U64)
     value = lib.llama2_random_f32(s)
     return value, s[0]
+
+
+def make_sampler(vocab_size: int, sampling: dict) -> Sampler:
+    """A Sampler from a dict of settings (temperature, topp, seed, top_k,
+    min_p, repetition_penalty), checked first."""
+    check_settings(sampling["temperature"], sampling["topp"], sampling.get("top_k", 0),
+                   sampling.get("min_p", 0.0), sampling.get("repetition_penalty", 1.0))
+    return Sampler(vocab_size, temperature=sampling["temperature"], topp=sampling["topp"],
+                   seed=resolve_seed(sampling.get("seed")), top_k=sampling.get("top_k", 0),
+                   min_p=sampling.get("min_p", 0.0),
+                   repetition_penalty=sampling.get("repetition_penalty", 1.0))

@@ -456,3 +456,37 @@ def test_python_readers_refuse_a_fifo(fifo, tmp_path):
     assert proc.stdout.count("not a regular file") == 2
     proc = llama2c_cli("export", tmp_path / "out.bin", "--version", "1", "--bin", fifo, timeout=30)
     assert proc.returncode == 1 and "not a regular file" in proc.stderr
+
+
+def test_sessions_generate_on_their_own_contexts(make_model):
+    m = make_model(LONG_GQA, version=1, seed=15)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    expected = llama.generate("Once upon", steps=40, temperature=0)
+    session = llama.session(n_ctx=64)
+    assert session.n_ctx == 64
+    it = session.stream("Once upon", steps=40, temperature=0)
+    first = next(it)
+    with pytest.raises(llama2c.StateError, match="busy"):
+        session.forward(1, 0)  # would overwrite the cache under the unfinished stream
+    assert llama.generate("Once upon", steps=40, temperature=0) == expected  # another context
+    assert first + "".join(it) == expected
+    assert session.generate("Once upon", steps=40, temperature=0) == expected
+
+
+def test_two_chat_sessions_in_two_threads(make_model):
+    m = make_model(LONG_GQA, version=1, seed=16)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    turns = {"a": ["hello there", "and then?"], "b": ["what is a cat", "why", "tell me more"]}
+
+    def talk(name):
+        session = llama.chat_session(system=f"You are {name}.")
+        return [session.send(t, temperature=0.0, steps=8) for t in turns[name]]
+
+    one_after_other = {name: talk(name) for name in turns}
+    results = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, talk(n))) for n in turns for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == one_after_other

@@ -1,0 +1,106 @@
+"""A generation session: a context (one KV cache) with generate() and
+stream() on top of forward() and forward_batch().
+
+`Llama.session()` makes one; `Llama.generate()` and `Llama.stream()` run in
+one of their own. Each generate() or stream() starts at position 0 (prompt
+included), exactly as the `run` program does, and drives the C session loop
+(session.c) one token per call.
+"""
+from __future__ import annotations
+
+import codecs
+from typing import Iterator
+
+from . import _ffi
+from ._ffi import ffi, lib
+from .context import Context
+from .errors import InvalidArgumentError, new_error, raise_for
+from .sampler import make_sampler
+from .validate import check_int
+
+
+def _bytes(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a str, got {type(text).__name__}")
+    return text.encode("utf-8")
+
+
+class Session(Context):
+    """A context of `llama` (a Llama) that generates text."""
+
+    def __init__(self, llama, n_ctx: int | None = None):
+        super().__init__(llama._ptr, llama.n_ctx if n_ctx is None else n_ctx, llama.config.vocab_size, owner=llama)
+        self.llama = llama
+
+    def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
+        steps = check_int("steps", steps, 0)
+        tok = self.llama.tokenizer
+        sampler = make_sampler(self.vocab_size, sampling)
+        data = _bytes(prompt)
+        out = ffi.new("llama2_session **")
+        err = new_error()
+        raise_for(lib.llama2_session_new_ctx(out, self._ptr, tok._ptr, sampler._ptr,
+                                             _ffi.MODE_GENERATE, data, len(data), steps, err), err)
+        session = ffi.gc(out[0], lib.llama2_session_free)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops or stop_at_eos:
+            encoded = [_bytes(x) for x in stops]
+            if any(not b for b in encoded):
+                raise InvalidArgumentError("stop strings must not be empty")
+            keep = [ffi.new("char[]", b) for b in encoded]
+            raise_for(lib.llama2_session_set_stops(session, int(bool(stop_at_eos)), ffi.new("char *[]", keep),
+                                                   ffi.new("size_t[]", [len(b) for b in encoded]),
+                                                   len(encoded), err), err)
+        # the C session borrows the sampler and this context: both outlive it
+        return session, sampler
+
+    def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+                 stop_at_eos: bool = False) -> str:
+        """The text `run` prints for these settings (prompt included), without
+        its final newline. steps=0 means n_ctx. top_k, min_p,
+        repetition_penalty, stop strings and stop_at_eos are extensions, off
+        by default so outputs stay comparable with llama2.c."""
+        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
+        self._enter()
+        try:
+            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
+            text = ffi.new("char **")
+            length = ffi.new("size_t *")
+            err = new_error()
+            raise_for(lib.llama2_session_run(session, text, length, ffi.NULL, err), err)
+            try:
+                return ffi.unpack(text[0], length[0]).decode("utf-8", errors="replace")
+            finally:
+                lib.llama2_free(text[0])
+        finally:
+            self._exit()
+
+    def stream(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
+               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+               stop_at_eos: bool = False) -> Iterator[str]:
+        """Yields the same text as generate(), piece by piece as it is made."""
+        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
+        self._enter()
+        try:
+            session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
+            step = ffi.new("llama2_step *")
+            err = new_error()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            while True:
+                raise_for(lib.llama2_session_step(session, step, err), err)
+                piece = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
+                if piece:
+                    yield piece
+                if step.kind != _ffi.STEP_TOKEN:
+                    break
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            self._exit()
+
