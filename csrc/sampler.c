@@ -1,5 +1,5 @@
 /*
- * sampler.c - choosing the next token from logits (SPEC.md section 5):
+ * sampler.c - choosing the next token from logits (docs/SAMPLING.md):
  * greedy at temperature 0, otherwise softmax over logits / temperature and
  * either plain multinomial sampling or top-p (nucleus) sampling, driven by
  * a xorshift64* generator so a seed reproduces llama2.c's choices.

@@ -1,7 +1,8 @@
 /*
  * session.c - the generate and chat loops of the `run` program as a state
  * machine that advances one token per call, so the CLI, the Python binding
- * and any other host share one implementation (SPEC.md section 6).
+ * and any other host share one implementation (docs/SAMPLING.md, the
+ * generate and chat loops).
  */
 #include "internal.h"
 

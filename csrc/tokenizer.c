@@ -1,7 +1,7 @@
 /*
  * tokenizer.c - tokenizer.bin reading, BPE encoding and piece decoding.
  *
- * Encoding follows SPEC.md section 4: optional BOS, a dummy-prefix " " when
+ * Encoding follows docs/TOKENIZER.md: optional BOS, a dummy-prefix " " when
  * the text is not empty, one token per UTF-8 code point (or one per byte
  * through byte fallback), then merges. Merging picks, among all adjacent
  * pairs whose concatenation is in the vocabulary, the one with the highest

@@ -20,7 +20,7 @@ What is written (architecture "llama"):
 
 wq / wk layout: GGUF "llama" tensors hold the original (Meta) layout, the one
 llama2.c files use: llama.cpp rotates adjacent pairs (i, i+1), exactly as
-SPEC.md section 3 does, and its Hugging Face converter *undoes* HF's permutation
+our engine does (docs/FORWARD.md), and its Hugging Face converter *undoes* HF's permutation
 before writing. So the matrices are written unchanged (hf_layout=False, the
 default); hf_layout=True applies the Meta->HF permutation instead, which only
 makes sense for a runtime that expects HF's rotate-half layout.
@@ -212,7 +212,7 @@ def _read_q8_body(path, raw, m: BinModel) -> None:
 
 
 # ---------------------------------------------------------------------------
-# wq / wk permutation (SPEC.md section 3)
+# wq / wk permutation (docs/FORWARD.md, "wq / wk layouts")
 # ---------------------------------------------------------------------------
 
 
@@ -344,7 +344,7 @@ def sentencepiece_vocab(path: str | os.PathLike) -> Vocab:
 
 
 def tokenizer_bin_vocab(path: str | os.PathLike, vocab_size: int) -> Vocab:
-    """The vocabulary of a llama2.c tokenizer.bin (SPEC.md section 4)."""
+    """The vocabulary of a llama2.c tokenizer.bin (docs/FORMAT.md)."""
     data = Path(path).read_bytes()
     off = 4
     tokens, scores = [], []

@@ -1,4 +1,4 @@
-"""The Llama 2 transformer in PyTorch, numerically the model of SPEC.md section 3.
+"""The Llama 2 transformer in PyTorch, numerically the model of docs/FORWARD.md.
 
 Weights use Meta's layout (no q/k permutation) and llama2.c's parameter names,
 so a state_dict here is a llama2.c training checkpoint's ``"model"``:
@@ -99,7 +99,7 @@ class ModelArgs:
 def rope_tables(head_size: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the RoPE angles, (seq_len, head_size/2) float32: entry
     (p, i) is the angle p / theta^(2i / head_size) of pair (2i, 2i+1) at
-    position p (SPEC.md section 3). Computed in float64, rounded once."""
+    position p (docs/FORWARD.md). Computed in float64, rounded once."""
     idx = torch.arange(0, head_size, 2, dtype=torch.float64, device="cpu")
     inv = 1.0 / (float(theta) ** (idx / head_size))
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), inv)

@@ -1,4 +1,4 @@
-"""The sampler (temperature, top-p) and its xorshift RNG, as in SPEC.md section 5."""
+"""The sampler (temperature, top-p) and its xorshift RNG, as in docs/SAMPLING.md."""
 from __future__ import annotations
 
 import os

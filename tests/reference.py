@@ -1,6 +1,7 @@
 """Pure numpy reference for the llama2c test suite.
 
-Everything here follows /work/shared/SPEC.md and docs/FORMAT.md directly:
+Everything here follows docs/FORMAT.md, docs/FORWARD.md, docs/TOKENIZER.md and
+docs/SAMPLING.md directly:
 model file writers and readers for versions 0-4, Q8_0 quantization, the
 forward pass (fp32 math computed in float64, and the int8 engine's math),
 the tokenizer.bin writer plus a reference encoder, and the xorshift RNG and

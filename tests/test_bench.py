@@ -128,7 +128,7 @@ def test_sentencepiece_vocab(shared_data):
 
 
 # ---------------------------------------------------------------------------
-# wq / wk permutation helpers (SPEC.md section 3)
+# wq / wk permutation helpers (docs/FORWARD.md, "wq / wk layouts")
 # ---------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The PyTorch model (llama2c/model.py) against the numpy reference model
-(tests/reference.py, SPEC.md section 3) and llama2.c's behaviour.
+(tests/reference.py, docs/FORWARD.md) and llama2.c's behaviour.
 
 Also holds the small converters other PyTorch tests import:
 ref_args / ref_state_dict (reference weights -> ModelArgs / state_dict) and

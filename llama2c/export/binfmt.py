@@ -1,4 +1,4 @@
-"""The .bin model format (SPEC.md section 2, docs/FORMAT.md): headers, tensor
+"""The .bin model format (docs/FORMAT.md): headers, tensor
 order, Q8_0 quantization and the legacy RoPE tables. numpy only (the legacy
 tables use torch, imported when they are computed)."""
 from __future__ import annotations

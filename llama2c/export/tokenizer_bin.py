@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer.model -> llama2.c tokenizer.bin (SPEC.md section 4).
+"""SentencePiece tokenizer.model -> llama2.c tokenizer.bin (docs/TOKENIZER.md).
 
 The output is byte-identical to llama2.c's export: for each id, the piece
 with U+2581 replaced by ' ' (BOS written "\\n<s>\\n", EOS "\\n</s>\\n"),
