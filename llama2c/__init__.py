@@ -5,13 +5,15 @@ Inference needs only numpy and cffi; importing llama2c never imports torch.
 from .errors import (FormatError, InvalidArgumentError, Llama2Error, Llama2IOError,
                      Llama2MemoryError, StateError)
 from .generate import ChatSession, Llama, ModelConfig, generate
-from .sampler import Sampler, random_f32, random_u32
+from .context import Context
+from .sampler import Sampler, SamplingParams, random_f32, random_u32
+from .session import Session
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChatSession", "FormatError", "InvalidArgumentError", "Llama", "Llama2Error", "Llama2IOError",
-    "Llama2MemoryError", "ModelConfig", "Sampler", "StateError", "Tokenizer", "generate",
+    "ChatSession", "Context", "FormatError", "InvalidArgumentError", "Llama", "Llama2Error", "Llama2IOError",
+    "Llama2MemoryError", "ModelConfig", "Sampler", "SamplingParams", "Session", "StateError", "Tokenizer", "generate",
     "random_f32", "random_u32", "__version__",
 ]

@@ -27,12 +27,19 @@ def _load(model, tokenizer, n_threads=None, quantize=False, n_ctx=None):
     return Llama(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize, n_ctx=n_ctx)
 
 
+def _sampling(args):
+    """The sampling flags as one SamplingParams (checked here, before loading)."""
+    from .sampler import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, topp=args.top_p, seed=args.seed, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+
+
 def cmd_generate(args) -> int:
+    sampling = _sampling(args)
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     start, n = None, 0
-    for piece in llama.stream(args.prompt, steps=args.steps, temperature=args.temperature,
-                              topp=args.top_p, seed=args.seed, top_k=args.top_k, min_p=args.min_p,
-                              repetition_penalty=args.repeat_penalty, stop=args.stop,
+    for piece in llama.stream(args.prompt, steps=args.steps, sampling=sampling, stop=args.stop,
                               stop_at_eos=args.stop_at_eos):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -46,6 +53,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    sampling = _sampling(args)
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     session = llama.chat_session(system=args.system)
     while True:
@@ -55,9 +63,7 @@ def cmd_chat(args) -> int:
             print()
             return 0
         sys.stdout.write("Assistant: ")
-        for piece in session.stream(user, temperature=args.temperature, topp=args.top_p, seed=args.seed,
-                                    top_k=args.top_k, min_p=args.min_p,
-                                    repetition_penalty=args.repeat_penalty):
+        for piece in session.stream(user, sampling=sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

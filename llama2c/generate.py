@@ -19,7 +19,7 @@ from . import _ffi
 from ._ffi import ffi, lib
 from .context import Context
 from .errors import InvalidArgumentError, new_error, raise_for
-from .sampler import Sampler, make_sampler
+from .sampler import Sampler, SamplingParams
 from .session import Session
 from .tokenizer import BOS, EOS, Tokenizer
 from .validate import c_path, check_int, check_threads
@@ -194,11 +194,11 @@ class Llama:
         kept between turns."""
         return ChatSession(self, system)
 
-    def chat(self, messages: str | list[dict], *, steps: int | None = None, temperature: float = 1.0,
-             topp: float = 0.9, seed: int | None = None, system: str | None = None, top_k: int = 0,
-             min_p: float = 0.0, repetition_penalty: float = 1.0) -> str:
+    def chat(self, messages: str | list[dict], *, steps: int | None = None, system: str | None = None,
+             sampling: SamplingParams | None = None, **settings) -> str:
         """The assistant's reply to a conversation: a str (one user message) or
-        a list of {"role": "system"|"user"|"assistant", "content": str}."""
+        a list of {"role": "system"|"user"|"assistant", "content": str}.
+        Sampling as in Session.generate."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if system is not None:
@@ -207,8 +207,7 @@ class Llama:
         session = ChatSession(self, None)
         for user, reply in turns[:-1]:
             session._feed_history(user, reply)
-        return session.send(turns[-1][0], steps=steps, temperature=temperature, topp=topp, seed=seed,
-                            top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+        return session.send(turns[-1][0], steps=steps, sampling=sampling, **settings)
 
 
 class ChatSession:
@@ -254,15 +253,14 @@ class ChatSession:
         self._pending = [EOS]
         self.turns += 1
 
-    def stream(self, user: str, *, steps: int | None = None, temperature: float = 1.0,
-               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0) -> Iterator[str]:
-        """The reply to one user turn, piece by piece; it ends at EOS."""
+    def stream(self, user: str, *, steps: int | None = None, sampling: SamplingParams | None = None,
+               **settings) -> Iterator[str]:
+        """The reply to one user turn, piece by piece; it ends at EOS.
+        Sampling as in Session.generate."""
         llama = self.llama
-        sampler = make_sampler(llama.config.vocab_size, dict(
-            temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty))
-        for t in self._history[-64:]:
+        params = SamplingParams.of(sampling, **settings)
+        sampler = params.sampler(llama.config.vocab_size)
+        for t in self._history[-params.repetition_window:]:
             sampler.accept(t)
         self._sampler = sampler
         logits = self._feed(self._pending + self._user_tokens(user))

@@ -1,6 +1,7 @@
 """The sampler (temperature, top-p) and its xorshift RNG, as in docs/SAMPLING.md."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -103,12 +104,35 @@ def random_f32(state: int) -> tuple[float, int]:
     return value, s[0]
 
 
-def make_sampler(vocab_size: int, sampling: dict) -> Sampler:
-    """A Sampler from a dict of settings (temperature, topp, seed, top_k,
-    min_p, repetition_penalty), checked first."""
-    check_settings(sampling["temperature"], sampling["topp"], sampling.get("top_k", 0),
-                   sampling.get("min_p", 0.0), sampling.get("repetition_penalty", 1.0))
-    return Sampler(vocab_size, temperature=sampling["temperature"], topp=sampling["topp"],
-                   seed=resolve_seed(sampling.get("seed")), top_k=sampling.get("top_k", 0),
-                   min_p=sampling.get("min_p", 0.0),
-                   repetition_penalty=sampling.get("repetition_penalty", 1.0))
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen: the fields of llama2_sampler_params plus
+    the seed. The defaults are llama2.c's (temperature 1, top-p 0.9, the
+    extensions off). Checked when made: a bad value is an
+    InvalidArgumentError. Every call that samples takes `sampling=` (one of
+    these) and/or the field names as keywords, which override it."""
+
+    temperature: float = 1.0
+    topp: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_window: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None  # None, 0 or negative: a fresh random seed
+
+    def __post_init__(self):
+        check_settings(self.temperature, self.topp, self.top_k, self.min_p, self.repetition_penalty)
+        check_int("repetition_window", self.repetition_window, 1)
+
+    @classmethod
+    def of(cls, sampling: "SamplingParams | None" = None, **overrides) -> "SamplingParams":
+        """sampling (default: the defaults) with the given fields replaced."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s): {', '.join(unknown)}")
+        return dataclasses.replace(sampling if sampling is not None else cls(), **overrides)
+
+    def sampler(self, vocab_size: int) -> Sampler:
+        return Sampler(vocab_size, temperature=self.temperature, topp=self.topp, seed=resolve_seed(self.seed),
+                       top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                       repetition_window=self.repetition_window)

@@ -15,7 +15,7 @@ from . import _ffi
 from ._ffi import ffi, lib
 from .context import Context
 from .errors import InvalidArgumentError, new_error, raise_for
-from .sampler import make_sampler
+from .sampler import SamplingParams
 from .validate import check_int
 
 
@@ -32,10 +32,10 @@ class Session(Context):
         super().__init__(llama._ptr, llama.n_ctx if n_ctx is None else n_ctx, llama.config.vocab_size, owner=llama)
         self.llama = llama
 
-    def _session(self, prompt: str, steps: int, sampling: dict, stop, stop_at_eos: bool):
+    def _session(self, prompt: str, steps: int, sampling: SamplingParams, stop, stop_at_eos: bool):
         steps = check_int("steps", steps, 0)
         tok = self.llama.tokenizer
-        sampler = make_sampler(self.vocab_size, sampling)
+        sampler = sampling.sampler(self.vocab_size)
         data = _bytes(prompt)
         out = ffi.new("llama2_session **")
         err = new_error()
@@ -54,16 +54,15 @@ class Session(Context):
         # the C session borrows the sampler and this context: both outlive it
         return session, sampler
 
-    def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-                 stop_at_eos: bool = False) -> str:
+    def generate(self, prompt: str = "", *, steps: int = 256, stop: str | list[str] | None = None,
+                 stop_at_eos: bool = False, sampling: SamplingParams | None = None, **settings) -> str:
         """The text `run` prints for these settings (prompt included), without
-        its final newline. steps=0 means n_ctx. top_k, min_p,
-        repetition_penalty, stop strings and stop_at_eos are extensions, off
+        its final newline. steps=0 means n_ctx. Sampling: `sampling` and/or
+        SamplingParams fields as keywords (temperature, topp, seed, top_k,
+        min_p, repetition_penalty, repetition_window). top_k, min_p, the
+        repetition penalty, stop strings and stop_at_eos are extensions, off
         by default so outputs stay comparable with llama2.c."""
-        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
+        sampling = SamplingParams.of(sampling, **settings)
         self._enter()
         try:
             session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
@@ -78,13 +77,10 @@ class Session(Context):
         finally:
             self._exit()
 
-    def stream(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0,
-               topp: float = 0.9, seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-               stop_at_eos: bool = False) -> Iterator[str]:
+    def stream(self, prompt: str = "", *, steps: int = 256, stop: str | list[str] | None = None,
+               stop_at_eos: bool = False, sampling: SamplingParams | None = None, **settings) -> Iterator[str]:
         """Yields the same text as generate(), piece by piece as it is made."""
-        sampling = dict(temperature=temperature, topp=topp, seed=seed, top_k=top_k, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
+        sampling = SamplingParams.of(sampling, **settings)
         self._enter()
         try:
             session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)

@@ -490,3 +490,21 @@ def test_two_chat_sessions_in_two_threads(make_model):
     for t in threads:
         t.join()
     assert results == one_after_other
+
+
+def test_sampling_params_one_object_everywhere(make_model):
+    m = make_model(LONG_GQA, version=1, seed=17)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    params = llama2c.SamplingParams(temperature=0.7, topp=0.8, seed=42, top_k=20)
+    assert llama.generate("Once", steps=20, sampling=params) == llama.generate(
+        "Once", steps=20, temperature=0.7, topp=0.8, seed=42, top_k=20)
+    # keywords override the object's fields
+    assert llama.generate("Once", steps=20, sampling=params, temperature=0) == llama.generate(
+        "Once", steps=20, seed=42, topp=0.8, top_k=20, temperature=0)
+    assert llama.chat("hi", steps=6, sampling=params) == llama.chat_session().send("hi", steps=6, sampling=params)
+    with pytest.raises(llama2c.InvalidArgumentError):
+        llama2c.SamplingParams(top_k=2**31)
+    with pytest.raises(llama2c.InvalidArgumentError):
+        llama2c.SamplingParams(repetition_window=0)
+    with pytest.raises(TypeError, match="tempurature"):
+        llama.generate("Once", tempurature=0.5)
