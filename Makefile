@@ -109,8 +109,8 @@ FUZZ_SECONDS ?= 90
 FUZZ_SEED ?= 1
 FUZZ_ENGINE ?= auto
 FUZZ_CORPUS ?= build/fuzz-corpus
-FUZZ_ASAN_OPTIONS = detect_leaks=1:allocator_may_return_null=1:handle_abort=1
-FUZZ_UBSAN_OPTIONS = halt_on_error=1:print_stacktrace=1
+FUZZ_ASAN_OPTIONS = detect_leaks=1:allocator_may_return_null=1
+FUZZ_UBSAN_OPTIONS = halt_on_error=1:abort_on_error=1:print_stacktrace=1
 
 .PHONY: fuzz fuzz-smoke
 fuzz: build/fuzz/fuzz_llama2 build/fuzz/fuzz_llama2_libfuzzer
@@ -146,7 +146,8 @@ fuzz-smoke: fuzz
 	if [ "$$engine" = libfuzzer ]; then \
 	  mkdir -p build/fuzz/libfuzzer-corpus && \
 	  ASAN_OPTIONS=$(FUZZ_ASAN_OPTIONS) UBSAN_OPTIONS=$(FUZZ_UBSAN_OPTIONS) ./build/fuzz/fuzz_llama2_libfuzzer \
-	    -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED) -timeout=20 -rss_limit_mb=2048 -max_len=1300000 \
+	    -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED) -timeout=20 -rss_limit_mb=2048 \
+	    -malloc_limit_mb=1048576 -max_len=1300000 \
 	    -print_final_stats=1 -artifact_prefix=build/fuzz/artifacts/ build/fuzz/libfuzzer-corpus $(FUZZ_CORPUS); \
 	else \
 	  ASAN_OPTIONS=$(FUZZ_ASAN_OPTIONS) UBSAN_OPTIONS=$(FUZZ_UBSAN_OPTIONS) ./build/fuzz/fuzz_llama2 \

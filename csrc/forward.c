@@ -59,13 +59,17 @@ static void store_key(const llama2_context *cx, int layer, int pos, const float 
     }
 }
 
-/* Makes x ready for a matmul: quantized too when the weights are int8. */
-static void prepare(llama2_activation *a, const float *x, int n, int8_t *q, float *s, int gs) {
+/* Q8_0 groups of an n-value activation (the last may be partial) */
+static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
+
+/* Makes x (row `row` of a batch) ready for a matmul: with int8 weights also
+ * quantized, into that row of q_rows / s_rows (which fp32 runs do not have). */
+static void prepare(llama2_activation *a, const float *x, int n, int8_t *q_rows, float *s_rows, int row, int gs) {
     a->x = x;
     a->n = n;
-    a->q = q;
-    a->s = s;
-    if (gs > 0) llama2_quantize(q, s, x, n, gs);
+    a->q = gs > 0 ? q_rows + (size_t)row * n : NULL;
+    a->s = gs > 0 ? s_rows + (size_t)row * groups_of(n, gs) : NULL;
+    if (gs > 0) llama2_quantize(a->q, a->s, x, n, gs);
 }
 
 /* The rotation angles' cos and sin of positions up to `end`, tabled once as
@@ -151,7 +155,6 @@ typedef struct {
     float *xs, *hs;
 } buffers;
 
-static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
 
 /* The per-token steps between matmuls. Each token's step is independent of
  * the others', so a batch spreads them over the pool, token by token. */
@@ -172,7 +175,7 @@ static void step_attn_in(void *ctx, int b) {
     if (j->layer > 0)
         for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(xb, x, t->rms_att + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->B->xq + (size_t)b * dim, j->B->xs + b * groups_of(dim, t->gs), t->gs);
+    prepare(&j->a[b], xb, dim, j->B->xq, j->B->xs, b, t->gs);
 }
 
 /* RoPE on the query and key, the key into the cache */
@@ -187,8 +190,7 @@ static void step_rope(void *ctx, int b) {
 static void step_attn_out(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const int dim = j->t->config.dim;
-    prepare(&j->a[b], j->B->xb + (size_t)b * dim, dim, j->B->xq + (size_t)b * dim,
-            j->B->xs + b * groups_of(dim, j->t->gs), j->t->gs);
+    prepare(&j->a[b], j->B->xb + (size_t)b * dim, dim, j->B->xq, j->B->xs, b, j->t->gs);
 }
 
 /* attention residual, RMSNorm before the FFN */
@@ -200,7 +202,7 @@ static void step_ffn_in(void *ctx, int b) {
     const float *xb2 = j->B->xb2 + (size_t)b * dim;
     for (int i = 0; i < dim; i++) x[i] += xb2[i];
     llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->B->xq + (size_t)b * dim, j->B->xs + b * groups_of(dim, t->gs), t->gs);
+    prepare(&j->a[b], xb, dim, j->B->xq, j->B->xs, b, t->gs);
 }
 
 static void step_swiglu(void *ctx, int b) {
@@ -214,8 +216,7 @@ static void step_swiglu(void *ctx, int b) {
         val *= hb2[i];
         hb[i] = val;
     }
-    prepare(&j->a[b], hb, hidden, j->B->hq + (size_t)b * hidden, j->B->hs + b * groups_of(hidden, j->t->gs),
-            j->t->gs);
+    prepare(&j->a[b], hb, hidden, j->B->hq, j->B->hs, b, j->t->gs);
 }
 
 static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, int n) {
@@ -265,7 +266,7 @@ static void forward_tokens(llama2_context *cx, const buffers *B, const int *toke
     const float *xb = B->xb + (size_t)(n - 1) * dim;
     for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
-    prepare(&a[0], x, dim, B->xq, B->xs, gs);
+    prepare(&a[0], x, dim, B->xq, B->xs, 0, gs);
     llama2_matvec(cx->logits, &a[0], &t->wcls, gs, k, pool);
 }
 
