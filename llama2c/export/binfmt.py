@@ -83,9 +83,17 @@ def legacy_freq_cis(head_size: int, seq_len: int, theta: float = 10000.0) -> tup
     (seq_len, head_size/2) each, computed the way llama2.c's legacy export
     does: in float32 torch ops (inverse frequencies 1 / theta^(2i/hs) from a
     float32 arange, outer product with the positions, cos and sin). The
-    engine ignores them; this reproduces existing files bit for bit."""
-    import torch
-
+    engine ignores them; this reproduces existing files bit for bit. Without
+    torch the same formula runs in numpy float32 (a torch-free install can
+    still write version 0; those ignored tables may then differ in the last
+    bit from llama2.c's)."""
+    try:
+        import torch
+    except ImportError:
+        inv = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_size, 2, dtype=np.float32)[: head_size // 2]
+                                                       / np.float32(head_size)))
+        ang = np.outer(np.arange(seq_len, dtype=np.float32), inv).astype(np.float32)
+        return np.cos(ang), np.sin(ang)
     with torch.device("cpu"):
         inv = 1.0 / (theta ** (torch.arange(0, head_size, 2)[: head_size // 2].float() / head_size))
         ang = torch.outer(torch.arange(seq_len), inv).float()

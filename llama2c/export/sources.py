@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..validate import regular_file
-from ..model import ModelArgs
+from ..model_args import ModelArgs
 from . import binfmt, hf
 
 __all__ = ["Source", "BinSource", "CheckpointSource", "StateDictSource", "ModelSource", "MetaSource",
@@ -101,15 +101,6 @@ class Source:
 
     def __exit__(self, *exc):
         self.close()
-
-    def to_model(self, device="cpu"):
-        """A llama2c.model.Transformer holding these weights."""
-        import torch
-
-        from ..model import Transformer
-
-        sd = {k: torch.from_numpy(np.array(self.get(k), dtype=np.float32)) for k in self.keys()}
-        return Transformer.from_state_dict(self.args, sd, device=device)
 
     def with_max_seq_len(self, n: int) -> "Source":
         self.args = dataclasses.replace(self.args, max_seq_len=int(n))
