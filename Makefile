@@ -10,7 +10,7 @@ CC ?= gcc
 PYTHON ?= python3
 LIB_SRC = csrc/checkpoint.c csrc/run.c csrc/runq.c csrc/forward.c csrc/tokenizer.c \
           csrc/sampler.c csrc/session.c csrc/kernels.c csrc/kernels_avx2.c csrc/threadpool.c \
-          csrc/memory.c csrc/context.c csrc/errors.c
+          csrc/memory.c csrc/context.c csrc/errors.c csrc/weight_types.c
 HDR = csrc/llama2.h csrc/internal.h csrc/kernels.h csrc/threadpool.h
 BASE_FLAGS = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas -ffp-contract=off
 LIBS = -lm -pthread

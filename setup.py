@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 LIB_SOURCES = ["csrc/checkpoint.c", "csrc/run.c", "csrc/runq.c", "csrc/forward.c",
                "csrc/tokenizer.c", "csrc/sampler.c", "csrc/session.c", "csrc/kernels.c",
                "csrc/kernels_avx2.c", "csrc/threadpool.c", "csrc/memory.c",
-               "csrc/context.c", "csrc/errors.c"]
+               "csrc/context.c", "csrc/errors.c", "csrc/weight_types.c"]
 HEADERS = ["csrc/llama2.h", "csrc/internal.h", "csrc/kernels.h", "csrc/threadpool.h"]
 
 if sys.platform == "win32":

@@ -205,6 +205,13 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
     return LLAMA2_OK;
 }
 
+/* The weight type of each file version's matrices: the one place where a
+ * version becomes a type (weight_types.c has what each type means). */
+static const int version_weights[5] = {
+    [0] = LLAMA2_WEIGHTS_F32, [1] = LLAMA2_WEIGHTS_F32, [2] = LLAMA2_WEIGHTS_Q8_0,
+    [3] = LLAMA2_WEIGHTS_F32, [4] = LLAMA2_WEIGHTS_BF16,
+};
+
 /* Bytes of one Q8_0 matrix of n values: n int8 then n/gs fp32 scales. */
 static int64_t q8_bytes(int64_t n, int gs) { return n + 4 * (n / gs); }
 
@@ -244,6 +251,7 @@ static void set_f32_matrices(llama2_matrix *m, int count, cursor *cur, int rows,
         memset(&m[i], 0, sizeof(m[i]));
         m[i].rows = rows;
         m[i].cols = cols;
+        m[i].type = LLAMA2_WEIGHTS_F32;
         m[i].f = take_f32(cur, (int64_t)rows * cols);
     }
 }
@@ -255,6 +263,7 @@ static void set_bf16_matrices(llama2_matrix *m, int count, cursor *cur, int rows
         memset(&m[i], 0, sizeof(m[i]));
         m[i].rows = rows;
         m[i].cols = cols;
+        m[i].type = LLAMA2_WEIGHTS_BF16;
         m[i].h = (const uint16_t *)cur->p;
         cur->p += 2 * (int64_t)rows * cols;
     }
@@ -282,6 +291,7 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
         memset(&m[i], 0, sizeof(m[i]));
         m[i].rows = rows;
         m[i].cols = cols;
+        m[i].type = LLAMA2_WEIGHTS_Q8_0;
         m[i].q = (const int8_t *)cur->p;
         cur->p += n;
         if (((uintptr_t)cur->p & 3u) == 0) {
@@ -310,13 +320,15 @@ static int quantize_matrix(llama2_transformer *t, llama2_matrix *m, llama2_error
     int64_t n = (int64_t)m->rows * m->cols;
     int8_t *q = (int8_t *)llama2_own(t, (size_t)n);
     float *s = (float *)llama2_own(t, (size_t)(n / t->gs) * 4);
-    float *tmp = m->h ? bf16_to_f32_copy(m) : NULL;
-    if (!q || !s || (m->h && !tmp)) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory quantizing weights");
+    const int bf16 = m->type == LLAMA2_WEIGHTS_BF16;
+    float *tmp = bf16 ? bf16_to_f32_copy(m) : NULL;
+    if (!q || !s || (bf16 && !tmp)) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory quantizing weights");
     llama2_quantize_weights(q, s, tmp ? tmp : m->f, n, t->gs);
     free(tmp);
     m->f = NULL;
     m->p = NULL;
     m->h = NULL;
+    m->type = LLAMA2_WEIGHTS_Q8_0;
     m->q = q;
     m->s = s;
     return LLAMA2_OK;
@@ -405,6 +417,7 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, llama2_
         if (c->shared_classifier) {
             t->wcls.rows = V;
             t->wcls.cols = d;
+            t->wcls.type = LLAMA2_WEIGHTS_F32;
             t->wcls.f = t->token_embedding;
         } else {
             set_f32_matrices(&t->wcls, 1, &cur, V, d);
@@ -426,7 +439,7 @@ static int quantize_all(llama2_transformer *t, llama2_error *err) {
         int rc = quantize_matrix(t, &t->matrices[i], err);
         if (rc) return rc;
     }
-    llama2_matrix emb = {.rows = V, .cols = d, .f = t->token_embedding};
+    llama2_matrix emb = {.rows = V, .cols = d, .type = LLAMA2_WEIGHTS_F32, .f = t->token_embedding};
     int rc = quantize_matrix(t, &emb, err);
     if (rc) return rc;
     if (c->shared_classifier) {
@@ -442,31 +455,6 @@ static int quantize_all(llama2_transformer *t, llama2_error *err) {
 
 /* ---- refusing NaN and infinite weights ---- */
 
-/* Index of the first NaN or infinity among n values (fp32, or bf16 when
- * bf16 is set), or -1. Scanned in blocks without an early exit, so the
- * common all-finite case runs at memory speed. */
-static int64_t first_nonfinite(const void *data, int64_t n, int bf16) {
-    const int64_t block = 4096;
-    for (int64_t b0 = 0; b0 < n; b0 += block) {
-        int64_t b1 = b0 + block < n ? b0 + block : n;
-        unsigned bad = 0;
-        if (bf16) {
-            const uint16_t *h = (const uint16_t *)data;
-            for (int64_t i = b0; i < b1; i++) bad |= (h[i] & 0x7f80u) == 0x7f80u;
-        } else {
-            const uint32_t *u = (const uint32_t *)data; /* fp32 bit patterns */
-            for (int64_t i = b0; i < b1; i++) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
-        }
-        if (!bad) continue;
-        for (int64_t i = b0; i < b1; i++) {
-            uint32_t e = bf16 ? (((const uint16_t *)data)[i] & 0x7f80u) == 0x7f80u
-                              : (((const uint32_t *)data)[i] & 0x7f800000u) == 0x7f800000u;
-            if (e) return i;
-        }
-    }
-    return -1;
-}
-
 static int nonfinite_error(llama2_error *err, const char *what, int layer, int64_t at) {
     if (layer >= 0)
         return llama2_fail(err, LLAMA2_ERR_FORMAT,
@@ -478,10 +466,7 @@ static int nonfinite_error(llama2_error *err, const char *what, int layer, int64
 
 /* A matrix's weights (fp32, bf16) or, for Q8_0, its scales. */
 static int64_t matrix_nonfinite(const llama2_matrix *m, int gs) {
-    int64_t n = (int64_t)m->rows * m->cols;
-    if (m->f) return first_nonfinite(m->f, n, 0);
-    if (m->h) return first_nonfinite(m->h, n, 1);
-    return first_nonfinite(m->s, n / gs, 0);
+    return llama2_weight_types[m->type].first_nonfinite(m, gs);
 }
 
 /* Every norm weight, embedding, matrix and scale must be finite: a NaN
@@ -490,10 +475,10 @@ static int check_finite(const llama2_transformer *t, llama2_error *err) {
     const llama2_config *c = &t->config;
     static const char *names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
     int64_t L = c->n_layers, d = c->dim, at;
-    if ((at = first_nonfinite(t->rms_att, L * d, 0)) >= 0) return nonfinite_error(err, "rms_att_weight", (int)(at / d), at % d);
-    if ((at = first_nonfinite(t->rms_ffn, L * d, 0)) >= 0) return nonfinite_error(err, "rms_ffn_weight", (int)(at / d), at % d);
-    if ((at = first_nonfinite(t->rms_final, d, 0)) >= 0) return nonfinite_error(err, "rms_final_weight", -1, at);
-    if ((at = first_nonfinite(t->token_embedding, (int64_t)c->vocab_size * d, 0)) >= 0)
+    if ((at = llama2_first_nonfinite(t->rms_att, L * d, 0)) >= 0) return nonfinite_error(err, "rms_att_weight", (int)(at / d), at % d);
+    if ((at = llama2_first_nonfinite(t->rms_ffn, L * d, 0)) >= 0) return nonfinite_error(err, "rms_ffn_weight", (int)(at / d), at % d);
+    if ((at = llama2_first_nonfinite(t->rms_final, d, 0)) >= 0) return nonfinite_error(err, "rms_final_weight", -1, at);
+    if ((at = llama2_first_nonfinite(t->token_embedding, (int64_t)c->vocab_size * d, 0)) >= 0)
         return nonfinite_error(err, "the token embedding", -1, at);
     for (int i = 0; i < 7 * c->n_layers; i++)
         if ((at = matrix_nonfinite(&t->matrices[i], t->gs)) >= 0)
@@ -510,9 +495,7 @@ static int select_kernels(llama2_transformer *t, llama2_error *err) {
     if (!k->packs) return LLAMA2_OK;
     for (int i = 0; i <= 7 * t->config.n_layers; i++) {
         llama2_matrix *m = i < 7 * t->config.n_layers ? &t->matrices[i] : &t->wcls;
-        int rc = m->f ? llama2_pack_f32(t, m, err)
-                 : m->h ? llama2_pack_bf16(t, m, err)
-                        : llama2_pack_scales(t, m, t->gs, err);
+        int rc = llama2_weight_types[m->type].pack(t, m, t->gs, err);
         if (rc) return rc;
     }
     return LLAMA2_OK;
@@ -559,9 +542,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
     if (!rc) {
         t->gs = gs;
         t->config.group_size = gs;
-        t->config.weights = t->config.version == 2   ? LLAMA2_WEIGHTS_Q8_0
-                            : t->config.version == 4 ? LLAMA2_WEIGHTS_BF16
-                                                     : LLAMA2_WEIGHTS_F32;
+        t->config.weights = version_weights[t->config.version];
         t->config.file_size = size;
         t->config.n_params = count_params(&t->config);
         rc = map_weights(t, (const unsigned char *)data + header_bytes, err);

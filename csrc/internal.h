@@ -20,11 +20,12 @@ void llama2_ok(llama2_error *err);
 
 /* ---- weights ---- */
 
-/* One weight matrix of `rows` x `cols`: fp32, bf16 or Q8_0. For Q8_0 the
+/* One weight matrix of `rows` x `cols` of one weight type. For Q8_0 the
  * matrix is flattened row after row and cut into groups of group_size
  * values; scale g covers flat elements [g*gs, (g+1)*gs). */
 typedef struct {
     int rows, cols;
+    int type;        /* LLAMA2_WEIGHTS_F32, _Q8_0 or _BF16: which data below it holds (weight_types.c) */
     const float *f;  /* fp32 data (row-major), or NULL */
     const float *p;  /* fp32 data packed for SIMD kernels (kernels.h), or NULL */
     const int8_t *q; /* int8 data, or NULL */

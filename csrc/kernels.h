@@ -85,4 +85,30 @@ int llama2_pack_f32(llama2_transformer *t, llama2_matrix *m, llama2_error *err);
 int llama2_pack_bf16(llama2_transformer *t, llama2_matrix *m, llama2_error *err); /* same layout, 16-bit */
 int llama2_pack_scales(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err);
 
+/* ---- weight types as data (weight_types.c) ---- */
+
+#define LLAMA2_N_WEIGHT_TYPES 3 /* LLAMA2_WEIGHTS_F32, _Q8_0, _BF16 (llama2.h) */
+
+typedef struct {
+    const char *name;
+    int bits; /* per stored value (scales not counted) */
+    /* rows [r0, r1) of out = W a (r0 a multiple of LLAMA2_PACK_ROWS) */
+    void (*rows)(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
+                 const llama2_kernels *k, int r0, int r1);
+    /* the same for n activations at once; returns 0 when there is no batched
+     * kernel for this matrix (the caller then runs `rows` per activation);
+     * NULL: never */
+    int (*batch)(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w,
+                 const llama2_kernels *k, int r0, int r1);
+    /* the layouts the SIMD kernels want, made at load */
+    int (*pack)(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err);
+    /* index of the first NaN or infinity among the stored values (or scales), or -1 */
+    int64_t (*first_nonfinite)(const llama2_matrix *m, int gs);
+} llama2_weight_type;
+
+extern const llama2_weight_type llama2_weight_types[LLAMA2_N_WEIGHT_TYPES];
+
+/* index of the first NaN or infinity among n fp32 (bf16: bf16) values, or -1 */
+int64_t llama2_first_nonfinite(const void *data, int64_t n, int bf16);
+
 #endif

@@ -91,43 +91,16 @@ const llama2_kernels llama2_kernels_scalar = {
 };
 
 /* One thread's share of a matmul, with the best kernel that fits the matrix. */
-static void matvec_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
-                        const llama2_kernels *k, int r0, int r1) {
-    if (w->f) {
-        if (w->p && k->packs)
-            k->matmul_f32(out, a->x, w, r0, r1);
-        else
-            matmul_f32_rows(out, a->x, w, r0, r1);
-    } else if (w->h) {
-        if (w->ph && k->packs)
-            k->matmul_bf16(out, a->x, w, r0, r1);
-        else
-            matmul_bf16_rows(out, a->x, w, r0, r1);
-    } else if (w->cols % gs == 0 && gs % 32 == 0) {
-        k->matmul_q8(out, a->q, a->s, w, gs, r0, r1);
-    } else if (w->cols % 32 == 0 && gs % 32 == 0 && k->matmul_q8_span) {
-        k->matmul_q8_span(out, a->q, a->s, w, gs, r0, r1);
-    } else {
-        llama2_matmul_q8_rows(out, a->q, a->s, w, gs, r0, r1);
-    }
-}
-
-/* Rows [r0, r1) for every activation of a batch. The rows are walked in
- * tiles small enough to stay in cache while each activation uses them, so
- * the weights are read from memory once per batch instead of once per token;
- * every output is computed exactly as in the single-token product. */
+/* Rows [r0, r1) of out[b] = W a[b] for every activation of the batch, by
+ * the matrix's weight type (weight_types.c): its batched kernel where it has
+ * one, else row tiles that stay in cache while every activation goes over
+ * them. */
 static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_activation *a,
                               int n_batch, const llama2_matrix *w, int gs, const llama2_kernels *k,
                               int r0, int r1) {
-    if (n_batch > 1 && k->packs && w->f && w->p && k->matmul_f32_batch) {
-        k->matmul_f32_batch(out_base, out_stride, a, n_batch, w, r0, r1); /* register-blocked */
-        return;
-    }
-    if (n_batch > 1 && k->packs && w->h && w->ph && k->matmul_bf16_batch) {
-        k->matmul_bf16_batch(out_base, out_stride, a, n_batch, w, r0, r1);
-        return;
-    }
-    size_t row_bytes = (size_t)w->cols * (w->f ? 4 : w->h ? 2 : 1);
+    const llama2_weight_type *type = &llama2_weight_types[w->type];
+    if (n_batch > 1 && type->batch && type->batch(out_base, out_stride, a, n_batch, w, k, r0, r1)) return;
+    size_t row_bytes = (size_t)w->cols * (size_t)type->bits / 8;
     int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
     const int quad = 4 * LLAMA2_PACK_ROWS; /* whole 4-block units where they fit */
     tile = tile < LLAMA2_PACK_ROWS ? LLAMA2_PACK_ROWS
@@ -135,7 +108,7 @@ static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_a
                                    : tile / quad * quad;
     for (int t0 = r0; t0 < r1; t0 += tile) {
         int t1 = t0 + tile < r1 ? t0 + tile : r1;
-        for (int b = 0; b < n_batch; b++) matvec_rows(out_base + b * out_stride, &a[b], w, gs, k, t0, t1);
+        for (int b = 0; b < n_batch; b++) type->rows(out_base + b * out_stride, &a[b], w, gs, k, t0, t1);
     }
 }
 
