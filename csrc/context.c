@@ -44,19 +44,19 @@ static int context_alloc(llama2_context *cx, llama2_error *err) {
     size_t cache = (size_t)c->n_layers * (size_t)cx->n_ctx * kv;
     size_t key_cache = (size_t)c->n_layers * llama2_key_positions(cx) * kv; /* whole blocks of positions */
     int huge = (cache + key_cache) * 4 <= HUGE_KV_LIMIT;
-    int ok = (cx->x = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->xb = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->xb2 = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->hb = (float *)ctx_alloc(cx, h * 4, 0)) &&
-             (cx->hb2 = (float *)ctx_alloc(cx, h * 4, 0)) && (cx->q = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->k = (float *)ctx_alloc(cx, kv * 4, 0)) &&
-             (cx->att = (float *)ctx_alloc(cx, (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0)) &&
+    int ok = (cx->token.x = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->token.xb = (float *)ctx_alloc(cx, d * 4, 0)) &&
+             (cx->token.xb2 = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->token.hb = (float *)ctx_alloc(cx, h * 4, 0)) &&
+             (cx->token.hb2 = (float *)ctx_alloc(cx, h * 4, 0)) && (cx->token.q = (float *)ctx_alloc(cx, d * 4, 0)) &&
+             (cx->token.k = (float *)ctx_alloc(cx, kv * 4, 0)) &&
+             (cx->token.att = (float *)ctx_alloc(cx, (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0)) &&
              (cx->logits = (float *)ctx_alloc(cx, (size_t)c->vocab_size * 4, 0)) &&
              (cx->key_cache = (float *)ctx_alloc(cx, key_cache * 4, huge)) &&
              (cx->value_cache = (float *)ctx_alloc(cx, cache * 4, huge)) &&
              (cx->rope_cs = (float *)ctx_alloc(cx, (size_t)cx->n_ctx * (size_t)c->head_size * 4, 0));
     if (ok && t->gs > 0) {
         size_t gd = (d + (size_t)t->gs - 1) / (size_t)t->gs, gh = (h + (size_t)t->gs - 1) / (size_t)t->gs;
-        ok = (cx->xq = (int8_t *)ctx_alloc(cx, d, 0)) && (cx->xs = (float *)ctx_alloc(cx, gd * 4, 0)) &&
-             (cx->hq = (int8_t *)ctx_alloc(cx, h, 0)) && (cx->hs = (float *)ctx_alloc(cx, gh * 4, 0));
+        ok = (cx->token.xq = (int8_t *)ctx_alloc(cx, d, 0)) && (cx->token.xs = (float *)ctx_alloc(cx, gd * 4, 0)) &&
+             (cx->token.hq = (int8_t *)ctx_alloc(cx, h, 0)) && (cx->token.hs = (float *)ctx_alloc(cx, gh * 4, 0));
     }
     if (!ok)
         return llama2_fail(err, LLAMA2_ERR_NOMEM,
@@ -103,16 +103,17 @@ int llama2_context_alloc_batch(llama2_context *cx, llama2_error *err) {
     if (cx->batch_ready) return LLAMA2_OK;
     const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
-    size_t B = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
-    int ok = (cx->bx = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bxb = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
-             (cx->bxb2 = (float *)ctx_alloc(cx, B * d * 4, 1)) && (cx->bhb = (float *)ctx_alloc(cx, B * h * 4, 1)) &&
-             (cx->bhb2 = (float *)ctx_alloc(cx, B * h * 4, 1)) && (cx->bq = (float *)ctx_alloc(cx, B * d * 4, 1)) &&
-             (cx->bk = (float *)ctx_alloc(cx, B * (size_t)c->kv_dim * 4, 1)) &&
-             (cx->batt = (float *)ctx_alloc(cx, B * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
+    size_t rows = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    llama2_run_state *b = &cx->batch;
+    int ok = (b->x = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (b->xb = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
+             (b->xb2 = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (b->hb = (float *)ctx_alloc(cx, rows * h * 4, 1)) &&
+             (b->hb2 = (float *)ctx_alloc(cx, rows * h * 4, 1)) && (b->q = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
+             (b->k = (float *)ctx_alloc(cx, rows * (size_t)c->kv_dim * 4, 1)) &&
+             (b->att = (float *)ctx_alloc(cx, rows * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
     if (ok && t->gs > 0)
-        ok = (cx->bxq = (int8_t *)ctx_alloc(cx, B * d, 1)) && (cx->bhq = (int8_t *)ctx_alloc(cx, B * h, 1)) &&
-             (cx->bxs = (float *)ctx_alloc(cx, B * groups_of(c->dim, t->gs) * 4, 1)) &&
-             (cx->bhs = (float *)ctx_alloc(cx, B * groups_of(c->hidden_dim, t->gs) * 4, 1));
+        ok = (b->xq = (int8_t *)ctx_alloc(cx, rows * d, 1)) && (b->hq = (int8_t *)ctx_alloc(cx, rows * h, 1)) &&
+             (b->xs = (float *)ctx_alloc(cx, rows * groups_of(c->dim, t->gs) * 4, 1)) &&
+             (b->hs = (float *)ctx_alloc(cx, rows * groups_of(c->hidden_dim, t->gs) * 4, 1));
     if (!ok) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
     cx->batch_ready = 1;
     return LLAMA2_OK;

@@ -148,12 +148,6 @@ static void attention(const llama2_context *cx, int layer, int pos0, int n, cons
     for_ranges(work > 16384 ? pool : NULL, attention_head, &job, items, 8 * llama2_pool_threads(pool));
 }
 
-/* Where one forward pass keeps its activations: n tokens' worth of rows. */
-typedef struct {
-    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att;
-    int8_t *xq, *hq;
-    float *xs, *hs;
-} buffers;
 
 
 /* The per-token steps between matmuls. Each token's step is independent of
@@ -161,7 +155,7 @@ typedef struct {
 typedef struct {
     const llama2_context *cx;
     const llama2_transformer *t;
-    const buffers *B;
+    const llama2_run_state *rs;
     llama2_activation *a;
     int layer, pos;
 } step_job;
@@ -171,26 +165,26 @@ static void step_attn_in(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_transformer *t = j->t;
     const int dim = t->config.dim;
-    float *x = j->B->x + (size_t)b * dim, *xb = j->B->xb + (size_t)b * dim;
+    float *x = j->rs->x + (size_t)b * dim, *xb = j->rs->xb + (size_t)b * dim;
     if (j->layer > 0)
         for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(xb, x, t->rms_att + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->B->xq, j->B->xs, b, t->gs);
+    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs);
 }
 
 /* RoPE on the query and key, the key into the cache */
 static void step_rope(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_config *c = &j->t->config;
-    float *k = j->B->k + (size_t)b * c->kv_dim;
-    rope(j->cx, j->B->q + (size_t)b * c->dim, k, j->pos + b);
+    float *k = j->rs->k + (size_t)b * c->kv_dim;
+    rope(j->cx, j->rs->q + (size_t)b * c->dim, k, j->pos + b);
     store_key(j->cx, j->layer, j->pos + b, k);
 }
 
 static void step_attn_out(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const int dim = j->t->config.dim;
-    prepare(&j->a[b], j->B->xb + (size_t)b * dim, dim, j->B->xq, j->B->xs, b, j->t->gs);
+    prepare(&j->a[b], j->rs->xb + (size_t)b * dim, dim, j->rs->xq, j->rs->xs, b, j->t->gs);
 }
 
 /* attention residual, RMSNorm before the FFN */
@@ -198,25 +192,25 @@ static void step_ffn_in(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_transformer *t = j->t;
     const int dim = t->config.dim;
-    float *x = j->B->x + (size_t)b * dim, *xb = j->B->xb + (size_t)b * dim;
-    const float *xb2 = j->B->xb2 + (size_t)b * dim;
+    float *x = j->rs->x + (size_t)b * dim, *xb = j->rs->xb + (size_t)b * dim;
+    const float *xb2 = j->rs->xb2 + (size_t)b * dim;
     for (int i = 0; i < dim; i++) x[i] += xb2[i];
     llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->B->xq, j->B->xs, b, t->gs);
+    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs);
 }
 
 static void step_swiglu(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const int hidden = j->t->config.hidden_dim;
-    float *hb = j->B->hb + (size_t)b * hidden;
-    const float *hb2 = j->B->hb2 + (size_t)b * hidden;
+    float *hb = j->rs->hb + (size_t)b * hidden;
+    const float *hb2 = j->rs->hb2 + (size_t)b * hidden;
     for (int i = 0; i < hidden; i++) {
         float val = hb[i];
         val *= (1.0f / (1.0f + expf(-val)));
         val *= hb2[i];
         hb[i] = val;
     }
-    prepare(&j->a[b], hb, hidden, j->B->hq, j->B->hs, b, j->t->gs);
+    prepare(&j->a[b], hb, hidden, j->rs->hq, j->rs->hs, b, j->t->gs);
 }
 
 static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, int n) {
@@ -228,7 +222,7 @@ static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, 
  * token goes through exactly the arithmetic of a single-token pass: the
  * batch only shares the reading of the weights and spreads the per-token
  * steps over the threads. */
-static void forward_tokens(llama2_context *cx, const buffers *B, const int *tokens, int n, int pos,
+static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const int *tokens, int n, int pos,
                            int want_logits) {
     const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
@@ -236,37 +230,37 @@ static void forward_tokens(llama2_context *cx, const buffers *B, const int *toke
     llama2_pool *pool = llama2_context_pool(cx);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
-    step_job job = {cx, t, B, a, 0, pos};
+    step_job job = {cx, t, rs, a, 0, pos};
 
     rope_extend(cx, pos + n);
     for (int b = 0; b < n; b++)
-        memcpy(B->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
+        memcpy(rs->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
     for (int l = 0; l < c->n_layers; l++) {
         size_t loff = (size_t)l * (size_t)cx->n_ctx * (size_t)kv_dim;
         float *v0 = cx->value_cache + loff + (size_t)pos * kv_dim;
         job.layer = l;
 
         for_each_token(pool, step_attn_in, &job, n);
-        llama2_matvec_batch(B->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
-        llama2_matvec_batch(B->k, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
+        llama2_matvec_batch(rs->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
+        llama2_matvec_batch(rs->k, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
         llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
         for_each_token(pool, step_rope, &job, n);
-        attention(cx, l, pos, n, B->q, B->xb, B->att, pool);
+        attention(cx, l, pos, n, rs->q, rs->xb, rs->att, pool);
         for_each_token(pool, step_attn_out, &job, n);
-        llama2_matvec_batch(B->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
+        llama2_matvec_batch(rs->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
         for_each_token(pool, step_ffn_in, &job, n);
-        llama2_matvec_batch(B->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, pool);
-        llama2_matvec_batch(B->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, pool);
+        llama2_matvec_batch(rs->hb, (size_t)hidden, a, n, &t->w1[l], gs, k, pool);
+        llama2_matvec_batch(rs->hb2, (size_t)hidden, a, n, &t->w3[l], gs, k, pool);
         for_each_token(pool, step_swiglu, &job, n);
-        llama2_matvec_batch(B->xb, (size_t)dim, a, n, &t->w2[l], gs, k, pool);
+        llama2_matvec_batch(rs->xb, (size_t)dim, a, n, &t->w2[l], gs, k, pool);
     }
     if (!want_logits) return;
     /* only the last token goes on: its last FFN residual, the final norm, the classifier */
-    float *x = B->x + (size_t)(n - 1) * dim;
-    const float *xb = B->xb + (size_t)(n - 1) * dim;
+    float *x = rs->x + (size_t)(n - 1) * dim;
+    const float *xb = rs->xb + (size_t)(n - 1) * dim;
     for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
-    prepare(&a[0], x, dim, B->xq, B->xs, 0, gs);
+    prepare(&a[0], x, dim, rs->xq, rs->xs, 0, gs);
     llama2_matvec(cx->logits, &a[0], &t->wcls, gs, k, pool);
 }
 
@@ -283,8 +277,7 @@ int llama2_context_forward(llama2_context *cx, int token, int pos, float **logit
     if (rc) return rc;
     if (pos < 0 || pos >= cx->n_ctx)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, cx->n_ctx);
-    buffers one = {cx->x, cx->xb, cx->xb2, cx->hb, cx->hb2, cx->q, cx->k, cx->att, cx->xq, cx->hq, cx->xs, cx->hs};
-    forward_tokens(cx, &one, &token, 1, pos, 1);
+    forward_tokens(cx, &cx->token, &token, 1, pos, 1);
     if (logits) *logits = cx->logits;
     llama2_ok(err);
     return LLAMA2_OK;
@@ -305,11 +298,9 @@ int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, i
     if (n == 1) return llama2_context_forward(cx, tokens[0], pos, logits, err);
     int rc = llama2_context_alloc_batch(cx, err);
     if (rc) return rc;
-    buffers batch = {cx->bx, cx->bxb, cx->bxb2, cx->bhb, cx->bhb2, cx->bq, cx->bk, cx->batt,
-                     cx->bxq, cx->bhq, cx->bxs, cx->bhs};
     for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
         int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
-        forward_tokens(cx, &batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
+        forward_tokens(cx, &cx->batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
     }
     if (logits) *logits = cx->logits;
     llama2_ok(err);

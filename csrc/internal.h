@@ -104,6 +104,14 @@ struct llama2_transformer {
 
 /* ---- a context: one sequence's KV cache and the buffers a pass works in ---- */
 
+/* The activations a forward pass works in, llama2.c's RunState names; for a
+ * batch, row b of each buffer belongs to token b. */
+typedef struct {
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att;
+    int8_t *xq, *hq; /* x and hb quantized (int8 weights only) */
+    float *xs, *hs;  /* their group scales */
+} llama2_run_state;
+
 /* positions per block of the key cache (layout in kernels.h) */
 #define LLAMA2_KEY_BLOCK 8
 
@@ -113,21 +121,18 @@ struct llama2_context {
     struct llama2_pool *pool; /* started on the first forward pass */
     int pool_version;         /* t->threads_version the pool was started for */
 
-    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *att, *logits;
+    llama2_run_state token; /* a pass of one token */
+    float *logits;
     float *key_cache;   /* per layer and kv head, positions in blocks (kernels.h) */
     float *value_cache; /* per layer, position after position, kv_dim each */
     float *rope_cs;     /* cos, sin of each position's rotation per pair of a head: n_ctx x head_size */
     int rope_ready;     /* positions of rope_cs filled so far */
-    int8_t *xq;  float *xs;  /* quantized dim-sized activation */
-    int8_t *hq;  float *hs;  /* quantized hidden-sized activation */
 
-    /* batched prefill state, allocated on first use: the same buffers for
-     * LLAMA2_MAX_BATCH tokens (rows of dim / hidden_dim) */
+    /* a batched pass of up to LLAMA2_MAX_BATCH prompt tokens (row b of each
+     * buffer is token b's; att holds n_heads * n_ctx scores per token),
+     * allocated on first use */
     int batch_ready;
-    float *bx, *bxb, *bxb2, *bhb, *bhb2, *bq, *bk;
-    float *batt; /* attention scores: n_heads * n_ctx per token of the batch */
-    int8_t *bxq, *bhq;
-    float *bxs, *bhs;
+    llama2_run_state batch;
 
     llama2_buffers owned;
 };
