@@ -1,11 +1,15 @@
-"""Builds libllama2 (csrc/) into the llama2c package during `pip install`.
+"""Builds libllama2 and the `run` program (csrc/) into the llama2c package during `pip install`.
 
 The library is a plain C shared library that llama2c/_ffi.py loads with cffi
 (ABI mode), not a Python extension module; setuptools' extension machinery is
-only used to compile and link it with the platform's compiler. If `make`
-already left an up-to-date build in llama2c/, that build is used as it is.
+only used to compile and link it with the platform's compiler. The program
+(llama2c/bin/run, run.exe on Windows) is what `llama2c run` executes. If
+`make` already left an up-to-date build in llama2c/, that build is used as it is.
+The lists of sources are csrc/Makefile's, read from it.
 """
+import filecmp
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,11 +18,21 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-LIB_SOURCES = ["csrc/checkpoint.c", "csrc/run.c", "csrc/runq.c", "csrc/forward.c",
-               "csrc/tokenizer.c", "csrc/sampler.c", "csrc/session.c", "csrc/kernels.c",
-               "csrc/kernels_avx2.c", "csrc/threadpool.c", "csrc/memory.c",
-               "csrc/context.c", "csrc/errors.c", "csrc/weight_types.c"]
-HEADERS = ["csrc/llama2.h", "csrc/internal.h", "csrc/kernels.h", "csrc/threadpool.h"]
+
+
+def make_list(name):
+    """csrc/Makefile's `NAME = a.c b.c \\ ...` as paths from here (csrc/a.c, ...)."""
+    text = (HERE / "csrc" / "Makefile").read_text()
+    found = re.search(rf"^{name}[ \t]*=((?:.*\\\n)*.*)$", text, re.M)
+    if not found:
+        raise RuntimeError(f"csrc/Makefile has no {name} list")
+    return ["csrc/" + f for f in found.group(1).replace("\\\n", " ").split()]
+
+
+LIB_SOURCES = make_list("LIB_SRC")
+HEADERS = make_list("HDR")
+RUN_SOURCES = make_list("RUN_SRC") + LIB_SOURCES  # the program: its main(), cli.c, the library
+RUN_DEPENDS = RUN_SOURCES + HEADERS + ["csrc/cli.h"]
 
 if sys.platform == "win32":
     LIB_NAME = "llama2.dll"
@@ -26,6 +40,24 @@ elif sys.platform == "darwin":
     LIB_NAME = "libllama2.dylib"
 else:
     LIB_NAME = "libllama2.so"
+RUN_NAME = "run.exe" if sys.platform == "win32" else "run"
+
+
+def up_to_date(built, sources):
+    """True when `make` left `built` after the last change to any of sources."""
+    return built.is_file() and built.stat().st_mtime >= max((HERE / s).stat().st_mtime for s in sources)
+
+
+def put(src, dest):
+    """dest becomes a copy of src, renamed into place: a process running the
+    old file keeps it (a running program cannot be written to, and rewriting
+    a loaded library crashes whoever has it loaded). Identical files are left alone."""
+    if dest.is_file() and filecmp.cmp(src, dest, shallow=False):
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copy2(src, tmp)  # with its mode: the program stays executable
+    os.replace(tmp, dest)
 
 
 class BuildLibllama2(build_ext):
@@ -45,15 +77,27 @@ class BuildLibllama2(build_ext):
         # the same numerics as the Makefile: no fast-math, no fused multiply-add
         return ["-O3", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-ffp-contract=off", "-pthread"], ["-lm", "-pthread"]
 
+    def run(self):
+        # Built into build_lib; for `pip install -e .` (inplace) copied into
+        # llama2c/ here, by put(), rather than by setuptools' in-place copy.
+        inplace, self.inplace = self.inplace, False
+        super().run()
+        self.inplace = inplace
+        if inplace:
+            built = Path(self.build_lib) / "llama2c"
+            put(built / LIB_NAME, HERE / "llama2c" / LIB_NAME)
+            put(built / "bin" / RUN_NAME, HERE / "llama2c" / "bin" / RUN_NAME)
+
     def build_extension(self, ext):
         target = Path(self.get_ext_fullpath(ext.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._build_library(ext, target)
+        self._build_program(target.parent / "bin" / RUN_NAME)
+
+    def _build_library(self, ext, target):
         prebuilt = HERE / "llama2c" / LIB_NAME
-        newest_source = max((HERE / s).stat().st_mtime for s in LIB_SOURCES + HEADERS)
-        if prebuilt.is_file() and prebuilt.stat().st_mtime >= newest_source:
+        if up_to_date(prebuilt, LIB_SOURCES + HEADERS):
             print(f"llama2c: using the library built by make: {prebuilt}")
-            if prebuilt.resolve() != target.resolve():
-                shutil.copyfile(prebuilt, target)
+            put(prebuilt, target)
             return
         compile_args, link_args = self._compiler_flags()
         ext.extra_compile_args = compile_args
@@ -61,6 +105,19 @@ class BuildLibllama2(build_ext):
         if sys.platform == "win32":
             ext.define_macros = [("LLAMA2_BUILD_DLL", None)]
         super().build_extension(ext)
+
+    def _build_program(self, target):
+        """`run` (llama2c/bin/run): what `llama2c run` executes."""
+        prebuilt = HERE / "llama2c" / "bin" / RUN_NAME
+        if up_to_date(prebuilt, RUN_DEPENDS):
+            print(f"llama2c: using the run program built by make: {prebuilt}")
+            put(prebuilt, target)
+            return
+        compile_args, link_args = self._compiler_flags()
+        objects = self.compiler.compile(RUN_SOURCES, output_dir=os.path.join(self.build_temp, "run"),
+                                        extra_postargs=compile_args, debug=self.debug)
+        self.compiler.link_executable(objects, "run", output_dir=str(target.parent),
+                                      extra_postargs=link_args, debug=self.debug)
 
 
 setup(

@@ -20,17 +20,15 @@ THREADS=${BENCH_THREADS:-1,2}
 DOC=${BENCH_DOC-docs/BENCHMARKS.md}
 mkdir -p "$CACHE"
 
-# A private build of libllama2 with `make run`'s flags and sources (-O3; threads come from
-# the library's own pool), so that rebuilding the tree while the benchmark runs cannot
-# pull the library from under it.
+# A private build of libllama2 with `make run`'s flags and sources (csrc/Makefile's `lib`
+# target: -O3; threads come from the library's own pool), so that rebuilding the tree while
+# the benchmark runs cannot pull the library from under it.
 if [ -z "${LLAMA2C_LIBRARY:-}" ]; then
-  vars=$(printf 'bench-vars:\n\t@echo "$(CC)|$(BASE_FLAGS)|$(LIB_SRC)|$(LIBS)"\n' |
-         make -s --no-print-directory -f Makefile -f - bench-vars)
-  IFS='|' read -r cc flags srcs libs <<< "$vars"
   echo "building $CACHE/libllama2.so" >&2
-  # shellcheck disable=SC2086
-  $cc $flags -O3 -fPIC -shared -o "$CACHE/libllama2.so.tmp" $srcs $libs
-  mv "$CACHE/libllama2.so.tmp" "$CACHE/libllama2.so"
+  rm -rf "$CACHE/lib.tmp" && mkdir -p "$CACHE/lib.tmp"
+  make -s --no-print-directory -C csrc lib OUT="$CACHE/lib.tmp"
+  mv "$CACHE/lib.tmp/libllama2.so" "$CACHE/libllama2.so"
+  rmdir "$CACHE/lib.tmp"
   export LLAMA2C_LIBRARY="$CACHE/libllama2.so"
 fi
 

@@ -63,8 +63,7 @@ static void bench(const llama2_kernels *k, int rows, int cols, int gs, int reps)
         printf("%-7s %5d x %-5d  fp32 batch of %d: %6.2f GMAC/s\n", k->name, rows, cols, NT, n * NT / tb / 1e9);
         free(xb); free(ob);
     }
-    for (int i = 0; i < own->n_owned; i++) free(own->owned[i]);
-    free(own->owned);
+    llama2_buffers_free(&own->owned);
     free(own);
     free(w); free(x); free(out); free(wq); free(xq); free(ws); free(xs);
 }

@@ -1,15 +1,16 @@
 /*
- * cli.c - the `run` and `runq` command-line programs (runq is this file
- * compiled with -DLLAMA2_RUNQ: it quantizes fp32 weights to Q8_0 on load).
+ * cli.c - the command line of the `run` and `runq` programs (run.c and
+ * runq.c are their main()s; cli.h). Not part of libllama2: everything here
+ * goes through the public API (llama2.h), as any program using it would.
  *
  *   run <checkpoint> [-t temp] [-p topp] [-s seed] [-n steps] [-i prompt]
- *                    [-z tokenizer] [-m generate|chat] [-y system]
+ *                    [-z tokenizer] [-m generate|chat] [-y system] [-c n_ctx]
  *
  * Flags and defaults are llama2.c's; so is stdout, byte for byte, except
  * that multi-byte UTF-8 arriving as byte tokens is printed instead of
  * dropped. All errors go to stderr with a non-zero exit status.
  */
-#include "llama2.h"
+#include "cli.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,13 +20,8 @@
 #include <windows.h>
 #endif
 
-#ifdef LLAMA2_RUNQ
-#define PROGRAM "runq"
-#define OPEN_FLAGS LLAMA2_OPEN_QUANTIZE
-#else
-#define PROGRAM "run"
-#define OPEN_FLAGS 0u
-#endif
+/* the program running: run or runq (set once, by llama2_cli_main) */
+static const llama2_cli_program *program;
 
 static long long time_in_ms(void) {
 #if defined(_WIN32)
@@ -38,10 +34,10 @@ static long long time_in_ms(void) {
 }
 
 static void usage(const char *why) {
-    if (why) fprintf(stderr, PROGRAM ": %s\n\n", why);
+    if (why) fprintf(stderr, "%s: %s\n\n", program->name, why);
+    fprintf(stderr, "usage: %s <model.bin> [options]\n", program->name);
+    fprintf(stderr, "example: %s stories15M.bin -n 256 -i \"Once upon a time\"\n", program->name);
     fprintf(stderr,
-            "usage: " PROGRAM " <model.bin> [options]\n"
-            "example: " PROGRAM " stories15M.bin -n 256 -i \"Once upon a time\"\n"
             "options:\n"
             "  -t <float>  temperature, 0 = greedy (default 1.0)\n"
             "  -p <float>  top-p (nucleus) threshold in [0,1] (default 0.9)\n"
@@ -51,18 +47,13 @@ static void usage(const char *why) {
             "  -z <string> tokenizer file (default: tokenizer.bin)\n"
             "  -m <string> mode: generate or chat (default generate)\n"
             "  -y <string> system prompt for chat mode\n"
-            "  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)\n"
-#ifdef LLAMA2_RUNQ
-            "fp32 model files are quantized to Q8_0 while loading; version 2 files run as they are.\n"
-#else
-            "version 2 (int8) model files run with the int8 kernels.\n"
-#endif
-    );
+            "  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)\n");
+    fprintf(stderr, "%s\n", program->weights);
     exit(EXIT_FAILURE);
 }
 
 static void die(const llama2_error *err) {
-    fprintf(stderr, PROGRAM ": error: %s\n", err->message[0] ? err->message : "unknown error");
+    fprintf(stderr, "%s: error: %s\n", program->name, err->message[0] ? err->message : "unknown error");
     exit(EXIT_FAILURE);
 }
 
@@ -153,7 +144,9 @@ static void chat(llama2_session *ss, const char *cli_prompt, const char *cli_sys
     fflush(stdout);
 }
 
-int main(int argc, char *argv[]) {
+/* The main() of run and runq (cli.h). */
+int llama2_cli_main(int argc, char *argv[], const llama2_cli_program *prog) {
+    program = prog;
     const char *checkpoint = NULL, *tokenizer_path = "tokenizer.bin";
     float temperature = 1.0f, topp = 0.9f;
     int steps = 256, n_ctx = 0;
@@ -190,7 +183,7 @@ int main(int argc, char *argv[]) {
 
     llama2_error err;
     llama2_transformer *t;
-    if (llama2_transformer_open(&t, checkpoint, OPEN_FLAGS, &err)) die(&err);
+    if (llama2_transformer_open(&t, checkpoint, program->open_flags, &err)) die(&err);
     const llama2_config *c = llama2_transformer_config(t);
     llama2_tokenizer *tk;
     if (llama2_tokenizer_open(&tk, tokenizer_path, c->vocab_size, &err)) die(&err);

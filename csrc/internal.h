@@ -152,7 +152,7 @@ int llama2_context_alloc_batch(llama2_context *cx, llama2_error *err);
 /* the model's default context, made on first use */
 int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_error *err);
 
-/* run.c: fp32 pieces (also used by the int8 path) */
+/* ops.c and matmul.c: fp32 pieces (also used by the int8 path) and the matmul split */
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
 void llama2_softmax(float *x, int n);
 struct llama2_kernels_s;
@@ -164,7 +164,7 @@ void llama2_matvec_batch(float *out_base, size_t out_stride, const llama2_activa
                          const llama2_matrix *w, int gs, const struct llama2_kernels_s *k,
                          struct llama2_pool *pool);
 
-/* runq.c: int8 pieces */
+/* quant.c and kernels_scalar.c: int8 pieces */
 void llama2_quantize(int8_t *q, float *s, const float *x, int n, int gs);
 void llama2_quantize_weights(int8_t *q, float *s, const float *x, int64_t n, int gs);
 void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,

@@ -1,9 +1,9 @@
 /*
  * kernels.h - the matrix-vector kernels and how one is chosen at run time.
  *
- * Every kernel computes exactly what the portable scalar loops in run.c and
- * runq.c compute, bit for bit: SIMD lanes hold different output rows, and
- * each lane adds its row's products in the scalar order, with the scalar
+ * Every kernel computes exactly what the portable loops of kernels_scalar.c
+ * compute, bit for bit: SIMD lanes hold different output rows, and each
+ * lane adds its row's products in the scalar order, with the scalar
  * loop's rounding (fp32: separate multiply and add, as llama2.c; bf16: one
  * fused multiply-add per weight). Integer dot products are exact in any
  * order. So outputs never depend on which kernel the CPU gets.
@@ -26,8 +26,8 @@
  * the kernels' sign trick needs |w| <= 127 (kernels_avx2.c).
  *
  * When groups run across rows (n % gs != 0, n and gs multiples of 32), a
- * row's scalar sum goes segment by segment (runq.c), and every segment
- * boundary falls on a multiple of 32 columns. Then pq is laid out as above,
+ * row's scalar sum goes segment by segment (kernels_scalar.c), and every
+ * segment boundary falls on a multiple of 32 columns. Then pq is laid out as above,
  * and for each block and 32-column run c:
  * pends[block * n/32 + c] has bit r set when row r's segment ends with run c,
  * ps[(block * n/32 + c) * PACK_ROWS + r] = that segment's weight scale. */
@@ -69,7 +69,7 @@ typedef struct llama2_kernels_s {
  * lane, each in the scalar order. */
 /* (LLAMA2_KEY_BLOCK is defined in internal.h, beside the context) */
 
-extern const llama2_kernels llama2_kernels_scalar;
+extern const llama2_kernels llama2_kernels_scalar; /* kernels_scalar.c */
 #if defined(__x86_64__) || defined(_M_X64)
 #define LLAMA2_HAVE_AVX2_KERNELS 1
 extern const llama2_kernels llama2_kernels_avx2;

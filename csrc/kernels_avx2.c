@@ -6,8 +6,8 @@
  * to fp32 on load; each of the 8 lanes of an accumulator is one row, summing
  * w[r][j] * x[j] for j = 0, 1, ... exactly as the scalar loop does: fp32 with
  * a separate multiply and add (llama2.c's arithmetic), bf16 with one fused
- * multiply-add per weight (the bf16 kernels' arithmetic, run.c). Four blocks
- * run at once to hide the add latency.
+ * multiply-add per weight (the bf16 kernels' arithmetic, kernels_scalar.c).
+ * Four blocks run at once to hide the add latency.
  *
  * int8: see the int8 section below.
  */
