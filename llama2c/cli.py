@@ -19,7 +19,7 @@ from .errors import Llama2Error
 
 def _load(model, tokenizer, n_threads=None, quantize=False, n_ctx=None):
     from .generate import Llama
-    from .models import bundled_model
+    from .bundled import bundled_model
 
     if model is None:
         model, default_tok = bundled_model()
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the tools with their own command lines (they import torch etc. only when used)
     passthrough = [
         ("train", "train a model (llama2.c's --key=value knobs; torchrun for DDP/FSDP)", _run_train),
-        ("export", "convert models: .bin v0-3, checkpoints, Meta and Hugging Face", _run_export),
+        ("export", "convert models: .bin v0-4, checkpoints, Meta, Hugging Face, GGUF", _run_export),
         ("tokenizer", "train a SentencePiece tokenizer or export one to tokenizer.bin", _run_tokenizer),
         ("data", "prepare token shards; the TinyStories pipeline", _run_data),
         ("bench", "decode and prefill tokens/s, against llama.cpp when installed", _run_bench),

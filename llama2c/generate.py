@@ -302,7 +302,7 @@ def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
     prompt included, without the final newline. model_path=None uses the
     model bundled with the package."""
     if model_path is None:
-        from .models import bundled_model
+        from .bundled import bundled_model
 
         model_path, default_tok = bundled_model()
         tokenizer = tokenizer if tokenizer is not None else default_tok

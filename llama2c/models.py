@@ -1,15 +1,9 @@
-"""Models shipped inside the package (see docs/)."""
+"""The old name of llama2c/bundled.py (where the bundled model lives), kept
+because code written against it (tests/test_bundled_model.py among it)
+imports `llama2c.models.bundled_model`. Not to be confused with llama2c/models/, the
+folder of the bundled files, or llama2c/model.py, the PyTorch model."""
 from __future__ import annotations
 
-from pathlib import Path
+from .bundled import MODELS_DIR, bundled_model
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-
-
-def bundled_model() -> tuple[Path, Path]:
-    """(model.bin, tokenizer.bin) of the bundled model."""
-    model, tok = MODELS_DIR / "model.bin", MODELS_DIR / "tokenizer.bin"
-    if not model.is_file() or not tok.is_file():
-        raise FileNotFoundError(2, "this build of llama2c ships no bundled model; pass a model path",
-                                str(model))
-    return model, tok
+__all__ = ["MODELS_DIR", "bundled_model"]

@@ -5,6 +5,8 @@
 - ``atomic_write(path, overwrite=...)``: a temporary file beside ``path``, fsynced,
   then renamed over it (``overwrite=True``) or linked to it only if it is still
   absent (``overwrite=False``, so a file that appeared meanwhile is not clobbered).
+- ``atomic_path(path, overwrite=...)``: the same for a writer that opens the file
+  itself (it gets the temporary file's name).
 - ``commit(tmp, path, overwrite)``: that last step for a file written elsewhere.
 
 Never imports torch or numpy.
@@ -56,21 +58,46 @@ def _umask() -> int:
     return mask
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """An open temporary file in path's directory (created if missing), with the
+    mode a plain open() would give it (mkstemp makes it 0600)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path, overwrite: bool = True):
     """Yields a binary file object for a temporary file beside ``path`` and
     moves it to ``path`` on success (see commit); removes it on error."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = _temp_beside(path)
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fsync(f.fileno())
+        commit(tmp, path, overwrite)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path, overwrite: bool = True):
+    """Yields the name (a Path) of a temporary file beside ``path`` for a writer
+    that opens and closes the file itself; on success the file is fsynced and
+    moved to ``path`` (see commit), on error removed."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         commit(tmp, path, overwrite)
     except BaseException:

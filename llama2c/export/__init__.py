@@ -1,22 +1,25 @@
 """Model conversion: read .bin files (versions 0-4), training checkpoints,
-Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-4 and
-Hugging Face folders; export SentencePiece tokenizers to tokenizer.bin.
+Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-4,
+Hugging Face folders and GGUF files (llama.cpp, from .bin files); export
+SentencePiece tokenizers to tokenizer.bin.
 
-    from llama2c.export import write_bin, write_hf, open_source, export_tokenizer
+    from llama2c.export import write_bin, write_hf, open_source, export_tokenizer, export_gguf
     with open_source("hf", "Llama-2-7b-hf") as src:
         write_bin(src, "llama2_7b.bin", version=3)
+    export_gguf("llama2_7b.bin", "llama2_7b.gguf", "q8_0")   # needs the gguf package
 
 Submodules import torch only where they need it; importing this package
 imports nothing heavy (see docs/EXPORT.md).
 """
 from __future__ import annotations
 
-__all__ = ["main", "export_tokenizer", "write_bin", "write_hf", "open_source", "BinSource",
+__all__ = ["main", "export_tokenizer", "write_bin", "write_hf", "export_gguf", "open_source", "BinSource",
            "CheckpointSource", "MetaSource", "HFSource", "ModelSource", "StateDictSource", "Source"]
 
 _LAZY = {
     "export_tokenizer": "tokenizer_bin",
     "write_bin": "writers", "write_hf": "writers",
+    "export_gguf": "gguf",
     "open_source": "sources", "BinSource": "sources", "CheckpointSource": "sources",
     "MetaSource": "sources", "HFSource": "sources", "ModelSource": "sources",
     "StateDictSource": "sources", "Source": "sources",

@@ -1,5 +1,8 @@
-"""`llama2c export OUT --version {0,1,2,3,4,hf} (--checkpoint CKPT | --meta-llama DIR
-| --hf DIR | --bin IN.bin) [--tokenizer tok.model] [--group-size N] [--max-seq-len N] [--force]`.
+"""`llama2c export OUT --version {0,1,2,3,4,hf,gguf} (--checkpoint CKPT | --meta-llama DIR
+| --hf DIR | --bin IN.bin) [--tokenizer tok.model] [--group-size N] [--max-seq-len N]
+[--gguf-type f32|f16|q8_0] [--force]`.
+
+--version gguf writes llama.cpp's format (export/gguf.py) from a --bin file.
 
 An existing OUT (or, for hf, a file the export would write into the folder) is
 replaced only with --force. Errors print one line on stderr and return 1 (no traceback)."""
@@ -8,29 +11,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-VERSIONS = ["0", "1", "2", "3", "4", "hf"]
+VERSIONS = ["0", "1", "2", "3", "4", "hf", "gguf"]
+GGUF_TYPES = ("f32", "f16", "q8_0")  # export.gguf.FTYPES (not imported here: keeps --help light)
 
 
 def build_parser(prog: str = "llama2c export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Convert a model to a llama2c .bin file (versions 0-4) or a "
-        "Hugging Face folder.")
-    p.add_argument("out", metavar="OUT", help="output .bin file (or folder for --version hf)")
+        prog=prog, description="Convert a model to a llama2c .bin file (versions 0-4), a "
+        "Hugging Face folder or a GGUF file (llama.cpp).")
+    p.add_argument("out", metavar="OUT", help="output .bin file (folder for --version hf, .gguf file "
+                   "for --version gguf)")
     p.add_argument("--version", required=True, choices=VERSIONS,
                    help="0: legacy llama2.c, 1: fp32, 2: int8 Q8_0, 3: fp32 + rope_theta/norm_eps, "
                         "4: bf16 (16-bit) + rope_theta/norm_eps, "
-                        "hf: Hugging Face folder")
+                        "hf: Hugging Face folder, gguf: llama.cpp's GGUF (from --bin)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", help="PyTorch training checkpoint (ckpt.pt)")
     src.add_argument("--meta-llama", metavar="DIR", help="Meta Llama 2 folder (params.json, consolidated.*.pth)")
     src.add_argument("--hf", metavar="DIR", help="Hugging Face Llama folder (config.json + weights)")
     src.add_argument("--bin", metavar="IN", help="llama2c/llama2.c model file (any version)")
     p.add_argument("--tokenizer", metavar="MODEL",
-                   help="SentencePiece tokenizer.model to include (--version hf only)")
+                   help="SentencePiece tokenizer.model to include (--version hf); for --version gguf "
+                        "the vocabulary: tokenizer.model, tokenizer.bin or 'synthetic' (default: "
+                        "tokenizer.bin beside the model, else synthetic)")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="Q8_0 group size for --version 2 (default 64; halved until it divides dim)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="override the context length stored in the output")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                   help="matrix type for --version gguf (default f32; norms stay F32)")
     p.add_argument("--force", "-f", action="store_true",
                    help="replace an existing OUT (for hf: the files it writes in the folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -57,8 +66,8 @@ def main(argv=None) -> int:
         print(f"llama2c export: error: {msg}", file=sys.stderr)
         return 1
 
-    if args.tokenizer is not None and args.version != "hf":
-        return err("--tokenizer is for --version hf; write tokenizer.bin with "
+    if args.tokenizer is not None and args.version not in ("hf", "gguf"):
+        return err("--tokenizer is for --version hf or gguf; write tokenizer.bin with "
                    "`llama2c tokenizer export tok.model -o tok.bin`")
     if args.group_size is not None and args.version != "2":
         return err("--group-size is for --version 2")
@@ -66,6 +75,10 @@ def main(argv=None) -> int:
         return err(f"--group-size must be positive, got {args.group_size}")
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         return err(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if args.gguf_type is not None and args.version != "gguf":
+        return err("--gguf-type is for --version gguf")
+    if args.version == "gguf":
+        return _gguf(args, err)
     kind, path = next((k, v) for k, v in (("checkpoint", args.checkpoint), ("meta", args.meta_llama),
                                           ("hf", args.hf), ("bin", args.bin)) if v is not None)
 
@@ -89,6 +102,30 @@ def main(argv=None) -> int:
         return 130
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         return err(_message(e))
+    return 0
+
+
+def _gguf(args, err) -> int:
+    """--version gguf: a .bin file to GGUF (export/gguf.py)."""
+    if args.bin is None:
+        return err("--version gguf reads --bin files only; convert other sources to .bin first "
+                   "(e.g. --version 3)")
+    if args.max_seq_len is not None:
+        return err("--max-seq-len is not supported with --version gguf")
+    gguf_type = args.gguf_type or "f32"
+    try:
+        from .gguf import export_gguf
+
+        out = export_gguf(args.bin, args.out, gguf_type, vocab=args.tokenizer, force=args.force)
+    except KeyboardInterrupt:
+        return 130
+    except ImportError as e:
+        if e.name == "gguf":
+            return err(f"--version gguf needs the gguf package (pip install gguf): {e}")
+        return err(f"{e} (a tokenizer.model needs sentencepiece)" if e.name == "sentencepiece" else str(e))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        return err(_message(e))
+    print(f"wrote {out} (GGUF {gguf_type.upper()}, {out.stat().st_size:,} bytes)")
     return 0
 
 

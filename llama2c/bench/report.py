@@ -1,0 +1,85 @@
+"""Reporting a benchmark run: the Markdown table (`markdown`), the line that
+describes the machine (`machine_line`) and rewriting the table between the
+`<!-- bench:begin -->` and `<!-- bench:end -->` markers of a document
+(`update_doc`, e.g. docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .results import Row
+
+DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def fmt(x, digits=None) -> str:
+    """A tokens/s figure with 3 significant digits or so; "n/a" for None."""
+    if x is None:
+        return "n/a"
+    if digits is None:
+        digits = 0 if x >= 100 else 1 if x >= 10 else 2
+    return f"{x:.{digits}f}"
+
+
+def fmt_ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+TYPE_NAMES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}  # GGUF types as the table names them
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    """The Markdown table of rows (medians and ratios) with its footnotes."""
+    lines = [
+        "| model | weights (ours / llama.cpp) | threads | N / P | decode ours tok/s | decode llama.cpp tok/s | "
+        "decode ratio | prefill ours tok/s | prefill llama.cpp tok/s | prefill ratio | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        s = r.summary()
+        ref = TYPE_NAMES.get(r.ref_type, "-") if r.ref_type else "-"
+        lines.append(
+            f"| {r.model} | {r.weights} / {ref} | {r.threads} | {r.decode_tokens} / {r.prompt_tokens} | "
+            f"{fmt(s['ours_decode'])} | {fmt(s['ref_decode'])} | "
+            f"{fmt_ratio(s['ratio_decode'])} | {fmt(s['ours_prefill'])} | {fmt(s['ref_prefill'])} | "
+            f"{fmt_ratio(s['ratio_prefill'])} | {'?' if r.load is None else f'{r.load:.1f}'} |")
+    notes = [f"- {r.model} {r.weights} {r.threads}t: {r.note}" for r in rows if r.note]
+    first = rows[0] if rows else None
+    foot = [
+        "",
+        "Decode: greedy, N tokens after BOS, timed from the end of the first step like `run`. "
+        "Prefill: a P-token prompt at position 0"
+        + (" through `llama2_forward_batch`." if first and first.prefill_batched else ", one token at a time.")
+        + f" Medians of {meta['reps']} interleaved pairs; ratio = ours / llama.cpp. "
+        "load: the 1-minute load average when the row finished (this benchmark's own threads included).",
+    ]
+    if not meta.get("llama_cpp_ok"):
+        foot.append(f"llama.cpp columns: n/a: {meta.get('llama_cpp')}")
+    return "\n".join(lines + foot + ([""] + notes if notes else [])) + "\n"
+
+
+def machine_line(meta: dict) -> str:
+    """One line: date, CPU, versions and load, printed above the table."""
+    c = meta["cpu"]
+    load = ""
+    if meta.get("load_before") and meta.get("load_after"):
+        load = (f" Load average (1/5/15 min) {'/'.join(map(str, meta['load_before']))} at the start, "
+                f"{'/'.join(map(str, meta['load_after']))} at the end.")
+    partial = "" if meta.get("complete", True) else " (run in progress: rows so far)"
+    return (f"{meta['date']}{partial}, {c['model']}, {c['cores']} cores, SIMD: {' '.join(c['simd']) or 'none'}"
+            f"{'' if c['avx512'] else ' (no AVX-512)'}; llama2c {meta['llama2c']}"
+            f"{' @ ' + meta['commit'] if meta.get('commit') else ''}; llama-cpp-python "
+            f"{meta['llama_cpp'] if meta.get('llama_cpp_ok') else 'not available'}.{load}")
+
+
+def update_doc(path: Path, table: str, meta: dict, command: str) -> None:
+    """Replaces what lies between DOC_BEGIN and DOC_END in path (appends the
+    block when the markers are missing; creates the file when it is)."""
+    block = (f"{DOC_BEGIN}\nMeasured {machine_line(meta)}\n\nCommand: `{command}`\n\n{table}{DOC_END}")
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{DOC_BEGIN}\n{DOC_END}\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        _, tail = rest.split(DOC_END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
