@@ -25,7 +25,7 @@ import math
 import shutil
 import struct
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,29 +46,9 @@ QUANTIZE, THREADS2 = 4, 8
 # model files
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Cfg:
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-    @property
-    def head_size(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.head_size * self.n_kv_heads
-
-    def ints(self) -> list[int]:
-        return [self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads,
-                self.vocab_size, self.seq_len]
+# the hyperparameters, in file order: the test suite's reference Config (numpy only)
+sys.path.insert(0, str(REPO / "tests"))
+from reference import Config as Cfg  # noqa: E402
 
 
 def weights(c: Cfg, seed: int, shared: bool = True, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -102,7 +82,7 @@ def f32(a) -> bytes:
 
 def header_versioned(c: Cfg, version: int, shared: bool, gs: int = 0, ints=None) -> bytes:
     h = bytearray(256)
-    struct.pack_into("<Ii7i", h, 0, MAGIC, version, *(c.ints() if ints is None else ints))
+    struct.pack_into("<Ii7i", h, 0, MAGIC, version, *(list(c.params()) if ints is None else ints))
     h[36] = 1 if shared else 0
     if version == 2:
         struct.pack_into("<i", h, 37, gs)
@@ -140,7 +120,7 @@ def bf16(a: np.ndarray) -> bytes:
 def model_bytes(c: Cfg, w: dict, version: int, gs: int | None = None) -> bytes:
     shared = "wcls" not in w
     if version == 0:
-        ints = c.ints()
+        ints = list(c.params())
         if not shared:
             ints[5] = -ints[5]
         body = [f32(w["emb"]), f32(w["rms_att"]), f32(w["wq"]), f32(w["wk"]), f32(w["wv"]),

@@ -70,24 +70,6 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path, overwrite: bool = True):
-    """Yields a binary file object for a temporary file beside ``path`` and
-    moves it to ``path`` on success (see commit); removes it on error."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        commit(tmp, path, overwrite)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path, overwrite: bool = True):
     """Yields the name (a Path) of a temporary file beside ``path`` for a writer
     that opens and closes the file itself; on success the file is fsynced and
@@ -104,3 +86,12 @@ def atomic_path(path, overwrite: bool = True):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, overwrite: bool = True):
+    """Yields a binary file object for a temporary file beside ``path`` and
+    moves it to ``path`` on success (see atomic_path); removes it on error."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            yield f
