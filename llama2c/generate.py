@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -122,6 +123,7 @@ class Llama:
         self._tokenizer: Tokenizer | None = None
         self._context: Context | None = None  # forward() / forward_batch()
         self._generator: Session | None = None  # generate() / stream()
+        self._making = threading.Lock()  # two threads' first calls make one context, not two
 
     def create_context(self, n_ctx: int | None = None) -> Context:
         """A fresh KV cache over this model's weights (n_ctx: default this
@@ -131,9 +133,10 @@ class Llama:
     @property
     def context(self) -> Context:
         """The context forward() and forward_batch() run in."""
-        if self._context is None:
-            self._context = self.create_context()
-        return self._context
+        with self._making:
+            if self._context is None:
+                self._context = self.create_context()
+            return self._context
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -160,9 +163,10 @@ class Llama:
         return Session(self, n_ctx)
 
     def _generation(self) -> Session:
-        if self._generator is None:
-            self._generator = self.session()
-        return self._generator
+        with self._making:
+            if self._generator is None:
+                self._generator = self.session()
+            return self._generator
 
     # ---- generation (in a session of this Llama's own) ----
     def generate(self, prompt: str = "", **settings) -> str:
@@ -187,7 +191,6 @@ class Llama:
         to calling forward() for each token in turn."""
         return self.context.forward_batch(tokens, pos)
 
-    # ---- generation ----
     # ---- chat (Llama 2 chat template) ----
     def chat_session(self, system: str | None = None) -> "ChatSession":
         """A multi-turn conversation with a KV cache (a context) of its own,
