@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.binfmt import default_group_size, pack_header
-from ..export.binmodel import LAYER_MATRICES, read_model
+from ..export.binfmt import default_group_size, pack_header, quantize_q80
+from ..export.sources import open_bin
+from ..export.writers import write_bin
 from ..outputs import atomic_write
 
 # name -> (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)
@@ -69,36 +70,15 @@ def write_random_fp32(path: Path, params, seed: int = 1234) -> Path:
 
 
 def quantize_groups(w: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Version 2 Q8_0 of a matrix flattened row after row: per group of gs values
-    scale = max|w| / 127 and q = round(w / scale) (half to even, as the exporter)."""
-    g = np.asarray(w, dtype=np.float32).reshape(-1, gs)
-    scale = np.abs(g).max(axis=1) / np.float32(127)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(scale[:, None] > 0, g / scale[:, None], 0)
-    return np.clip(np.round(q), -127, 127).astype(np.int8), scale.astype(np.float32)
+    """Version 2 Q8_0 of a matrix flattened row after row (the exporter's
+    quantizer: per group scale = max|w| / 127, q rounded half to even)."""
+    return quantize_q80(np.asarray(w, dtype=np.float32).ravel(), gs)
 
 
 def write_int8_from_fp32(src: Path, dst: Path) -> Path:
     """The version 2 (int8) copy of a version 1 file (group size 64 halved until
-    it divides dim), matrix by matrix."""
-    m = read_model(src)
-    if m.version != 1:
-        raise ValueError(f"{src}: expected a version 1 file")
-    params = (m.dim, m.hidden_dim, m.n_layers, m.n_heads, m.n_kv_heads, m.vocab_size, m.seq_len)
-    gs = group_size_for(m.dim)
-    w = m.weights
-    dst = Path(dst)
-    with atomic_write(dst) as f:
-        f.write(pack_header(2, params, m.shared, gs))
-        for name in ("rms_att", "rms_ffn", "rms_final"):
-            f.write(np.ascontiguousarray(w[name], dtype="<f4").tobytes())
-        mats = [w["token_embedding"]]
-        for name in LAYER_MATRICES:
-            mats += [w[name][layer] for layer in range(m.n_layers)]
-        if not m.shared:
-            mats.append(w["wcls"])
-        for a in mats:
-            q, s = quantize_groups(a, gs)
-            f.write(q.tobytes())
-            f.write(s.astype("<f4").tobytes())
-    return dst
+    it divides dim), written by the exporter (export.writers.write_bin)."""
+    with open_bin(src) as model:
+        if model.version != 1:
+            raise ValueError(f"{src}: expected a version 1 file")
+        return write_bin(model, dst, version=2, group_size=group_size_for(model.args.dim), force=True)

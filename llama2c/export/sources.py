@@ -243,6 +243,27 @@ class BinSource(Source):
         s = np.frombuffer(self._map, dtype="<f4", count=n // gs, offset=off + n)
         return binfmt.dequantize_q80(q, s, gs).reshape(shape)
 
+    def view(self, key: str) -> np.ndarray:
+        """The tensor `key` as float32: a read-only view of the mapping for
+        fp32 tensors (no copy), else the widened / dequantized array."""
+        entry = self._layout[key]
+        if len(entry) != 2:
+            return self.get(key)
+        off, shape = entry
+        return np.frombuffer(self._map, dtype="<f4", count=int(np.prod(shape)), offset=off).reshape(shape)
+
+    def stacked(self, name: str) -> np.ndarray:
+        """Every layer's `name` tensor (e.g. "attention.wq.weight") as one
+        (n_layers, ...) float32 array: a view of the mapping when the layers
+        are consecutive fp32 tensors (versions 0, 1, 3), else stacked copies."""
+        entries = [self._layout[binfmt.layer_key(i, name)] for i in range(self.args.n_layers)]
+        off0, shape = entries[0][0], entries[0][1]
+        n = int(np.prod(shape))
+        if all(len(e) == 2 and e[0] == off0 + 4 * n * i for i, e in enumerate(entries)):
+            return np.frombuffer(self._map, dtype="<f4", count=n * len(entries), offset=off0).reshape(
+                (len(entries), *shape))
+        return np.stack([self.get(binfmt.layer_key(i, name)) for i in range(len(entries))])
+
     def q8_tensor(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored int8 values and scales of a version 2 matrix."""
         off, shape, _ = self._layout[key]
