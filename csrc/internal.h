@@ -172,6 +172,8 @@ void llama2_matmul_q8_rows(float *out, const int8_t *xq, const float *xs, const 
 
 /* sampler.c: advance the RNG as one sample would, without sampling */
 void llama2_sampler_skip(llama2_sampler *s);
+/* how many recent tokens its repetition penalty looks at */
+int llama2_sampler_window(const llama2_sampler *s);
 
 
 #endif

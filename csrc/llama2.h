@@ -207,7 +207,8 @@ typedef struct {
 typedef struct llama2_session llama2_session;
 
 #define LLAMA2_MODE_GENERATE 0
-#define LLAMA2_MODE_CHAT 1
+#define LLAMA2_MODE_CHAT 1         /* llama2.c's chat loop, exactly (`run -m chat`) */
+#define LLAMA2_MODE_CONVERSATION 2 /* the chat of an API: see llama2_session_chat_history */
 
 /* The session borrows ctx, tk and s; they must outlive it, and it writes
  * ctx's KV cache from position 0. steps <= 0 or > n_ctx means n_ctx. In
@@ -236,6 +237,24 @@ LLAMA2_API int llama2_session_set_stops(llama2_session *ss, int stop_at_eos,
 LLAMA2_API int llama2_session_chat_input(llama2_session *ss, const char *system,
                                          size_t system_len, const char *user, size_t user_len,
                                          llama2_error *err);
+/* Conversation mode, the chat engine of the Python API: each turn
+ * (llama2_session_chat_input: the template above, the system prompt with the
+ * first turn) is fed in one pass without drawing samples; the reply is sampled
+ * until EOS (not run then: it goes in front of the next turn), the reply
+ * limit, or a full context, and the step that ends it has end_of_turn set.
+ * A turn that does not fit in the context is refused whole (ARGUMENT) and the
+ * conversation stays usable. Between turns: */
+/* queue an earlier turn with its reply (" reply " after the template), fed
+ * without sampling; EOS follows it */
+LLAMA2_API int llama2_session_chat_history(llama2_session *ss, const char *system, size_t system_len,
+                                           const char *user, size_t user_len, const char *reply,
+                                           size_t reply_len, llama2_error *err);
+/* at most max_tokens tokens per reply (< 0: no limit, the default) */
+LLAMA2_API int llama2_session_set_reply_limit(llama2_session *ss, int max_tokens, llama2_error *err);
+/* use s from the next turn on (borrowed); it first sees the last tokens of
+ * the conversation its repetition window covers */
+LLAMA2_API int llama2_session_set_sampler(llama2_session *ss, llama2_sampler *s, llama2_error *err);
+
 /* Generate mode: runs to the end and returns the printed text (prompt
  * included) in a malloc'd buffer the caller frees with llama2_free. */
 LLAMA2_API int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps,

@@ -107,6 +107,8 @@ void llama2_sampler_accept(llama2_sampler *s, int token) {
     s->next_slot = (s->next_slot + 1) % s->window;
 }
 
+int llama2_sampler_window(const llama2_sampler *s) { return s->window; }
+
 void llama2_sampler_skip(llama2_sampler *s) {
     if (s->params.temperature != 0.0f) (void)llama2_random_f32(&s->rng_state);
 }

@@ -2,7 +2,10 @@
  * session.c - the generate and chat loops of the `run` program as a state
  * machine that advances one token per call, so the CLI, the Python binding
  * and any other host share one implementation (docs/SAMPLING.md, the
- * generate and chat loops).
+ * generate and chat loops). Besides llama2.c's chat loop, kept exactly for
+ * `run -m chat`, the conversation mode is the chat of an API: turns fed in
+ * one pass without drawing samples, replies that end at EOS or a token
+ * limit, earlier turns fed as history, a sampler per turn.
  */
 #include "internal.h"
 
@@ -30,26 +33,51 @@ struct llama2_session {
     size_t n_hold, cap_hold;
     char *out;     /* text handed out when stops are active */
     size_t cap_out;
+    /* conversation mode */
+    int *history;     /* every token fed, for the repetition window of a new sampler */
+    int n_history, cap_history;
+    int pending_eos;  /* the last reply ended at EOS: it is fed before the next turn */
+    int turns;        /* turns queued so far (the system prompt goes with the first) */
+    int reply_limit;  /* tokens per reply; < 0: until EOS or a full context */
+    int n_reply;      /* tokens of the current reply */
+    int reply_budget; /* tokens it may have: the limit, or the positions left after its turn */
+    int prev;         /* the token printed last in this reply (BOS before the first) */
+    int history_only; /* the queued turn is an earlier one: feed it, sample nothing */
 };
+
+/* Makes room for `more` prompt tokens after the n_prompt there are. */
+static int reserve_prompt(llama2_session *ss, size_t more, llama2_error *err) {
+    size_t need = (size_t)ss->n_prompt + more;
+    if (need > (size_t)(1 << 28) + 8) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "prompt is too long");
+    if ((size_t)ss->cap_prompt >= need) return LLAMA2_OK;
+    int *grown = (int *)realloc(ss->prompt, need * sizeof(int));
+    if (!grown) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory encoding the prompt");
+    ss->prompt = grown;
+    ss->cap_prompt = (int)need;
+    return LLAMA2_OK;
+}
+
+/* Encodes text (with BOS when bos is set) after the prompt tokens there are. */
+static int append_prompt(llama2_session *ss, const char *text, size_t len, int bos, llama2_error *err) {
+    if (len > (size_t)(1 << 28)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "prompt is too long (%zu bytes)", len);
+    int rc = reserve_prompt(ss, len + 3, err);
+    if (rc) return rc;
+    int n = 0, *out = ss->prompt + ss->n_prompt;
+    if ((rc = llama2_encode(ss->tk, text, len, bos, 0, out, &n, err))) return rc;
+    int vocab = ss->ctx->t->config.vocab_size;
+    for (int i = 0; i < n; i++)
+        if (out[i] >= vocab)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
+                               "prompt token %d is outside the model's vocabulary of %d (tokenizer and model do not match)",
+                               out[i], vocab);
+    ss->n_prompt += n;
+    return LLAMA2_OK;
+}
 
 /* Encodes text (with BOS) into the session's prompt buffer. */
 static int set_prompt(llama2_session *ss, const char *text, size_t len, llama2_error *err) {
-    if (len > (size_t)(1 << 28)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "prompt is too long (%zu bytes)", len);
-    if ((size_t)ss->cap_prompt < len + 3) {
-        int *grown = (int *)realloc(ss->prompt, (len + 3) * sizeof(int));
-        if (!grown) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory encoding the prompt");
-        ss->prompt = grown;
-        ss->cap_prompt = (int)(len + 3);
-    }
-    int rc = llama2_encode(ss->tk, text, len, 1, 0, ss->prompt, &ss->n_prompt, err);
-    if (rc) return rc;
-    int vocab = ss->ctx->t->config.vocab_size;
-    for (int i = 0; i < ss->n_prompt; i++)
-        if (ss->prompt[i] >= vocab)
-            return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
-                               "prompt token %d is outside the model's vocabulary of %d (tokenizer and model do not match)",
-                               ss->prompt[i], vocab);
-    return LLAMA2_OK;
+    ss->n_prompt = 0;
+    return append_prompt(ss, text, len, 1, err);
 }
 
 static void free_stops(llama2_session *ss) {
@@ -68,6 +96,7 @@ void llama2_session_free(llama2_session *ss) {
     free_stops(ss);
     free(ss->hold);
     free(ss->out);
+    free(ss->history);
     free(ss);
 }
 
@@ -160,7 +189,7 @@ int llama2_session_new_ctx(llama2_session **out, llama2_context *ctx, llama2_tok
     llama2_ok(err);
     if (!out || !ctx || !tk || !s) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
     *out = NULL;
-    if (mode != LLAMA2_MODE_GENERATE && mode != LLAMA2_MODE_CHAT)
+    if (mode != LLAMA2_MODE_GENERATE && mode != LLAMA2_MODE_CHAT && mode != LLAMA2_MODE_CONVERSATION)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "unknown mode %d", mode);
     const llama2_config *c = &ctx->t->config;
     if (llama2_tokenizer_vocab_size(tk) < c->vocab_size)
@@ -189,6 +218,7 @@ int llama2_session_new_ctx(llama2_session **out, llama2_context *ctx, llama2_tok
         ss->token = ss->prompt[0];
     } else {
         ss->user_turn = 1;
+        ss->reply_limit = -1;
     }
     *out = ss;
     return LLAMA2_OK;
@@ -299,23 +329,97 @@ static int step_chat(llama2_session *ss, llama2_step *st, llama2_error *err) {
     return LLAMA2_OK;
 }
 
+/* Records a token fed in conversation mode (for the next sampler's window). */
+static int remember(llama2_session *ss, int token, llama2_error *err) {
+    if (ss->n_history == ss->cap_history) {
+        int cap = ss->cap_history ? 2 * ss->cap_history : 256;
+        int *grown = (int *)realloc(ss->history, (size_t)cap * sizeof(int));
+        if (!grown) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+        ss->history = grown;
+        ss->cap_history = cap;
+    }
+    ss->history[ss->n_history++] = token;
+    llama2_sampler_accept(ss->s, token);
+    return LLAMA2_OK;
+}
+
+/* One step of a conversation: the queued turn in one pass (no samples
+ * drawn), or one reply token: sampled, printed, then run. A reply ends at
+ * EOS (not run now: it goes in front of the next turn), at the reply limit,
+ * or when the context is full. */
+static int step_conversation(llama2_session *ss, llama2_step *st, llama2_error *err) {
+    llama2_context *cx = ss->ctx;
+    float *logits;
+    int rc;
+    if (ss->user_idx < ss->n_prompt) {
+        int m = ss->n_prompt - ss->user_idx;
+        if ((rc = llama2_context_forward_batch(cx, ss->prompt + ss->user_idx, m, ss->pos, &logits, err))) return rc;
+        for (int i = ss->user_idx; i < ss->n_prompt; i++)
+            if ((rc = remember(ss, ss->prompt[i], err))) return rc;
+        ss->pos += m;
+        ss->user_idx = ss->n_prompt;
+        st->token = ss->prompt[ss->n_prompt - 1];
+        st->pos = ss->pos;
+        st->in_prompt = 1;
+        ss->reply_budget = ss->reply_limit >= 0 ? ss->reply_limit : cx->n_ctx - ss->pos;
+        if (ss->history_only) { /* an earlier turn with its reply: done, EOS next */
+            ss->history_only = 0;
+            ss->pending_eos = 1;
+            ss->user_turn = 1;
+            st->end_of_turn = 1;
+        } else if (ss->reply_budget == 0) {
+            ss->user_turn = 1;
+            st->end_of_turn = 1;
+        }
+        return LLAMA2_OK;
+    }
+    int token = llama2_sample(ss->s, cx->logits);
+    st->next = token;
+    if (token == LLAMA2_TOKEN_EOS) {
+        ss->pending_eos = 1;
+        ss->user_turn = 1;
+        st->end_of_turn = 1;
+        return LLAMA2_OK;
+    }
+    st->text_len = emit(ss, ss->prev, token, 0);
+    ss->prev = token;
+    if (ss->pos >= cx->n_ctx) { /* the context is full: the reply ends unrun */
+        ss->user_turn = 1;
+        st->end_of_turn = 1;
+        return LLAMA2_OK;
+    }
+    if ((rc = llama2_context_forward(cx, token, ss->pos, &logits, err))) return rc;
+    if ((rc = remember(ss, token, err))) return rc;
+    ss->pos++;
+    st->token = token;
+    st->pos = ss->pos;
+    if (++ss->n_reply >= ss->reply_budget) {
+        ss->user_turn = 1;
+        st->end_of_turn = 1;
+    }
+    return LLAMA2_OK;
+}
+
 int llama2_session_step(llama2_session *ss, llama2_step *st, llama2_error *err) {
     llama2_ok(err);
     if (!ss || !st) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
     memset(st, 0, sizeof(*st));
     st->text = ss->text;
     st->pos = ss->pos;
-    if (ss->done || ss->pos >= ss->steps) {
+    const int conversation = ss->mode == LLAMA2_MODE_CONVERSATION;
+    if (ss->done || (!conversation && ss->pos >= ss->steps)) {
         ss->done = 1;
         st->kind = LLAMA2_STEP_DONE;
         return LLAMA2_OK;
     }
-    if (ss->mode == LLAMA2_MODE_CHAT && ss->user_turn) {
+    if (ss->mode != LLAMA2_MODE_GENERATE && ss->user_turn) {
         st->kind = LLAMA2_STEP_NEED_INPUT;
         return LLAMA2_OK;
     }
     st->kind = LLAMA2_STEP_TOKEN;
-    int rc = ss->mode == LLAMA2_MODE_CHAT ? step_chat(ss, st, err) : step_generate(ss, st, err);
+    int rc = conversation                   ? step_conversation(ss, st, err)
+             : ss->mode == LLAMA2_MODE_CHAT ? step_chat(ss, st, err)
+                                            : step_generate(ss, st, err);
     if (rc) {
         st->kind = LLAMA2_STEP_ERROR;
         ss->done = 1;
@@ -323,19 +427,13 @@ int llama2_session_step(llama2_session *ss, llama2_step *st, llama2_error *err) 
     return rc;
 }
 
-int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len,
-                              const char *user, size_t user_len, llama2_error *err) {
-    llama2_ok(err);
-    if (!ss) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
-    if (ss->mode != LLAMA2_MODE_CHAT || !ss->user_turn || ss->done)
-        return llama2_fail(err, LLAMA2_ERR_STATE, "the session is not waiting for a user turn");
-    if (!user) user_len = 0;
-    if (!system) system_len = 0;
-    int with_system = ss->pos == 0 && system_len > 0;
-    size_t cap = user_len + system_len + 64;
+/* The Llama 2 template of a user turn, "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user}
+ * [/INST]" (the system block only when with_system), in a malloc'd buffer. */
+static char *render_turn(const char *system, size_t system_len, int with_system, const char *user,
+                         size_t user_len, size_t *n_out) {
+    size_t cap = user_len + system_len + 64, n = 0;
     char *rendered = (char *)malloc(cap);
-    if (!rendered) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
-    size_t n = 0;
+    if (!rendered) return NULL;
 #define PUT(s, l) (memcpy(rendered + n, (s), (l)), n += (l))
     if (with_system) {
         PUT("[INST] <<SYS>>\n", 15);
@@ -347,11 +445,99 @@ int llama2_session_chat_input(llama2_session *ss, const char *system, size_t sys
     if (user_len) PUT(user, user_len);
     PUT(" [/INST]", 8);
 #undef PUT
+    *n_out = n;
+    return rendered;
+}
+
+/* Conversation mode: queues [EOS of the last reply] + BOS + the rendered turn
+ * [+ " reply " for an earlier turn]; refused whole when it cannot fit. */
+static int queue_turn(llama2_session *ss, const char *system, size_t system_len, const char *user,
+                      size_t user_len, const char *reply, size_t reply_len, int history, llama2_error *err) {
+    size_t n;
+    char *rendered = render_turn(system, system_len, ss->turns == 0 && system_len > 0, user, user_len, &n);
+    if (!rendered) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    ss->n_prompt = 0;
+    int rc = reserve_prompt(ss, 1, err);
+    if (!rc && ss->pending_eos) ss->prompt[ss->n_prompt++] = LLAMA2_TOKEN_EOS;
+    if (!rc) rc = append_prompt(ss, rendered, n, 1, err);
+    free(rendered);
+    if (!rc && history) {
+        char *wrapped = (char *)malloc(reply_len + 2);
+        if (!wrapped) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+        wrapped[0] = ' ';
+        if (reply_len) memcpy(wrapped + 1, reply, reply_len);
+        wrapped[reply_len + 1] = ' ';
+        rc = append_prompt(ss, wrapped, reply_len + 2, 0, err);
+        free(wrapped);
+    }
+    if (rc) { ss->n_prompt = 0; return rc; }
+    if (ss->pos + ss->n_prompt > ss->ctx->n_ctx) {
+        int more = ss->n_prompt;
+        ss->n_prompt = 0;
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
+                           "the conversation is longer than the context: %d tokens so far and %d more do not fit "
+                           "in n_ctx %d", ss->pos, more, ss->ctx->n_ctx);
+    }
+    ss->pending_eos = 0;
+    ss->turns++;
+    ss->history_only = history;
+    ss->n_reply = 0;
+    ss->prev = LLAMA2_TOKEN_BOS;
+    llama2_utf8_filter_reset(&ss->filter);
+    ss->user_idx = 0;
+    ss->user_turn = 0;
+    return LLAMA2_OK;
+}
+
+int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len,
+                              const char *user, size_t user_len, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    const int conversation = ss->mode == LLAMA2_MODE_CONVERSATION;
+    /* a conversation may cut a reply short: its printed tokens have all been run */
+    if (ss->mode == LLAMA2_MODE_GENERATE || (!ss->user_turn && !conversation) || ss->done)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "the session is not waiting for a user turn");
+    if (!user) user_len = 0;
+    if (!system) system_len = 0;
+    if (conversation)
+        return queue_turn(ss, system, system_len, user, user_len, NULL, 0, 0, err);
+    size_t n;
+    char *rendered = render_turn(system, system_len, ss->pos == 0 && system_len > 0, user, user_len, &n);
+    if (!rendered) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
     int rc = set_prompt(ss, rendered, n, err);
     free(rendered);
     if (rc) return rc;
     ss->user_idx = 0;
     ss->user_turn = 0;
+    return LLAMA2_OK;
+}
+
+int llama2_session_chat_history(llama2_session *ss, const char *system, size_t system_len, const char *user,
+                                size_t user_len, const char *reply, size_t reply_len, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (ss->mode != LLAMA2_MODE_CONVERSATION || ss->done)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "earlier turns are fed in conversation mode");
+    return queue_turn(ss, system, system ? system_len : 0, user, user ? user_len : 0, reply,
+                      reply ? reply_len : 0, 1, err);
+}
+
+int llama2_session_set_reply_limit(llama2_session *ss, int max_tokens, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss || ss->mode != LLAMA2_MODE_CONVERSATION)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "a reply limit applies to conversation mode");
+    ss->reply_limit = max_tokens < 0 ? -1 : max_tokens;
+    return LLAMA2_OK;
+}
+
+int llama2_session_set_sampler(llama2_session *ss, llama2_sampler *s, llama2_error *err) {
+    llama2_ok(err);
+    if (!ss || !s) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
+    if (ss->mode != LLAMA2_MODE_CONVERSATION || ss->done)
+        return llama2_fail(err, LLAMA2_ERR_STATE, "the sampler changes between turns of a conversation");
+    ss->s = s;
+    int from = ss->n_history - llama2_sampler_window(s);
+    for (int i = from > 0 ? from : 0; i < ss->n_history; i++) llama2_sampler_accept(s, ss->history[i]);
     return LLAMA2_OK;
 }
 

@@ -82,6 +82,9 @@ void llama2_session_free(llama2_session *ss);
 int llama2_session_step(llama2_session *ss, llama2_step *step, llama2_error *err);
 int llama2_session_set_stops(llama2_session *ss, int stop_at_eos, const char *const *stops, const size_t *lens, int n_stops, llama2_error *err);
 int llama2_session_chat_input(llama2_session *ss, const char *system, size_t system_len, const char *user, size_t user_len, llama2_error *err);
+int llama2_session_chat_history(llama2_session *ss, const char *system, size_t system_len, const char *user, size_t user_len, const char *reply, size_t reply_len, llama2_error *err);
+int llama2_session_set_reply_limit(llama2_session *ss, int max_tokens, llama2_error *err);
+int llama2_session_set_sampler(llama2_session *ss, llama2_sampler *s, llama2_error *err);
 int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_steps, llama2_error *err);
 int llama2_session_pos(const llama2_session *ss);
 void llama2_free(void *p);
@@ -91,7 +94,7 @@ const char *llama2_version(void);
 # status codes (llama2_status in llama2.h)
 OK, ERR_NOT_FOUND, ERR_IO, ERR_FORMAT, ERR_ARGUMENT, ERR_NOMEM, ERR_STATE = range(7)
 OPEN_QUANTIZE = 1
-MODE_GENERATE, MODE_CHAT = 0, 1
+MODE_GENERATE, MODE_CHAT, MODE_CONVERSATION = 0, 1, 2
 STEP_TOKEN, STEP_DONE, STEP_NEED_INPUT, STEP_ERROR = 0, 1, 2, -1
 WEIGHTS_F32, WEIGHTS_Q8_0, WEIGHTS_BF16 = 0, 1, 2
 

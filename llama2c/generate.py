@@ -7,7 +7,6 @@ C call, so two Llama objects run in parallel in two threads.
 """
 from __future__ import annotations
 
-import codecs
 import os
 import threading
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ import numpy as np
 
 from . import _ffi
 from ._ffi import ffi, lib
+from .chat import ChatSession, render_chat
 from .context import Context
 from .errors import InvalidArgumentError, new_error, raise_for
-from .sampler import Sampler, SamplingParams
+from .sampler import SamplingParams
 from .session import Session
-from .tokenizer import BOS, EOS, Tokenizer
+from .tokenizer import Tokenizer
 from .validate import c_path, check_int, check_threads
 
 
@@ -56,35 +56,6 @@ def _config_from(c) -> ModelConfig:
         group_size=c.group_size, rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
         file_size=int(c.file_size), n_params=int(c.n_params),
     )
-
-
-def render_chat(messages: list[dict]) -> list[tuple[str, str | None]]:
-    """Splits a conversation into (user text, assistant reply or None) turns,
-    the system message folded into the first user text with the Llama 2
-    <<SYS>> markup. The last turn must be the user's."""
-    system = None
-    turns: list[list] = []
-    for m in messages:
-        role, content = m["role"], m["content"]
-        if role == "system":
-            if turns or system is not None:
-                raise InvalidArgumentError("a system message may only come first")
-            system = content
-        elif role == "user":
-            if turns and turns[-1][1] is None:
-                raise InvalidArgumentError("two user messages in a row")
-            turns.append([content, None])
-        elif role == "assistant":
-            if not turns or turns[-1][1] is not None:
-                raise InvalidArgumentError("an assistant message must follow a user message")
-            turns[-1][1] = content
-        else:
-            raise InvalidArgumentError(f"unknown role {role!r} (system, user or assistant)")
-    if not turns or turns[-1][1] is not None:
-        raise InvalidArgumentError("the conversation must end with a user message")
-    if system:
-        turns[0][0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0][0]}"
-    return [(u, a) for u, a in turns]
 
 
 class Llama:
@@ -211,91 +182,6 @@ class Llama:
         for user, reply in turns[:-1]:
             session._feed_history(user, reply)
         return session.send(turns[-1][0], steps=steps, sampling=sampling, **settings)
-
-
-class ChatSession:
-    """Turns of a Llama 2 chat: each user turn is `[INST] ... [/INST]` after
-    BOS, the reply runs until EOS, and every turn goes into the session's own
-    context, which nothing else writes."""
-
-    def __init__(self, llama: Llama, system: str | None):
-        self.llama = llama
-        self.system = system
-        self.context = llama.create_context()
-        self.n_ctx = self.context.n_ctx
-        self.pos = 0
-        self.turns = 0
-        self._pending: list[int] = []  # tokens to feed before the next turn (EOS)
-        self._history: list[int] = []  # every token fed, for the repetition penalty
-        self._sampler: Sampler | None = None
-
-    def _user_tokens(self, user: str) -> list[int]:
-        text = user
-        if self.turns == 0 and self.system:
-            text = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{user}"
-        return self.llama.tokenize(f"[INST] {text} [/INST]", bos=True)
-
-    def _feed(self, tokens: list[int]) -> np.ndarray | None:
-        """Runs tokens in one batched pass (bit-identical to one at a time)."""
-        if not tokens:
-            return None
-        if self.pos + len(tokens) > self.n_ctx:
-            raise InvalidArgumentError(f"the conversation is longer than the context: {self.pos} tokens so far "
-                                       f"and {len(tokens)} more do not fit in n_ctx {self.n_ctx}")
-        for t in tokens:
-            if self._sampler is not None:
-                self._sampler.accept(t)
-            self._history.append(t)
-        logits = self.context.forward_batch(tokens, self.pos)
-        self.pos += len(tokens)
-        return logits
-
-    def _feed_history(self, user: str, reply: str) -> None:
-        toks = self._pending + self._user_tokens(user) + self.llama.tokenize(f" {reply.strip()} ", bos=False)
-        self._feed(toks)
-        self._pending = [EOS]
-        self.turns += 1
-
-    def stream(self, user: str, *, steps: int | None = None, sampling: SamplingParams | None = None,
-               **settings) -> Iterator[str]:
-        """The reply to one user turn, piece by piece; it ends at EOS.
-        Sampling as in Session.generate."""
-        llama = self.llama
-        params = SamplingParams.of(sampling, **settings)
-        sampler = params.sampler(llama.config.vocab_size)
-        for t in self._history[-params.repetition_window:]:
-            sampler.accept(t)
-        self._sampler = sampler
-        logits = self._feed(self._pending + self._user_tokens(user))
-        self._pending = []
-        self.turns += 1
-        budget = self.n_ctx - self.pos if steps is None else check_int("steps", steps, 0)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        filt = ffi.new("llama2_utf8_filter *")
-        buf = ffi.new("char[]", 4096)
-        piece, length, err = ffi.new("const char **"), ffi.new("int *"), new_error()
-        prev = None
-        for _ in range(max(budget, 0)):
-            token = sampler._sample_inplace(logits)
-            if token == EOS:
-                self._pending = [EOS]
-                break
-            raise_for(lib.llama2_decode(llama.tokenizer._ptr, prev if prev is not None else BOS, token,
-                                        piece, length, err), err)
-            n = lib.llama2_utf8_filter_push(filt, piece[0], min(length[0], 4000), buf)
-            text = decoder.decode(ffi.unpack(buf, n)) if n else ""
-            if text:
-                yield text
-            prev = token
-            if self.pos >= self.n_ctx:
-                break
-            logits = self._feed([token])
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-
-    def send(self, user: str, **kwargs) -> str:
-        return "".join(self.stream(user, **kwargs))
 
 
 def generate(model_path: str | os.PathLike | None, prompt: str = "", *,
