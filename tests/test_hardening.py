@@ -508,3 +508,29 @@ def test_sampling_params_one_object_everywhere(make_model):
         llama2c.SamplingParams(repetition_window=0)
     with pytest.raises(TypeError, match="tempurature"):
         llama.generate("Once", tempurature=0.5)
+
+
+def test_a_turn_that_does_not_fit_leaves_the_conversation_usable(make_model):
+    cfg = R.Config(dim=32, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=384, seq_len=64)
+    m = make_model(cfg, version=1, seed=18)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    s = llama.chat_session()
+    s.send("hi", temperature=0.0, steps=4)
+    pos = s.pos
+    with pytest.raises(llama2c.InvalidArgumentError, match="do not fit"):
+        s.send("a very long message " * 20, temperature=0.0)
+    assert s.pos == pos
+    again = llama.chat_session()
+    again.send("hi", temperature=0.0, steps=4)
+    assert s.send("ok", temperature=0.0, steps=4) == again.send("ok", temperature=0.0, steps=4)
+    assert s.pos == again.pos
+
+
+def test_abandoned_reply_is_cut_where_it_is(make_model):
+    m = make_model(LONG_GQA, version=1, seed=19)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    s = llama.chat_session()
+    it = s.stream("tell me", temperature=0.0, steps=50)
+    next(it)
+    it.close()  # the reply so far stays in the context; the next turn follows it
+    assert s.send("and?", temperature=0.0, steps=5) is not None
