@@ -550,7 +550,8 @@ static void run_tokenizer(const uint8_t *data, const fuzz_input *in) {
  * k[0]: low nibble temperature, high nibble top-p (tables below; 0 = default)
  * k[1]: low nibble top-k, high nibble min-p
  * k[2]: low nibble repetition penalty, high nibble repetition window
- * k[3]: bits 0-2: steps - 1; bit 3: llama2_session_run (generate); bit 4: tokenizer opened with
+ * k[3]: bits 0-2: steps - 1; bit 3: llama2_session_run (generate) or LLAMA2_MODE_CONVERSATION (chat:
+ *       reply limit bits 0-2 minus 1, an earlier turn when bit 4 is set); bit 4: tokenizer opened with
  *       vocab_size -1 (else the model's); bit 5: stop strings; bit 6: stop at EOS; bit 7: steps 0 (= seq_len)
  * k[4..6]: sampler seed
  * k[7]: bit 0: the session runs in a new context (llama2_session_new_ctx), else the model's
@@ -628,7 +629,9 @@ static void run_full(const uint8_t *data, const fuzz_input *in) {
     int n_ctx = c->seq_len;
     const char *ptext = chat ? NULL : prompt;
     size_t ptext_len = chat ? 0 : plen;
-    const int mode = chat ? LLAMA2_MODE_CHAT : LLAMA2_MODE_GENERATE;
+    /* k[3] bit 3: in chat, the API's conversation mode instead of llama2.c's loop */
+    const int conversation = chat && (in->k[3] & 8);
+    const int mode = conversation ? LLAMA2_MODE_CONVERSATION : chat ? LLAMA2_MODE_CHAT : LLAMA2_MODE_GENERATE;
     int rc;
 #ifndef LLAMA2_FUZZ_NO_CONTEXTS
     if (in->k[7] & 1) {
@@ -655,6 +658,19 @@ static void run_full(const uint8_t *data, const fuzz_input *in) {
         goto done;
     }
     n_sessions++;
+    if (conversation) {
+        size_t half = plen / 2;
+        reset_err(&err);
+        check_status("llama2_session_set_reply_limit",
+                     llama2_session_set_reply_limit(ss, (int)(in->k[3] & 7) - 1, &err), &err);
+        if (in->k[3] & 16) { /* an earlier turn: system, user and reply cut from the prompt */
+            reset_err(&err);
+            check_status("llama2_session_chat_history",
+                         llama2_session_chat_history(ss, prompt, half / 2, prompt + half / 2, half - half / 2,
+                                                     prompt + half, plen - half, &err),
+                         &err);
+        }
+    }
     if (!chat && (in->k[3] & (32 | 64))) {
         /* stop strings: pieces of the prompt's tail */
         const char *stops[2] = {prompt + plen / 2, prompt + plen - (plen > 0)};
@@ -691,6 +707,11 @@ static void run_full(const uint8_t *data, const fuzz_input *in) {
                 CHECK(chat, "generate session asked for input");
                 if (turns++ == 2) break;
                 size_t half = plen / 2;
+                if (conversation) {
+                    reset_err(&err);
+                    if (check_status("llama2_session_set_sampler", llama2_session_set_sampler(ss, s, &err), &err))
+                        break;
+                }
                 reset_err(&err);
                 rc = check_status("llama2_session_chat_input",
                                   llama2_session_chat_input(ss, turns == 1 ? prompt : NULL, half, prompt + half,

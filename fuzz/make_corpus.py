@@ -505,6 +505,10 @@ def seeds() -> dict[str, bytes]:
         "v1-300-ctx2": full_input(m300, tok300, prompt, ctx=3),
         "v1-300-ctx1-chat": full_input(m300, tok300, b"hi", chat=True, ctx=2),
         "v1-300-ctx8-run": full_input(m300, tok300, prompt, ctx=6, run=True),
+        # chat with k[3] bit 3: the API's conversation mode (with an earlier turn when tok_all)
+        "v1-300-conversation": full_input(m300, tok300, prompt, chat=True, run=True, temp=1),
+        "v1-300-conversation-history": full_input(m300, tok300, b"sys user reply", chat=True, run=True,
+                                                  tok_all=True, steps=3),
         "v1-300-ctx-big": full_input(m300, tok300, prompt, ctx=8),
         "v2-260-ctx4-stops": full_input(m260, tok260, b"a a a", ctx=5, stops=True),
     }
