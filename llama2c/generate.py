@@ -19,6 +19,7 @@ from . import _ffi
 from ._ffi import ffi, lib
 from .chat import ChatSession, render_chat
 from .context import Context
+from .model_args import ArgsView, ModelArgs
 from .errors import InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
 from .session import Session
@@ -27,35 +28,27 @@ from .validate import c_path, check_int, check_threads
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
-    head_size: int
-    kv_dim: int
-    shared_classifier: bool
+class ModelConfig(ArgsView):
+    """What the engine read from a model file: its hyperparameters (a ModelArgs,
+    also as properties: dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+    vocab_size, seq_len, head_size, kv_dim, shared_classifier, rope_theta,
+    norm_eps) and the file's facts."""
+    args: ModelArgs
     version: int
     weights: str  # "f32", "bf16" or "q8_0": how the engine runs it
     group_size: int
-    rope_theta: float
-    norm_eps: float
     file_size: int
     n_params: int
 
 
 def _config_from(c) -> ModelConfig:
-    return ModelConfig(
-        dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
-        n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, seq_len=c.seq_len,
-        head_size=c.head_size, kv_dim=c.kv_dim, shared_classifier=bool(c.shared_classifier),
-        version=c.version, weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16"}.get(c.weights, "f32"),
-        group_size=c.group_size, rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
-        file_size=int(c.file_size), n_params=int(c.n_params),
-    )
+    args = ModelArgs(dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                     n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, max_seq_len=c.seq_len,
+                     rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
+                     tie_embeddings=bool(c.shared_classifier))
+    return ModelConfig(args=args, version=c.version,
+                       weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16"}.get(c.weights, "f32"),
+                       group_size=c.group_size, file_size=int(c.file_size), n_params=int(c.n_params))
 
 
 class Llama:

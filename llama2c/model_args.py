@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Optional
 
-__all__ = ["ModelArgs", "ffn_hidden_dim"]
+__all__ = ["ArgsView", "ModelArgs", "ffn_hidden_dim"]
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int) -> int:
@@ -68,3 +68,26 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class ArgsView:
+    """For records that hold a ModelArgs as `args` (a model file's reading, the
+    engine's config): the hyperparameters under the names model files and
+    llama2_config use, so they are declared once, in ModelArgs."""
+
+    args: ModelArgs
+
+    dim = property(lambda self: self.args.dim)
+    hidden_dim = property(lambda self: self.args.hidden_dim)
+    n_layers = property(lambda self: self.args.n_layers)
+    n_heads = property(lambda self: self.args.n_heads)
+    n_kv_heads = property(lambda self: self.args.n_kv_heads)
+    vocab_size = property(lambda self: self.args.vocab_size)
+    seq_len = property(lambda self: self.args.max_seq_len)
+    head_size = property(lambda self: self.args.head_size)
+    kv_dim = property(lambda self: self.args.kv_dim)
+    shared_classifier = property(lambda self: bool(self.args.tie_embeddings))
+    shared = shared_classifier
+    rope_theta = property(lambda self: self.args.rope_theta)
+    norm_eps = property(lambda self: self.args.norm_eps)
+

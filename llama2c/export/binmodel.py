@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..model_args import ModelArgs
+from ..model_args import ArgsView, ModelArgs
 from .binfmt import LAYER_MATRICES as LAYER_KEYS
 from .sources import open_bin
 
@@ -19,7 +19,7 @@ LAYER_MATRICES = tuple(name for name, _ in LAYER_KEYS)
 
 
 @dataclass
-class BinModel:
+class BinModel(ArgsView):
     """A model file's hyperparameters (a ModelArgs, under the file's names as
     properties) and weights (numpy arrays; fp32 files are memory-mapped, int8
     ones dequantized to float32)."""
@@ -27,19 +27,6 @@ class BinModel:
     version: int
     group_size: int = 0
     weights: dict = field(default_factory=dict)
-
-    dim = property(lambda self: self.args.dim)
-    hidden_dim = property(lambda self: self.args.hidden_dim)
-    n_layers = property(lambda self: self.args.n_layers)
-    n_heads = property(lambda self: self.args.n_heads)
-    n_kv_heads = property(lambda self: self.args.n_kv_heads)
-    vocab_size = property(lambda self: self.args.vocab_size)
-    seq_len = property(lambda self: self.args.max_seq_len)
-    shared = property(lambda self: self.args.tie_embeddings)
-    rope_theta = property(lambda self: self.args.rope_theta)
-    norm_eps = property(lambda self: self.args.norm_eps)
-    head_size = property(lambda self: self.args.head_size)
-    kv_dim = property(lambda self: self.args.kv_dim)
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         d, h, kv = self.dim, self.hidden_dim, self.kv_dim
