@@ -10,20 +10,14 @@ next turn. Each session owns a context, so nothing else writes its cache.
 """
 from __future__ import annotations
 
-import codecs
 from typing import Iterator
 
 from . import _ffi
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
+from .session import _bytes, step_texts
 from .validate import check_int
-
-
-def _bytes(text) -> bytes:
-    if not isinstance(text, str):
-        raise TypeError(f"expected a str, got {type(text).__name__}")
-    return text.encode("utf-8")
 
 
 def render_chat(messages: list[dict]) -> list[tuple[str, str | None]]:
@@ -75,21 +69,6 @@ class ChatSession:
         """Positions of the context filled so far."""
         return lib.llama2_session_pos(self._ptr)
 
-    def _steps(self) -> Iterator[str]:
-        """Runs the queued turn to the end of its reply, yielding the text."""
-        step, err = ffi.new("llama2_step *"), new_error()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            raise_for(lib.llama2_session_step(self._ptr, step, err), err)
-            text = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
-            if text:
-                yield text
-            if step.kind != _ffi.STEP_TOKEN:
-                break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-
     def _feed_history(self, user: str, reply: str) -> None:
         """An earlier turn and the assistant's reply to it, fed without sampling."""
         system, u, r = _bytes(self.system or ""), _bytes(user), _bytes(reply.strip())
@@ -98,7 +77,7 @@ class ChatSession:
         try:
             raise_for(lib.llama2_session_chat_history(self._ptr, system, len(system), u, len(u), r, len(r), err), err)
             self.turns += 1
-            for _ in self._steps():
+            for _ in step_texts(self._ptr):
                 pass
         finally:
             self.context._exit()
@@ -121,7 +100,7 @@ class ChatSession:
             raise_for(lib.llama2_session_set_reply_limit(self._ptr, limit, err), err)
             raise_for(lib.llama2_session_chat_input(self._ptr, system, len(system), u, len(u), err), err)
             self.turns += 1
-            yield from self._steps()
+            yield from step_texts(self._ptr)
         finally:
             self.context._exit()
 

@@ -25,6 +25,24 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8")
 
 
+def step_texts(session) -> Iterator[str]:
+    """Steps a C session (llama2_session *) until it stops producing tokens
+    (done, or a chat waiting for the user) and yields its text as it comes,
+    UTF-8 decoded across steps."""
+    step, err = ffi.new("llama2_step *"), new_error()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        raise_for(lib.llama2_session_step(session, step, err), err)
+        text = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
+        if text:
+            yield text
+        if step.kind != _ffi.STEP_TOKEN:
+            break
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 class Session(Context):
     """A context of `llama` (a Llama) that generates text."""
 
@@ -84,19 +102,7 @@ class Session(Context):
         self._enter()
         try:
             session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
-            step = ffi.new("llama2_step *")
-            err = new_error()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            while True:
-                raise_for(lib.llama2_session_step(session, step, err), err)
-                piece = decoder.decode(ffi.unpack(step.text, step.text_len)) if step.text_len else ""
-                if piece:
-                    yield piece
-                if step.kind != _ffi.STEP_TOKEN:
-                    break
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield tail
+            yield from step_texts(session)
         finally:
             self._exit()
 
