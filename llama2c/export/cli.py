@@ -121,7 +121,7 @@ def _gguf(args, err) -> int:
         return 130
     except ImportError as e:
         if e.name == "gguf":
-            return err(f"--version gguf needs the gguf package (pip install "llama2c[gguf]"): {e}")
+            return err(f"--version gguf needs the gguf package (pip install 'llama2c[gguf]'): {e}")
         return err(f"{e} (a tokenizer.model needs sentencepiece)" if e.name == "sentencepiece" else str(e))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         return err(_message(e))
