@@ -170,6 +170,11 @@ LLAMA2_API int llama2_sampler_new(llama2_sampler **out, int vocab_size,
                                   const llama2_sampler_params *params, uint64_t seed,
                                   llama2_error *err);
 LLAMA2_API void llama2_sampler_free(llama2_sampler *s);
+/* logit_bias: bias[i] is added to the logit of tokens[i] before any other
+ * step (also for greedy sampling); -INFINITY bans a token. Replaces an earlier
+ * bias; n = 0 clears it. Tokens must be in range, biases numbers or -inf. */
+LLAMA2_API int llama2_sampler_set_logit_bias(llama2_sampler *s, const int *tokens, const float *bias, int n,
+                                             llama2_error *err);
 /* Samples a token; the logits are modified in place (scaled, softmaxed). */
 LLAMA2_API int llama2_sample(llama2_sampler *s, float *logits);
 /* Records a token of the context, for the repetition penalty (sessions call

@@ -26,6 +26,9 @@ struct llama2_sampler {
     int *recent;  /* ring buffer of the last `window` tokens */
     int *counts;  /* occurrences of each token in the ring */
     int window, n_recent, next_slot;
+    int *bias_token;  /* logit_bias: added to these tokens' logits before anything else */
+    float *bias;
+    int n_bias;
 };
 
 uint32_t llama2_random_u32(uint64_t *state) {
@@ -86,6 +89,8 @@ int llama2_sampler_new(llama2_sampler **out, int vocab_size, const llama2_sample
 
 void llama2_sampler_free(llama2_sampler *s) {
     if (!s) return;
+    free(s->bias_token);
+    free(s->bias);
     free(s->candidates);
     free(s->scratch);
     free(s->recent);
@@ -236,9 +241,41 @@ static void apply_repetition_penalty(llama2_sampler *s, float *logits) {
     }
 }
 
+int llama2_sampler_set_logit_bias(llama2_sampler *s, const int *tokens, const float *bias, int n,
+                                  llama2_error *err) {
+    llama2_ok(err);
+    if (!s || n < 0 || (n > 0 && (!tokens || !bias))) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "bad logit bias");
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= s->vocab_size)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "logit bias for token %d, outside [0, %d)", tokens[i],
+                               s->vocab_size);
+        if (bias[i] != bias[i] || bias[i] == INFINITY)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "logit bias of token %d must be a number or -inf (got %g)",
+                               tokens[i], (double)bias[i]);
+    }
+    int *t = n ? (int *)malloc((size_t)n * sizeof(int)) : NULL;
+    float *b = n ? (float *)malloc((size_t)n * sizeof(float)) : NULL;
+    if (n && (!t || !b)) {
+        free(t);
+        free(b);
+        return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    }
+    if (n) {
+        memcpy(t, tokens, (size_t)n * sizeof(int));
+        memcpy(b, bias, (size_t)n * sizeof(float));
+    }
+    free(s->bias_token);
+    free(s->bias);
+    s->bias_token = t;
+    s->bias = b;
+    s->n_bias = n;
+    return LLAMA2_OK;
+}
+
 int llama2_sample(llama2_sampler *s, float *logits) {
     int n = s->vocab_size;
     const llama2_sampler_params *p = &s->params;
+    for (int i = 0; i < s->n_bias; i++) logits[s->bias_token[i]] += s->bias[i];
     if (p->repetition_penalty != 1.0f) apply_repetition_penalty(s, logits);
     if (p->temperature == 0.0f) return argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= p->temperature;

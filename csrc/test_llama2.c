@@ -790,6 +790,32 @@ static void test_small_vocab_byte_fallback(void) {
     remove(path);
 }
 
+/* logit_bias: added before anything else, -inf bans, bad entries refused. */
+static void test_logit_bias(void) {
+    llama2_sampler_params p;
+    llama2_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    llama2_sampler *s;
+    llama2_error err;
+    if (llama2_sampler_new(&s, 5, &p, 1, &err) != LLAMA2_OK) { CHECK(0, "sampler: %s", err.message); return; }
+    float logits[5] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f};
+    int up[1] = {1}, ban[1] = {4}, bad[1] = {5};
+    float plus[1] = {100.0f}, minus_inf[1] = {-INFINITY}, nan_bias[1] = {NAN};
+    CHECK(llama2_sample(s, logits) == 4, "greedy without bias");
+    CHECK(llama2_sampler_set_logit_bias(s, up, plus, 1, &err) == LLAMA2_OK, "set a bias");
+    float l2[5] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f};
+    CHECK(llama2_sample(s, l2) == 1, "a +100 bias wins");
+    CHECK(llama2_sampler_set_logit_bias(s, ban, minus_inf, 1, &err) == LLAMA2_OK, "ban a token");
+    float l3[5] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f};
+    CHECK(llama2_sample(s, l3) == 3, "a banned token is never chosen");
+    CHECK(llama2_sampler_set_logit_bias(s, bad, plus, 1, &err) == LLAMA2_ERR_ARGUMENT, "token out of range refused");
+    CHECK(llama2_sampler_set_logit_bias(s, up, nan_bias, 1, &err) == LLAMA2_ERR_ARGUMENT, "NaN bias refused");
+    CHECK(llama2_sampler_set_logit_bias(s, NULL, NULL, 0, &err) == LLAMA2_OK, "clear the bias");
+    float l4[5] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f};
+    CHECK(llama2_sample(s, l4) == 4, "cleared");
+    llama2_sampler_free(s);
+}
+
 /* The thread pool runs every chunk of every job exactly once and returns
  * only when all are done, also when consecutive jobs have very different
  * chunk counts (a worker still holding the last ticket of a short job must
@@ -868,6 +894,7 @@ int main(void) {
     check_attention(100, 70, 100); /* 12 whole vectors and a 4-value tail */
     check_attention(6, 5, 24);     /* less than one vector */
     test_sampler();
+    test_logit_bias();
     test_tokenizer();
     test_utf8_filter();
     test_model_errors();

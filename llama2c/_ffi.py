@@ -65,6 +65,7 @@ void llama2_sampler_params_default(llama2_sampler_params *p);
 typedef struct llama2_sampler llama2_sampler;
 int llama2_sampler_new(llama2_sampler **out, int vocab_size, const llama2_sampler_params *params, uint64_t seed, llama2_error *err);
 void llama2_sampler_free(llama2_sampler *s);
+int llama2_sampler_set_logit_bias(llama2_sampler *s, const int *tokens, const float *bias, int n, llama2_error *err);
 int llama2_sample(llama2_sampler *s, float *logits);
 uint64_t llama2_sampler_rng_state(const llama2_sampler *s);
 void llama2_sampler_accept(llama2_sampler *s, int token);

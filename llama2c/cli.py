@@ -32,7 +32,19 @@ def _sampling(args):
     from .sampler import SamplingParams
 
     return SamplingParams(temperature=args.temperature, topp=args.top_p, seed=args.seed, top_k=args.top_k,
-                          min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+                          min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                          logit_bias=[_bias_pair(b) for b in args.logit_bias or ()])
+
+
+def _bias_pair(text: str) -> tuple[int, float]:
+    """ID=BIAS (BIAS a number, or -inf to ban the token)."""
+    token, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(value)
+    except ValueError:
+        raise ValueError(f"--logit-bias takes TOKEN_ID=BIAS (got {text!r})") from None
 
 
 def cmd_generate(args) -> int:
@@ -114,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep tokens with p >= MIN_P * p_max (default off)")
         sp.add_argument("--repeat-penalty", type=float, default=1.0,
                         help="penalize tokens seen in the last 64 (e.g. 1.1; default 1 = off)")
+        sp.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
+                        help="add BIAS to token ID's logit (-inf bans it); repeatable")
         sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores, at most 256)")
         sp.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
                         help="context length in tokens (default: the model's seq_len)")

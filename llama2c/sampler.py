@@ -39,6 +39,25 @@ def check_settings(temperature: float, topp: float, top_k: int = 0, min_p: float
         raise InvalidArgumentError(f"repetition_penalty must be > 0 and finite (got {repetition_penalty})")
 
 
+def normalize_logit_bias(bias) -> tuple:
+    """{token: bias} or (token, bias) pairs as sorted (int, float) pairs;
+    tokens are C ints, biases numbers or -inf (NaN and +inf are refused)."""
+    if not bias:
+        return ()
+    items = bias.items() if isinstance(bias, dict) else bias
+    pairs = {}
+    for pair in items:
+        try:
+            token, value = pair
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"logit_bias entries are (token, bias) pairs (got {pair!r})") from None
+        value = as_float("logit_bias value", value)
+        if value != value or value == float("inf"):
+            raise InvalidArgumentError(f"logit bias of token {token} must be a number or -inf (got {value})")
+        pairs[check_int("logit_bias token", int(token) if isinstance(token, str) else token, 0)] = value
+    return tuple(sorted(pairs.items()))
+
+
 def resolve_seed(seed: int | None) -> int:
     """None, 0 or a negative seed: a fresh random seed (the CLI uses the clock)."""
     if seed is None:
@@ -58,7 +77,7 @@ class Sampler:
 
     def __init__(self, vocab_size: int, *, temperature: float = 1.0, topp: float = 0.9,
                  seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, repetition_window: int = 64):
+                 repetition_penalty: float = 1.0, repetition_window: int = 64, logit_bias=None):
         check_settings(temperature, topp, top_k, min_p, repetition_penalty)
         self.vocab_size = check_int("vocab_size", vocab_size, 1)
         params = ffi.new("llama2_sampler_params *")
@@ -71,6 +90,10 @@ class Sampler:
         err = new_error()
         raise_for(lib.llama2_sampler_new(out, self.vocab_size, params, resolve_seed(seed), err), err)
         self._ptr = ffi.gc(out[0], lib.llama2_sampler_free)
+        bias = normalize_logit_bias(logit_bias)
+        if bias:
+            raise_for(lib.llama2_sampler_set_logit_bias(self._ptr, ffi.new("int[]", [t for t, _ in bias]),
+                                                        ffi.new("float[]", [b for _, b in bias]), len(bias), err), err)
 
     def sample(self, logits) -> int:
         """Chooses a token; the caller's array is left untouched."""
@@ -119,10 +142,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     repetition_window: int = 64  # how many recent tokens the penalty looks at
     seed: int | None = None  # None, 0 or negative: a fresh random seed
+    # token id -> added to its logit before anything else (-inf bans it); a dict
+    # or (id, bias) pairs, kept as sorted pairs
+    logit_bias: tuple = ()
 
     def __post_init__(self):
         check_settings(self.temperature, self.topp, self.top_k, self.min_p, self.repetition_penalty)
         check_int("repetition_window", self.repetition_window, 1)
+        object.__setattr__(self, "logit_bias", normalize_logit_bias(self.logit_bias))
 
     @classmethod
     def of(cls, sampling: "SamplingParams | None" = None, **overrides) -> "SamplingParams":
@@ -135,4 +162,4 @@ class SamplingParams:
     def sampler(self, vocab_size: int) -> Sampler:
         return Sampler(vocab_size, temperature=self.temperature, topp=self.topp, seed=resolve_seed(self.seed),
                        top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                       repetition_window=self.repetition_window)
+                       repetition_window=self.repetition_window, logit_bias=self.logit_bias)

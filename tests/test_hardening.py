@@ -534,3 +534,30 @@ def test_abandoned_reply_is_cut_where_it_is(make_model):
     next(it)
     it.close()  # the reply so far stays in the context; the next turn follows it
     assert s.send("and?", temperature=0.0, steps=5) is not None
+
+
+def test_logit_bias_in_the_c_sampler(make_model):
+    m = make_model(LONG_GQA, version=1, seed=20)
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    word = next(t for t in range(300, 384) if llama.tokenizer.piece(t).strip().isalpha())
+    piece = llama.tokenizer.piece(word).decode()
+    forced = llama.generate("Once", steps=8, temperature=0, logit_bias={word: 100.0})
+    assert forced.endswith(piece * 4), (forced, piece)
+    # greedy, then with its first generated token banned: the continuation changes
+    params = llama2c.SamplingParams(temperature=0)
+    session = llama.session()
+    prompt = llama.tokenize("Once")
+    first = int(np.argmax(session.forward_batch(prompt, 0)))
+    plain = llama.generate("Once", steps=len(prompt) + 1, sampling=params)
+    banned = llama.generate("Once", steps=len(prompt) + 1, sampling=params, logit_bias={first: float("-inf")})
+    assert plain != banned
+    with pytest.raises(llama2c.InvalidArgumentError):
+        llama.generate("Once", steps=3, logit_bias={LONG_GQA.vocab_size: 1.0})
+    with pytest.raises(llama2c.InvalidArgumentError):
+        llama2c.SamplingParams(logit_bias={1: float("nan")})
+    proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "-n", "4", "-t", "0",
+                       "--logit-bias", "x=1")
+    assert proc.returncode == 1 and "--logit-bias" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "-n", "8", "-t", "0",
+                       "--logit-bias", f"{word}=100")
+    assert proc.returncode == 0 and proc.stdout.rstrip("\n") == forced, proc.stderr
