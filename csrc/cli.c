@@ -33,11 +33,19 @@ static long long time_in_ms(void) {
 #endif
 }
 
+/* The usage text on stderr and exit status 1, as llama2.c; asked for with
+ * -h or --help alone, on stdout and status 0. */
 static void usage(const char *why) {
-    if (why) fprintf(stderr, "%s: %s\n\n", program->name, why);
-    fprintf(stderr, "usage: %s <model.bin> [options]\n", program->name);
-    fprintf(stderr, "example: %s stories15M.bin -n 256 -i \"Once upon a time\"\n", program->name);
-    fprintf(stderr,
+    static int asked = 0;
+    if (why && strcmp(why, "--help") == 0) {
+        asked = 1;
+        why = NULL;
+    }
+    FILE *out = asked ? stdout : stderr;
+    if (why) fprintf(out, "%s: %s\n\n", program->name, why);
+    fprintf(out, "usage: %s <model.bin> [options]\n", program->name);
+    fprintf(out, "example: %s stories15M.bin -n 256 -i \"Once upon a time\"\n", program->name);
+    fprintf(out,
             "options:\n"
             "  -t <float>  temperature, 0 = greedy (default 1.0)\n"
             "  -p <float>  top-p (nucleus) threshold in [0,1] (default 0.9)\n"
@@ -48,8 +56,8 @@ static void usage(const char *why) {
             "  -m <string> mode: generate or chat (default generate)\n"
             "  -y <string> system prompt for chat mode\n"
             "  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)\n");
-    fprintf(stderr, "%s\n", program->weights);
-    exit(EXIT_FAILURE);
+    fprintf(out, "%s\n", program->weights);
+    exit(asked ? EXIT_SUCCESS : EXIT_FAILURE);
 }
 
 static void die(const llama2_error *err) {
@@ -154,6 +162,7 @@ int llama2_cli_main(int argc, char *argv[], const llama2_cli_program *prog) {
     long long seed = 0;
 
     if (argc < 2) usage(NULL);
+    if (argc == 2 && (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)) usage("--help");
     checkpoint = argv[1];
     if (checkpoint[0] == '-' && checkpoint[1] != '\0') usage("the first argument must be the model file");
     for (int i = 2; i < argc; i += 2) {

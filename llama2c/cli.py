@@ -110,8 +110,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+    from ._ffi import ffi, lib
+
+    return f"llama2c {__version__} (libllama2 {ffi.string(lib.llama2_version()).decode()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama2c", description="Llama 2 inference with a small fast C engine.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -202,7 +210,7 @@ def _run_bench(args) -> int:
     return bench_main(args.argv)
 
 
-PASSTHROUGH = {"train": _run_train, "export": _run_export, "tokenizer": _run_tokenizer,
+PASSTHROUGH = {"run": cmd_run, "train": _run_train, "export": _run_export, "tokenizer": _run_tokenizer,
                "data": _run_data, "bench": _run_bench}
 
 

@@ -561,3 +561,14 @@ def test_logit_bias_in_the_c_sampler(make_model):
     proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "-n", "8", "-t", "0",
                        "--logit-bias", f"{word}=100")
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == forced, proc.stderr
+
+
+def test_help_and_version(cli):
+    proc = cli("run", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith(b"usage: ") and not proc.stderr
+    proc = cli("run")
+    assert proc.returncode == 1 and proc.stderr.startswith(b"usage: ")  # llama2.c's behaviour without arguments
+    proc = llama2c_cli("run", "--help")
+    assert proc.returncode == 0 and "usage: " in proc.stdout
+    proc = llama2c_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"llama2c {llama2c.__version__}")
