@@ -49,9 +49,10 @@ def _bias_pair(text: str) -> tuple[int, float]:
 
 def cmd_generate(args) -> int:
     sampling = _sampling(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # `-`: the prompt comes from stdin
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     start, n = None, 0
-    for piece in llama.stream(args.prompt, steps=args.steps, sampling=sampling, stop=args.stop,
+    for piece in llama.stream(prompt, steps=args.steps, sampling=sampling, stop=args.stop,
                               stop_at_eos=args.stop_at_eos):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -75,7 +76,7 @@ def cmd_chat(args) -> int:
             print()
             return 0
         sys.stdout.write("Assistant: ")
-        for piece in session.stream(user, sampling=sampling):
+        for piece in session.stream(user, sampling=sampling, steps=args.max_tokens):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("prompt", nargs="?", default="", help="prompt text")
+    g.add_argument("prompt", nargs="?", default="", help="prompt text (- reads it from stdin)")
     sampling(g)
     g.add_argument("--steps", "-n", type=int, default=256, help="tokens to run, 0 = seq_len (default 256)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat (Llama 2 chat template)")
     sampling(c)
     c.add_argument("--system", "-y", default=None, help="system prompt")
+    c.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="at most N tokens per reply (default: until EOS or the context is full)")
     c.set_defaults(func=cmd_chat)
 
     r = sub.add_parser("run", help="llama2.c's `run` flags: run MODEL [-t -p -s -n -i -z -m -y]",

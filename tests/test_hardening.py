@@ -572,3 +572,16 @@ def test_help_and_version(cli):
     assert proc.returncode == 0 and "usage: " in proc.stdout
     proc = llama2c_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith(f"llama2c {llama2c.__version__}")
+
+
+def test_generate_prompt_from_stdin_and_chat_max_tokens(make_model):
+    m = make_model(LONG_GQA, version=1, seed=22)
+    args = ["--model", m.path, "--tokenizer", m.tokenizer, "-n", "12", "-t", "0"]
+    piped = llama2c_cli("generate", "-", *args, input="Once upon")
+    direct = llama2c_cli("generate", "Once upon", *args)
+    assert piped.returncode == 0 and piped.stdout == direct.stdout
+    llama = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    reply = llama.chat_session().send("hi", temperature=0.0, steps=3)
+    proc = llama2c_cli("chat", "--model", m.path, "--tokenizer", m.tokenizer, "-t", "0", "--max-tokens", "3",
+                       input="hi\n")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"User: Assistant: {reply}\n"), proc.stdout
