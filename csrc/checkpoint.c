@@ -7,9 +7,6 @@
  * matches what the header implies, so a malformed file is an error, never a
  * crash. All sizes are 64-bit.
  */
-#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
-#define _DEFAULT_SOURCE /* madvise(MADV_HUGEPAGE) */
-#endif
 #include "kernels.h"
 
 #include <errno.h>
@@ -17,12 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #if defined(_WIN32)
 #include <windows.h>
 #else
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -43,15 +38,10 @@
 /* ---- mapping a file read-only ---- */
 
 static int map_file(const char *path, void **data, int64_t *size, llama2_error *err) {
+    int fd;
+    int rc = llama2_open_regular(path, &fd, size, err);
+    if (rc) return rc;
 #if defined(_WIN32)
-    struct _stati64 st;
-    if (_stati64(path, &st) != 0) {
-        if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
-        return llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
-    }
-    if (!(st.st_mode & _S_IFREG))
-        return llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
-    *size = (int64_t)st.st_size;
     if (*size == 0) { *data = NULL; return LLAMA2_OK; }
     HANDLE fh = CreateFileA(path, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING,
                             FILE_ATTRIBUTE_NORMAL, NULL);
@@ -64,18 +54,6 @@ static int map_file(const char *path, void **data, int64_t *size, llama2_error *
     if (!*data) return llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot map", path);
     return LLAMA2_OK;
 #else
-    /* not blocking: opening a FIFO for reading would wait for a writer */
-    int fd = open(path, O_RDONLY | O_NONBLOCK);
-    if (fd < 0) {
-        if (errno == ENOENT) return llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path);
-        return llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
-    }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
-    }
-    *size = (int64_t)st.st_size;
     if (*size == 0) { close(fd); *data = NULL; return LLAMA2_OK; }
     void *p = mmap(NULL, (size_t)*size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);

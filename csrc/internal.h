@@ -139,6 +139,12 @@ struct llama2_context {
 
 #define LLAMA2_MAX_BATCH 64
 
+/* files.c: opens path for reading if it is a regular file, without
+ * blocking; *size gets its size. POSIX: *fd is the open descriptor, the
+ * caller closes it. Windows: the path is only checked (*fd = -1), the caller
+ * opens it its own way. */
+int llama2_open_regular(const char *path, int *fd, int64_t *size, llama2_error *err);
+
 /* memory.c: a buffer the model owns, zeroed, freed with t */
 void *llama2_own(llama2_transformer *t, size_t bytes);
 

@@ -18,9 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #if !defined(_WIN32)
-#include <fcntl.h>
 #include <unistd.h>
 #endif
 
@@ -85,37 +83,18 @@ static int build_table(llama2_tokenizer *tk) {
 
 /* ---- loading ---- */
 
-/* Opens path for reading only if it is a regular file: checked on the open
- * descriptor, and opened without blocking, so a FIFO or a device is an
- * error instead of a hang. */
+/* The tokenizer file as a stream, if it is a regular file (files.c). */
 static FILE *open_regular(const char *path, llama2_error *err, int *rc) {
+    int fd;
+    int64_t size;
+    if ((*rc = llama2_open_regular(path, &fd, &size, err))) return NULL;
 #if defined(_WIN32)
-    struct _stati64 st;
-    if (_stati64(path, &st) != 0) {
-        *rc = errno == ENOENT ? llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path)
-                              : llama2_fail(err, LLAMA2_ERR_IO, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    if (!(st.st_mode & _S_IFREG)) {
-        *rc = llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
-        return NULL;
-    }
     FILE *f = fopen(path, "rb");
 #else
-    int fd = open(path, O_RDONLY | O_NONBLOCK);
-    struct stat st;
-    if (fd >= 0 && (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))) {
-        close(fd);
-        *rc = llama2_fail(err, LLAMA2_ERR_IO, "%s: not a regular file", path);
-        return NULL;
-    }
-    FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
-    if (fd >= 0 && !f) close(fd);
+    FILE *f = fdopen(fd, "rb");
+    if (!f) close(fd);
 #endif
-    if (!f)
-        *rc = errno == ENOENT ? llama2_fail(err, LLAMA2_ERR_NOT_FOUND, "%s: no such file", path)
-                              : llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot open tokenizer file: %s", path,
-                                            strerror(errno));
+    if (!f) *rc = llama2_fail(err, LLAMA2_ERR_IO, "%s: cannot open tokenizer file: %s", path, strerror(errno));
     return f;
 }
 
