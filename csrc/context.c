@@ -35,29 +35,37 @@ static void *ctx_alloc(llama2_context *cx, size_t bytes, int huge_ok) {
     return llama2_buffers_alloc(&cx->owned, bytes, huge_ok);
 }
 
+/* The activations of a pass of up to `rows` tokens (row b of each buffer is
+ * token b's): the same buffers for one token and for a prompt batch. */
+static int alloc_run_state(llama2_context *cx, llama2_run_state *rs, size_t rows) {
+    const llama2_transformer *t = cx->t;
+    const llama2_config *c = &t->config;
+    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    int ok = (rs->x = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (rs->xb = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
+             (rs->xb2 = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (rs->hb = (float *)ctx_alloc(cx, rows * h * 4, 1)) &&
+             (rs->hb2 = (float *)ctx_alloc(cx, rows * h * 4, 1)) && (rs->q = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
+             (rs->k = (float *)ctx_alloc(cx, rows * (size_t)c->kv_dim * 4, 1)) &&
+             (rs->att = (float *)ctx_alloc(cx, rows * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
+    if (ok && t->gs > 0)
+        ok = (rs->xq = (int8_t *)ctx_alloc(cx, rows * d, 1)) && (rs->hq = (int8_t *)ctx_alloc(cx, rows * h, 1)) &&
+             (rs->xs = (float *)ctx_alloc(cx, rows * llama2_groups(c->dim, t->gs) * 4, 1)) &&
+             (rs->hs = (float *)ctx_alloc(cx, rows * llama2_groups(c->hidden_dim, t->gs) * 4, 1));
+    return ok;
+}
+
 /* The context's buffers; the caches and tables sized for n_ctx positions are
  * committed page by page as positions are reached. */
 static int context_alloc(llama2_context *cx, llama2_error *err) {
-    const llama2_transformer *t = cx->t;
-    const llama2_config *c = &t->config;
-    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, kv = (size_t)c->kv_dim;
+    const llama2_config *c = &cx->t->config;
+    size_t kv = (size_t)c->kv_dim;
     size_t cache = (size_t)c->n_layers * (size_t)cx->n_ctx * kv;
     size_t key_cache = (size_t)c->n_layers * llama2_key_positions(cx) * kv; /* whole blocks of positions */
     int huge = (cache + key_cache) * 4 <= HUGE_KV_LIMIT;
-    int ok = (cx->token.x = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->token.xb = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->token.xb2 = (float *)ctx_alloc(cx, d * 4, 0)) && (cx->token.hb = (float *)ctx_alloc(cx, h * 4, 0)) &&
-             (cx->token.hb2 = (float *)ctx_alloc(cx, h * 4, 0)) && (cx->token.q = (float *)ctx_alloc(cx, d * 4, 0)) &&
-             (cx->token.k = (float *)ctx_alloc(cx, kv * 4, 0)) &&
-             (cx->token.att = (float *)ctx_alloc(cx, (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0)) &&
+    int ok = alloc_run_state(cx, &cx->token, 1) &&
              (cx->logits = (float *)ctx_alloc(cx, (size_t)c->vocab_size * 4, 0)) &&
              (cx->key_cache = (float *)ctx_alloc(cx, key_cache * 4, huge)) &&
              (cx->value_cache = (float *)ctx_alloc(cx, cache * 4, huge)) &&
              (cx->rope_cs = (float *)ctx_alloc(cx, (size_t)cx->n_ctx * (size_t)c->head_size * 4, 0));
-    if (ok && t->gs > 0) {
-        size_t gd = (d + (size_t)t->gs - 1) / (size_t)t->gs, gh = (h + (size_t)t->gs - 1) / (size_t)t->gs;
-        ok = (cx->token.xq = (int8_t *)ctx_alloc(cx, d, 0)) && (cx->token.xs = (float *)ctx_alloc(cx, gd * 4, 0)) &&
-             (cx->token.hq = (int8_t *)ctx_alloc(cx, h, 0)) && (cx->token.hs = (float *)ctx_alloc(cx, gh * 4, 0));
-    }
     if (!ok)
         return llama2_fail(err, LLAMA2_ERR_NOMEM,
                            "out of memory allocating a context (KV cache of %lld floats for n_ctx %d)",
@@ -95,26 +103,11 @@ void llama2_context_free(llama2_context *cx) {
 
 int llama2_context_n_ctx(const llama2_context *cx) { return cx ? cx->n_ctx : 0; }
 
-/* The batched prefill buffers, made on the first batch: the same buffers for
- * LLAMA2_MAX_BATCH tokens. */
-static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
-
+/* The batched prefill buffers, made on the first batch. */
 int llama2_context_alloc_batch(llama2_context *cx, llama2_error *err) {
     if (cx->batch_ready) return LLAMA2_OK;
-    const llama2_transformer *t = cx->t;
-    const llama2_config *c = &t->config;
-    size_t rows = LLAMA2_MAX_BATCH, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
-    llama2_run_state *b = &cx->batch;
-    int ok = (b->x = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (b->xb = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
-             (b->xb2 = (float *)ctx_alloc(cx, rows * d * 4, 1)) && (b->hb = (float *)ctx_alloc(cx, rows * h * 4, 1)) &&
-             (b->hb2 = (float *)ctx_alloc(cx, rows * h * 4, 1)) && (b->q = (float *)ctx_alloc(cx, rows * d * 4, 1)) &&
-             (b->k = (float *)ctx_alloc(cx, rows * (size_t)c->kv_dim * 4, 1)) &&
-             (b->att = (float *)ctx_alloc(cx, rows * (size_t)c->n_heads * (size_t)cx->n_ctx * 4, 0));
-    if (ok && t->gs > 0)
-        ok = (b->xq = (int8_t *)ctx_alloc(cx, rows * d, 1)) && (b->hq = (int8_t *)ctx_alloc(cx, rows * h, 1)) &&
-             (b->xs = (float *)ctx_alloc(cx, rows * groups_of(c->dim, t->gs) * 4, 1)) &&
-             (b->hs = (float *)ctx_alloc(cx, rows * groups_of(c->hidden_dim, t->gs) * 4, 1));
-    if (!ok) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
+    if (!alloc_run_state(cx, &cx->batch, LLAMA2_MAX_BATCH))
+        return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory for the prefill batch");
     cx->batch_ready = 1;
     return LLAMA2_OK;
 }

@@ -8,7 +8,6 @@
 #include "kernels.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "threadpool.h"
@@ -59,16 +58,13 @@ static void store_key(const llama2_context *cx, int layer, int pos, const float 
     }
 }
 
-/* Q8_0 groups of an n-value activation (the last may be partial) */
-static size_t groups_of(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
-
 /* Makes x (row `row` of a batch) ready for a matmul: with int8 weights also
  * quantized, into that row of q_rows / s_rows (which fp32 runs do not have). */
 static void prepare(llama2_activation *a, const float *x, int n, int8_t *q_rows, float *s_rows, int row, int gs) {
     a->x = x;
     a->n = n;
     a->q = gs > 0 ? q_rows + (size_t)row * n : NULL;
-    a->s = gs > 0 ? s_rows + (size_t)row * groups_of(n, gs) : NULL;
+    a->s = gs > 0 ? s_rows + (size_t)row * llama2_groups(n, gs) : NULL;
     if (gs > 0) llama2_quantize(a->q, a->s, x, n, gs);
 }
 

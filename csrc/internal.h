@@ -148,6 +148,9 @@ int llama2_open_regular(const char *path, int *fd, int64_t *size, llama2_error *
 /* memory.c: a buffer the model owns, zeroed, freed with t */
 void *llama2_own(llama2_transformer *t, size_t bytes);
 
+/* Q8_0 groups of an n-value activation (the last may be partial); 0 for fp32 */
+static inline size_t llama2_groups(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }
+
 /* context.c */
 /* n_ctx rounded up to whole blocks of the key cache (kernels.h) */
 static inline size_t llama2_key_positions(const llama2_context *cx) {
