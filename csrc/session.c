@@ -39,8 +39,7 @@ struct llama2_session {
     int pending_eos;  /* the last reply ended at EOS: it is fed before the next turn */
     int turns;        /* turns queued so far (the system prompt goes with the first) */
     int reply_limit;  /* tokens per reply; < 0: until EOS or a full context */
-    int n_reply;      /* tokens of the current reply */
-    int reply_budget; /* tokens it may have: the limit, or the positions left after its turn */
+    int reply_left;   /* tokens the current reply may still have: the limit, or the positions left */
     int prev;         /* the token printed last in this reply (BOS before the first) */
     int history_only; /* the queued turn is an earlier one: feed it, sample nothing */
 };
@@ -361,13 +360,13 @@ static int step_conversation(llama2_session *ss, llama2_step *st, llama2_error *
         st->token = ss->prompt[ss->n_prompt - 1];
         st->pos = ss->pos;
         st->in_prompt = 1;
-        ss->reply_budget = ss->reply_limit >= 0 ? ss->reply_limit : cx->n_ctx - ss->pos;
+        ss->reply_left = ss->reply_limit >= 0 ? ss->reply_limit : cx->n_ctx - ss->pos;
         if (ss->history_only) { /* an earlier turn with its reply: done, EOS next */
             ss->history_only = 0;
             ss->pending_eos = 1;
             ss->user_turn = 1;
             st->end_of_turn = 1;
-        } else if (ss->reply_budget == 0) {
+        } else if (ss->reply_left == 0) {
             ss->user_turn = 1;
             st->end_of_turn = 1;
         }
@@ -393,7 +392,7 @@ static int step_conversation(llama2_session *ss, llama2_step *st, llama2_error *
     ss->pos++;
     st->token = token;
     st->pos = ss->pos;
-    if (++ss->n_reply >= ss->reply_budget) {
+    if (--ss->reply_left <= 0) {
         ss->user_turn = 1;
         st->end_of_turn = 1;
     }
@@ -481,7 +480,6 @@ static int queue_turn(llama2_session *ss, const char *system, size_t system_len,
     ss->pending_eos = 0;
     ss->turns++;
     ss->history_only = history;
-    ss->n_reply = 0;
     ss->prev = LLAMA2_TOKEN_BOS;
     llama2_utf8_filter_reset(&ss->filter);
     ss->user_idx = 0;
