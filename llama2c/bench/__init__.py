@@ -53,13 +53,12 @@ from .reference import LlamaCpp, llama_cpp_status
 from .report import DOC_BEGIN, DOC_END, TYPE_NAMES, fmt, fmt_ratio, machine_line, markdown, update_doc
 from .results import Row
 from .specs import ModelSpec, default_cache_dir, file_model, gguf_for, shape_models
-from .weights import (QUANTS, SHAPE_LABELS, SHAPES, group_size_for, quantize_groups, write_int8_from_fp32,
-                      write_random_fp32)
+from .weights import QUANTS, SHAPE_LABELS, SHAPES, write_int8_from_fp32, write_random_fp32
 
 __all__ = [
     "BIG_MODEL_PARAMS", "BOS", "DOC_BEGIN", "DOC_END", "HEADER_BYTES", "LlamaCpp", "MAGIC", "ModelSpec", "Ours",
     "QUANTS", "Row", "RunProgram", "SHAPES", "SHAPE_LABELS", "TYPE_NAMES", "build_parser", "cpu_info",
-    "default_cache_dir", "file_model", "fmt", "fmt_ratio", "gguf_for", "group_size_for", "llama_cpp_status",
-    "machine_line", "main", "markdown", "measure", "prompt_tokens", "quantize_groups", "settle", "shape_models",
+    "default_cache_dir", "file_model", "fmt", "fmt_ratio", "gguf_for", "llama_cpp_status",
+    "machine_line", "main", "markdown", "measure", "prompt_tokens", "settle", "shape_models",
     "update_doc", "write_int8_from_fp32", "write_random_fp32",
 ]

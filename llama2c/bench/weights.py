@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.binfmt import default_group_size, pack_header, quantize_q80
+from ..export.binfmt import pack_header
 from ..export.sources import open_bin
 from ..export.writers import write_bin
 from ..outputs import atomic_write
@@ -22,11 +22,6 @@ SHAPES = {
 SHAPE_LABELS = {"stories15M": "stories15M", "stories42M": "stories42M",
                 "stories110M": "stories110M", "tinyllama": "TinyLlama-1.1B (GQA)"}
 QUANTS = ("fp32", "int8", "bf16")
-
-
-def group_size_for(dim: int) -> int:
-    """The int8 copies' group size: 64 halved until it divides dim."""
-    return default_group_size(dim)
 
 
 def _random_tensors(params, seed: int):
@@ -69,16 +64,10 @@ def write_random_fp32(path: Path, params, seed: int = 1234) -> Path:
     return path
 
 
-def quantize_groups(w: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Version 2 Q8_0 of a matrix flattened row after row (the exporter's
-    quantizer: per group scale = max|w| / 127, q rounded half to even)."""
-    return quantize_q80(np.asarray(w, dtype=np.float32).ravel(), gs)
-
-
 def write_int8_from_fp32(src: Path, dst: Path) -> Path:
     """The version 2 (int8) copy of a version 1 file (group size 64 halved until
     it divides dim), written by the exporter (export.writers.write_bin)."""
     with open_bin(src) as model:
         if model.version != 1:
             raise ValueError(f"{src}: expected a version 1 file")
-        return write_bin(model, dst, version=2, group_size=group_size_for(model.args.dim), force=True)
+        return write_bin(model, dst, version=2, force=True)  # the exporter's group size: 64 halved until it divides dim
