@@ -25,18 +25,21 @@ def as_float(name: str, value) -> float:
 
 
 def check_settings(temperature: float, topp: float, top_k: int = 0, min_p: float = 0.0,
-                   repetition_penalty: float = 1.0) -> None:
+                   repetition_penalty: float = 1.0) -> tuple[float, float, int, float, float]:
+    """The settings checked, as the floats and int C takes (an
+    InvalidArgumentError names the first one out of range)."""
     temperature, topp = as_float("temperature", temperature), as_float("topp", topp)
     min_p, repetition_penalty = as_float("min_p", min_p), as_float("repetition_penalty", repetition_penalty)
     if not temperature >= 0.0:
         raise InvalidArgumentError(f"temperature must be >= 0 (got {temperature})")
     if not 0.0 <= topp <= 1.0:
         raise InvalidArgumentError(f"topp must be in [0, 1] (got {topp})")
-    check_int("top_k", top_k, 0)
+    top_k = check_int("top_k", top_k, 0)
     if not 0.0 <= min_p <= 1.0:
         raise InvalidArgumentError(f"min_p must be in [0, 1] (got {min_p})")
     if not 0.0 < repetition_penalty < float("inf"):
         raise InvalidArgumentError(f"repetition_penalty must be > 0 and finite (got {repetition_penalty})")
+    return temperature, topp, top_k, min_p, repetition_penalty
 
 
 def normalize_logit_bias(bias) -> tuple:
@@ -78,13 +81,11 @@ class Sampler:
     def __init__(self, vocab_size: int, *, temperature: float = 1.0, topp: float = 0.9,
                  seed: int | None = None, top_k: int = 0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, repetition_window: int = 64, logit_bias=None):
-        check_settings(temperature, topp, top_k, min_p, repetition_penalty)
+        settings = check_settings(temperature, topp, top_k, min_p, repetition_penalty)
         self.vocab_size = check_int("vocab_size", vocab_size, 1)
         params = ffi.new("llama2_sampler_params *")
         lib.llama2_sampler_params_default(params)
-        params.temperature, params.topp = as_float("temperature", temperature), as_float("topp", topp)
-        params.topk, params.minp = check_int("top_k", top_k, 0), as_float("min_p", min_p)
-        params.repetition_penalty = as_float("repetition_penalty", repetition_penalty)
+        params.temperature, params.topp, params.topk, params.minp, params.repetition_penalty = settings
         params.repetition_window = check_int("repetition_window", repetition_window, 0)
         out = ffi.new("llama2_sampler **")
         err = new_error()
