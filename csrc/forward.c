@@ -213,13 +213,32 @@ static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, 
     for_ranges(pool, fn, job, n, 2 * llama2_pool_threads(pool));
 }
 
+/* What a pass hands back after the last layer. */
+typedef struct {
+    int last_logits;  /* the last token's logits into cx->logits */
+    float *logits;    /* every token's logits, row b at logits + b * vocab_size (or NULL) */
+    float *hidden;    /* every token's final-norm hidden state, row b at hidden + b * dim (or NULL) */
+} pass_outputs;
+
+/* the last FFN residual and the final norm of token b, then its activation for the classifier */
+static void step_final(void *ctx, int b) {
+    const step_job *j = (const step_job *)ctx;
+    const llama2_transformer *t = j->t;
+    const int dim = t->config.dim;
+    float *x = j->rs->x + (size_t)b * dim;
+    const float *xb = j->rs->xb + (size_t)b * dim;
+    for (int i = 0; i < dim; i++) x[i] += xb[i];
+    llama2_rmsnorm(x, x, t->rms_final, dim, t->config.norm_eps);
+    prepare(&j->a[b], x, dim, j->rs->xq, j->rs->xs, b, t->gs);
+}
+
 /* Runs tokens[0..n) at positions pos..pos+n-1 (n <= LLAMA2_MAX_BATCH),
- * filling the KV cache; with want_logits, the last token's logits. Every
- * token goes through exactly the arithmetic of a single-token pass: the
- * batch only shares the reading of the weights and spreads the per-token
- * steps over the threads. */
+ * filling the KV cache, then produces what `out` asks for. Every token goes
+ * through exactly the arithmetic of a single-token pass: the batch only
+ * shares the reading of the weights and spreads the per-token steps over
+ * the threads. */
 static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const int *tokens, int n, int pos,
-                           int want_logits) {
+                           const pass_outputs *out) {
     const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
@@ -250,14 +269,20 @@ static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const
         for_each_token(pool, step_swiglu, &job, n);
         llama2_matvec_batch(rs->xb, (size_t)dim, a, n, &t->w2[l], gs, k, pool);
     }
-    if (!want_logits) return;
+    if (out->logits || out->hidden) {
+        /* every token goes on: final norm (and hidden state), then one classifier pass for all */
+        for_each_token(pool, step_final, &job, n);
+        if (out->hidden) memcpy(out->hidden, rs->x, (size_t)n * dim * sizeof(float));
+        if (out->logits) llama2_matvec_batch(out->logits, (size_t)c->vocab_size, a, n, &t->wcls, gs, k, pool);
+    }
+    if (!out->last_logits) return;
+    if (out->logits) { /* already computed: the last row */
+        memcpy(cx->logits, out->logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
+        return;
+    }
     /* only the last token goes on: its last FFN residual, the final norm, the classifier */
-    float *x = rs->x + (size_t)(n - 1) * dim;
-    const float *xb = rs->xb + (size_t)(n - 1) * dim;
-    for (int i = 0; i < dim; i++) x[i] += xb[i];
-    llama2_rmsnorm(x, x, t->rms_final, dim, c->norm_eps);
-    prepare(&a[0], x, dim, rs->xq, rs->xs, 0, gs);
-    llama2_matvec(cx->logits, &a[0], &t->wcls, gs, k, pool);
+    if (!out->hidden) step_final(&job, n - 1);
+    llama2_matvec(cx->logits, &a[n - 1], &t->wcls, gs, k, pool);
 }
 
 static int check_token(const llama2_config *c, int token, llama2_error *err) {
@@ -273,14 +298,15 @@ int llama2_context_forward(llama2_context *cx, int token, int pos, float **logit
     if (rc) return rc;
     if (pos < 0 || pos >= cx->n_ctx)
         return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "position %d out of range [0, %d)", pos, cx->n_ctx);
-    forward_tokens(cx, &cx->token, &token, 1, pos, 1);
+    const pass_outputs out = {1, NULL, NULL};
+    forward_tokens(cx, &cx->token, &token, 1, pos, &out);
     if (logits) *logits = cx->logits;
     llama2_ok(err);
     return LLAMA2_OK;
 }
 
-int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, int pos, float **logits,
-                                 llama2_error *err) {
+/* the checks every batched call makes */
+static int check_batch(const llama2_context *cx, const int *tokens, int n, int pos, llama2_error *err) {
     if (!cx || (!tokens && n > 0)) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null argument");
     const llama2_config *c = &cx->t->config;
     if (n <= 0) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "a batch needs at least one token (got %d)", n);
@@ -291,14 +317,38 @@ int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, i
         int rc = check_token(c, tokens[i], err);
         if (rc) return rc;
     }
+    return LLAMA2_OK;
+}
+
+int llama2_context_forward_batch(llama2_context *cx, const int *tokens, int n, int pos, float **logits,
+                                 llama2_error *err) {
+    int rc = check_batch(cx, tokens, n, pos, err);
+    if (rc) return rc;
     if (n == 1) return llama2_context_forward(cx, tokens[0], pos, logits, err);
-    int rc = llama2_context_alloc_batch(cx, err);
+    rc = llama2_context_alloc_batch(cx, err);
     if (rc) return rc;
     for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
         int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
-        forward_tokens(cx, &cx->batch, tokens + done, m, pos + done, logits != NULL && done + m == n);
+        const pass_outputs out = {logits != NULL && done + m == n, NULL, NULL};
+        forward_tokens(cx, &cx->batch, tokens + done, m, pos + done, &out);
     }
     if (logits) *logits = cx->logits;
+    llama2_ok(err);
+    return LLAMA2_OK;
+}
+
+int llama2_context_eval(llama2_context *cx, const int *tokens, int n, int pos, float *logits, float *hidden,
+                        llama2_error *err) {
+    int rc = check_batch(cx, tokens, n, pos, err);
+    if (rc) return rc;
+    if (n > 1 && (rc = llama2_context_alloc_batch(cx, err)) != LLAMA2_OK) return rc;
+    const llama2_config *c = &cx->t->config;
+    for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
+        int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
+        const pass_outputs out = {0, logits ? logits + (size_t)done * c->vocab_size : NULL,
+                                  hidden ? hidden + (size_t)done * c->dim : NULL};
+        forward_tokens(cx, n > 1 ? &cx->batch : &cx->token, tokens + done, m, pos + done, &out);
+    }
     llama2_ok(err);
     return LLAMA2_OK;
 }

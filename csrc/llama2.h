@@ -106,6 +106,15 @@ LLAMA2_API int llama2_context_forward(llama2_context *ctx, int token, int pos, f
 LLAMA2_API int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos,
                                             float **logits, llama2_error *err);
 
+/* Runs n tokens at positions pos..pos+n-1 like llama2_context_forward_batch
+ * and writes every token's outputs into the caller's buffers: logits (when
+ * not NULL) gets n x vocab_size floats, row i the logits after token i;
+ * hidden (when not NULL) gets n x dim floats, row i token i's hidden state
+ * after the final RMSNorm (the classifier's input: embeddings). Row i is
+ * bit-identical to what llama2_context_forward returns for token i. */
+LLAMA2_API int llama2_context_eval(llama2_context *ctx, const int *tokens, int n, int pos, float *logits,
+                                   float *hidden, llama2_error *err);
+
 /* The same two in the model's own default context (made on first use, with
  * n_ctx = seq_len): what llama2.c's single-sequence programs need. */
 LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,

@@ -43,6 +43,7 @@ void llama2_context_free(llama2_context *ctx);
 int llama2_context_n_ctx(const llama2_context *ctx);
 int llama2_context_forward(llama2_context *ctx, int token, int pos, float **logits, llama2_error *err);
 int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos, float **logits, llama2_error *err);
+int llama2_context_eval(llama2_context *ctx, const int *tokens, int n, int pos, float *logits, float *hidden, llama2_error *err);
 int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err);
 int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 

@@ -32,6 +32,7 @@ class Context:
         self._owner = owner  # the model must outlive its contexts
         self.n_ctx: int = lib.llama2_context_n_ctx(self._ptr)
         self.vocab_size = vocab_size
+        self.dim: int = lib.llama2_transformer_config(model).dim
         self._lock = threading.Lock()
         self._active: int | None = None  # the thread using the context now
 
@@ -52,32 +53,73 @@ class Context:
     def _logits(self, ptr) -> np.ndarray:
         return np.frombuffer(ffi.buffer(ptr, 4 * self.vocab_size), dtype=np.float32).copy()
 
-    def forward(self, token: int, pos: int) -> np.ndarray:
-        """Logits for token at position pos; positions 0..pos-1 are whatever
-        this context's earlier calls put there."""
-        token = check_int("token", token)
-        pos = check_int("pos", pos)
+    def held(self):
+        """`with context.held():` holds the context for a sequence of the
+        unlocked calls below (_forward, _forward_batch, _eval)."""
+        return _Held(self)
+
+    # ---- the calls, unlocked: the caller holds the context ----
+    def _forward(self, token: int, pos: int) -> np.ndarray:
         err = new_error()
         logits = ffi.new("float **")
-        self._enter()
-        try:
-            raise_for(lib.llama2_context_forward(self._ptr, token, pos, logits, err), err)
-            return self._logits(logits[0])
-        finally:
-            self._exit()
+        raise_for(lib.llama2_context_forward(self._ptr, check_int("token", token), check_int("pos", pos), logits,
+                                             err), err)
+        return self._logits(logits[0])
 
-    def forward_batch(self, tokens, pos: int) -> np.ndarray:
-        """tokens at positions pos, pos+1, ... in one pass over the weights;
-        the last token's logits, bit-identical to forward() token by token."""
+    def _forward_batch(self, tokens, pos: int) -> np.ndarray:
         ids = [check_int("token", t) for t in tokens]
-        pos = check_int("pos", pos)
         check_int("number of tokens", len(ids), 0, INT_MAX)
         err = new_error()
         logits = ffi.new("float **")
-        self._enter()
-        try:
-            raise_for(lib.llama2_context_forward_batch(self._ptr, ffi.new("int[]", ids), len(ids), pos,
-                                                       logits, err), err)
-            return self._logits(logits[0])
-        finally:
-            self._exit()
+        raise_for(lib.llama2_context_forward_batch(self._ptr, ffi.new("int[]", ids), len(ids), check_int("pos", pos),
+                                                   logits, err), err)
+        return self._logits(logits[0])
+
+    def _eval(self, tokens, pos: int, logits: bool = True, hidden: bool = False):
+        ids = [check_int("token", t) for t in tokens]
+        n = check_int("number of tokens", len(ids), 0, INT_MAX)
+        out_logits = np.empty((n, self.vocab_size), np.float32) if logits else None
+        out_hidden = np.empty((n, self.dim), np.float32) if hidden else None
+        err = new_error()
+        raise_for(lib.llama2_context_eval(
+            self._ptr, ffi.new("int[]", ids), n, check_int("pos", pos),
+            ffi.from_buffer("float[]", out_logits) if logits else ffi.NULL,
+            ffi.from_buffer("float[]", out_hidden) if hidden else ffi.NULL, err), err)
+        return out_logits, out_hidden
+
+    # ---- the calls ----
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits for token at position pos; positions 0..pos-1 are whatever
+        this context's earlier calls put there."""
+        with self.held():
+            return self._forward(token, pos)
+
+    def forward_batch(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """tokens at positions pos, pos+1, ... in one pass over the weights;
+        the last token's logits, bit-identical to forward() token by token
+        (all_logits=True: every token's, an (n, vocab_size) array)."""
+        if all_logits:
+            return self.eval(tokens, pos)[0]
+        with self.held():
+            return self._forward_batch(tokens, pos)
+
+    def eval(self, tokens, pos: int, *, logits: bool = True, hidden: bool = False):
+        """tokens at positions pos, pos+1, ... in one pass over the weights:
+        (logits, hidden), every token's logits (n, vocab_size) and hidden
+        state after the final RMSNorm (n, dim), each None unless asked for.
+        Row i is bit-identical to forward() of token i."""
+        with self.held():
+            return self._eval(tokens, pos, logits, hidden)
+
+
+class _Held:
+    def __init__(self, context: Context):
+        self.context = context
+
+    def __enter__(self):
+        self.context._enter()
+        return self.context
+
+    def __exit__(self, *exc):
+        self.context._exit()
+        return False

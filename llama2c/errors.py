@@ -19,6 +19,12 @@ class InvalidArgumentError(Llama2Error, ValueError):
     """An argument out of range: token id, position, sampling setting."""
 
 
+class ContextLengthError(InvalidArgumentError):
+    """A prompt (or text to score or embed) that does not fit the context:
+    the message states its length in tokens and the context's. A ValueError,
+    as llama-cpp-python raises; pass truncate="left" to keep the end."""
+
+
 class Llama2IOError(Llama2Error, OSError):
     """The file exists but could not be read or mapped."""
 

@@ -17,11 +17,14 @@ import numpy as np
 
 from . import _ffi
 from ._ffi import ffi, lib
+from . import openai_api
 from .chat import ChatSession, render_chat
+from .completion import Completer
 from .context import Context
 from .model_args import ArgsView, ModelArgs
 from .errors import InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
+from .scoring import Score, embed_ids, fit_for_embedding, score_ids
 from .session import Session
 from .tokenizer import Tokenizer
 from .validate import c_path, check_int, check_threads
@@ -39,6 +42,18 @@ class ModelConfig(ArgsView):
     group_size: int
     file_size: int
     n_params: int
+
+
+# llama-cpp-python's Llama() options that do not change what this engine
+# computes, accepted so its users' code runs unchanged
+ACCEPTED_OPTIONS = {"verbose", "n_batch", "n_ubatch", "n_threads_batch", "use_mmap", "use_mlock", "logits_all",
+                    "embedding", "last_n_tokens_size", "n_gpu_layers", "main_gpu", "offload_kqv", "flash_attn"}
+
+
+def check_llama_cpp_options(options: dict) -> None:
+    unknown = sorted(set(options) - ACCEPTED_OPTIONS)
+    if unknown:
+        raise TypeError(f"Llama() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
 def _config_from(c) -> ModelConfig:
@@ -65,7 +80,9 @@ class Llama:
     them disturbs another's KV cache."""
 
     def __init__(self, model_path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                 n_threads: int | None = None, quantize: bool = False, n_ctx: int | None = None):
+                 n_threads: int | None = None, quantize: bool = False, n_ctx: int | None = None,
+                 chat_format: str | None = None, seed: int | None = None, **llama_cpp_options):
+        check_llama_cpp_options(llama_cpp_options)
         raw_path = c_path(model_path)
         self.model_path = os.fsdecode(raw_path)
         threads = check_threads(n_threads) if n_threads is not None else None
@@ -88,6 +105,11 @@ class Llama:
         self._context: Context | None = None  # forward() / forward_batch()
         self._generator: Session | None = None  # generate() / stream()
         self._making = threading.Lock()  # two threads' first calls make one context, not two
+        self._completions: Completer | None = None  # create_completion / create_chat_completion
+        self._side: Context | None = None  # score / embed
+        self.chat_format = chat_format
+        self._chat_template = None
+        self.seed = seed  # the seed of calls that give none (None: a fresh one each call)
 
     def create_context(self, n_ctx: int | None = None) -> Context:
         """A fresh KV cache over this model's weights (n_ctx: default this
@@ -154,6 +176,107 @@ class Llama:
         (prompt processing) and returns the last token's logits: bit-identical
         to calling forward() for each token in turn."""
         return self.context.forward_batch(tokens, pos)
+
+    def eval(self, tokens, pos: int = 0) -> np.ndarray:
+        """Logits for every token (an (n, vocab_size) array) of tokens run at
+        positions pos, pos+1, ... in one pass, in self.context; row i is
+        bit-identical to forward(tokens[i], pos + i)."""
+        return self.context.forward_batch(tokens, pos, all_logits=True)
+
+    # ---- OpenAI-shaped calls (llama-cpp-python's names, shapes and defaults) ----
+    def _completer(self) -> Completer:
+        with self._making:
+            if self._completions is None:
+                self._completions = Completer(self, self.create_context())
+            return self._completions
+
+    def _seeded(self, settings: dict) -> dict:
+        if settings.get("seed") is None and self.seed is not None:
+            settings["seed"] = self.seed
+        return settings
+
+    def create_completion(self, prompt: str | list[int], **settings):
+        """A completion of prompt (a str, tokenized with BOS, or token ids) as
+        llama-cpp-python returns it: {"id", "object": "text_completion",
+        "created", "model", "choices": [{"text", "index", "logprobs",
+        "finish_reason": "stop" | "length"}], "usage"}; stream=True yields
+        chunks of that shape. Arguments as llama-cpp-python's (max_tokens=16
+        new tokens, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05,
+        repeat_penalty=1.0, stop, seed, logprobs=k, echo, logit_bias,
+        presence/frequency_penalty) plus truncate="left" (a prompt that does
+        not fit keeps its end instead of raising ContextLengthError).
+        logprobs come from the raw logits, before any sampling transform."""
+        return openai_api.create_completion(self, prompt, **self._seeded(settings))
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: list[dict], **settings):
+        """The assistant's reply to messages, as llama-cpp-python returns it:
+        {"object": "chat.completion", "choices": [{"message": {"role":
+        "assistant", "content"}, "finish_reason", "logprobs"}], "usage", ...};
+        stream=True yields "chat.completion.chunk"s with "delta"s. Rendered
+        with this Llama's chat template (chat_format=, default Llama 2) or
+        template=; defaults as llama-cpp-python's (temperature=0.2,
+        max_tokens=None: until the context is full)."""
+        from . import openai_chat
+
+        return openai_chat.create_chat_completion(self, messages, **self._seeded(settings))
+
+    @property
+    def chat_template(self):
+        """The ChatTemplate of chat calls (chat_format=: a name such as
+        "llama-2", "chatml", "zephyr", or a Jinja2 template string)."""
+        if self._chat_template is None:
+            from .chat_template import ChatTemplate
+
+            self._chat_template = ChatTemplate.get(self.chat_format)
+        return self._chat_template
+
+    def _side_context(self) -> Context:
+        with self._making:
+            if self._side is None:
+                self._side = self.create_context()
+            return self._side
+
+    def score(self, text: str | list[int], *, window: int | None = None, stride: int | None = None,
+              progress=None) -> Score:
+        """Per-token log-probabilities of text (tokenized with BOS, or ids)
+        under the model, over a sliding window of `window` tokens (default
+        n_ctx) moved by `stride` (default window // 2): a Score with
+        tokens, token_logprobs, nll and perplexity."""
+        ids = self.tokenize(text) if isinstance(text, str) else [check_int("token", t) for t in text]
+        return score_ids(self._side_context(), ids, window, stride, progress)
+
+    def perplexity(self, text: str | list[int], **options) -> float:
+        """exp(mean negative log-likelihood per token) of text: see score()."""
+        return self.score(text, **options).perplexity
+
+    def embed(self, input: str | list[str], *, pooling: str = "mean", normalize: bool = False,
+              truncate: bool = True):
+        """An embedding (list of dim floats) per text: the final-norm hidden
+        states of its tokens (BOS included) averaged ("mean") or the last
+        token's ("last"); normalize=True scales it to unit length. A str gives
+        one vector, a list of str a list of them. Texts longer than n_ctx
+        keep their first n_ctx tokens (truncate=False: ContextLengthError)."""
+        texts = [input] if isinstance(input, str) else list(input)
+        vectors = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise InvalidArgumentError(f"embed takes str or a list of str (got {type(text).__name__})")
+            ids = fit_for_embedding(self.tokenize(text), self.n_ctx, truncate)
+            vectors.append(embed_ids(self._side_context(), ids, pooling, normalize).tolist())
+        return vectors[0] if isinstance(input, str) else vectors
+
+    def create_embedding(self, input: str | list[str], model: str | None = None, *, pooling: str = "mean",
+                         normalize: bool = False):
+        """OpenAI's embeddings shape: {"object": "list", "data": [{"object":
+        "embedding", "embedding", "index"}], "model", "usage"}."""
+        texts = [input] if isinstance(input, str) else list(input)
+        data = self.embed(texts, pooling=pooling, normalize=normalize)
+        n = sum(min(len(self.tokenize(t)), self.n_ctx) for t in texts)
+        return {"object": "list", "model": model or self.model_path,
+                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(data)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     # ---- chat (Llama 2 chat template) ----
     def chat_session(self, system: str | None = None) -> "ChatSession":

@@ -53,6 +53,19 @@ class Tokenizer:
         raise_for(lib.llama2_encode(self._ptr, data, len(data), int(bool(bos)), int(bool(eos)), tokens, n, err), err)
         return list(ffi.unpack(tokens, n[0]))
 
+    def token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes token adds to a text whose previous token is prev: what
+        `run` prints for it (BOS and EOS add nothing; after BOS the leading
+        space goes; <0xNN> pieces are that byte)."""
+        if token in (BOS, EOS):
+            return b""
+        piece = ffi.new("const char **")
+        length = ffi.new("int *")
+        err = new_error()
+        raise_for(lib.llama2_decode(self._ptr, check_int("prev", prev), check_int("token", token), piece, length,
+                                    err), err)
+        return ffi.unpack(piece[0], length[0])
+
     def decode_bytes(self, ids) -> bytes:
         """Concatenated bytes of the pieces; BOS/EOS print nothing, and the
         leading space of the first piece is dropped (as SentencePiece does)."""
