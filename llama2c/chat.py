@@ -1,108 +1,90 @@
-"""Chat with the Llama 2 template: `ChatSession` (turns that keep their KV
-cache) and `render_chat` (a list of messages split into turns).
+"""Chat sessions: `ChatSession`, turns of a conversation that keep their KV
+cache (a context of the session's own).
 
-The engine is the C session's conversation mode (csrc/session.c,
-LLAMA2_MODE_CONVERSATION), the same code that runs the `run` program's
-loops: each user turn, `[INST] ... [/INST]` after BOS (the system prompt
-inside the first), goes through the model in one batched pass without
-drawing samples; the reply is sampled until EOS, which goes in front of the
-next turn. Each session owns a context, so nothing else writes its cache.
+Each turn renders the whole conversation with the session's chat template
+(llama2c/chat_template.py: Llama 2 by default, ChatML, Zephyr or any
+Jinja2 template), tokenized exactly as transformers' apply_chat_template
+does, and runs it through the completion loop (llama2c/completion.py),
+which only runs the tokens after the part already in the cache. A reply
+ends at EOS (or BOS), at one of the template's end-of-turn strings, at a
+stop string of the caller's, after its token limit or when the context is
+full. Reply text goes through the engine's printable filter, as `run`'s
+chat prints it.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
-from . import _ffi
-from ._ffi import ffi, lib
-from .errors import InvalidArgumentError, new_error, raise_for
+from .completion import Completer, fit_prompt
+from .errors import InvalidArgumentError
 from .sampler import SamplingParams
-from .session import _bytes, step_texts
 from .validate import check_int
 
 
-def render_chat(messages: list[dict]) -> list[tuple[str, str | None]]:
-    """Splits a conversation into (user text, assistant reply or None) turns,
-    the system message folded into the first user text with the Llama 2
-    <<SYS>> markup. The last turn must be the user's."""
-    system = None
-    turns: list[list] = []
-    for m in messages:
-        role, content = m["role"], m["content"]
-        if role == "system":
-            if turns or system is not None:
-                raise InvalidArgumentError("a system message may only come first")
-            system = content
-        elif role == "user":
-            if turns and turns[-1][1] is None:
-                raise InvalidArgumentError("two user messages in a row")
-            turns.append([content, None])
-        elif role == "assistant":
-            if not turns or turns[-1][1] is not None:
-                raise InvalidArgumentError("an assistant message must follow a user message")
-            turns[-1][1] = content
-        else:
-            raise InvalidArgumentError(f"unknown role {role!r} (system, user or assistant)")
-    if not turns or turns[-1][1] is not None:
-        raise InvalidArgumentError("the conversation must end with a user message")
-    if system:
-        turns[0][0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0][0]}"
-    return [(u, a) for u, a in turns]
-
-
 class ChatSession:
-    """Turns of a Llama 2 chat over `llama` (a Llama), in a context of its own."""
+    """Turns of a chat over `llama` (a Llama), in a context of its own.
+    template: a ChatTemplate, a name or a Jinja string (None: llama's)."""
 
-    def __init__(self, llama, system: str | None):
+    def __init__(self, llama, system: str | None = None, template=None):
+        from .chat_template import ChatTemplate
+
+        if system is not None and not isinstance(system, str):
+            raise InvalidArgumentError(f"system must be a str (got {type(system).__name__})")
         self.llama = llama
         self.system = system
+        self.template = ChatTemplate.get(template) if template is not None else llama.chat_template
         self.context = llama.create_context()
         self.n_ctx = self.context.n_ctx
-        self.turns = 0
-        self._sampler = SamplingParams().sampler(llama.config.vocab_size)  # until the first turn sets one
-        out, err = ffi.new("llama2_session **"), new_error()
-        raise_for(lib.llama2_session_new_ctx(out, self.context._ptr, llama.tokenizer._ptr, self._sampler._ptr,
-                                             _ffi.MODE_CONVERSATION, ffi.NULL, 0, 0, err), err)
-        self._ptr = ffi.gc(out[0], lib.llama2_session_free)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._completer = Completer(llama, self.context)
 
     @property
     def pos(self) -> int:
         """Positions of the context filled so far."""
-        return lib.llama2_session_pos(self._ptr)
+        return len(self._completer.cached)
 
-    def _feed_history(self, user: str, reply: str) -> None:
-        """An earlier turn and the assistant's reply to it, fed without sampling."""
-        system, u, r = _bytes(self.system or ""), _bytes(user), _bytes(reply.strip())
-        err = new_error()
-        self.context._enter()
-        try:
-            raise_for(lib.llama2_session_chat_history(self._ptr, system, len(system), u, len(u), r, len(r), err), err)
-            self.turns += 1
-            for _ in step_texts(self._ptr):
-                pass
-        finally:
-            self.context._exit()
+    @property
+    def turns(self) -> int:
+        """User turns so far."""
+        return sum(m["role"] == "user" for m in self.messages)
 
-    def stream(self, user: str, *, steps: int | None = None, sampling: SamplingParams | None = None,
-               **settings) -> Iterator[str]:
-        """The reply to one user turn, piece by piece; it ends at EOS, after
-        `steps` tokens (None: when the context is full) or when the context is
-        full. Sampling as in Session.generate; a fresh sampler per turn sees
-        the conversation's last tokens for its repetition penalty."""
+    def add_history(self, messages: list[dict]) -> None:
+        """Earlier messages of the conversation (user and assistant turns),
+        run with the next turn."""
+        self.messages.extend(dict(m) for m in messages)
+
+    def stream(self, user: str, *, steps: int | None = None, max_tokens: int | None = None, stop=None,
+               sampling: SamplingParams | None = None, **settings) -> Iterator[str]:
+        """The reply to one user turn, piece by piece. It ends at EOS, at the
+        template's end of turn or a stop string (cut there), after
+        max_tokens (or steps, its older name) new tokens (None: when the
+        context is full) or when the context is full. Sampling as in
+        Session.generate; a fresh sampler per turn sees the conversation's
+        last tokens for its repetition penalty. A turn that does not fit the
+        context is a ContextLengthError and leaves the session as it was."""
+        if not isinstance(user, str):
+            raise InvalidArgumentError(f"a user turn is a str (got {type(user).__name__})")
         params = SamplingParams.of(sampling, **settings)
-        limit = -1 if steps is None else check_int("steps", steps, 0)
-        sampler = params.sampler(self.llama.config.vocab_size)
-        system, u = _bytes(self.system or ""), _bytes(user)
-        err = new_error()
-        self.context._enter()
+        limit = max_tokens if max_tokens is not None else steps
+        limit = None if limit is None else check_int("max_tokens", limit, 0)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        messages = self.messages + [{"role": "user", "content": user}]
+        ids = fit_prompt(self.template.tokenize(self.llama.tokenizer, messages, add_generation_prompt=True),
+                         self.n_ctx, limit, None)
+        return self._reply(messages, ids, limit, list(self.template.stop_strings) + stops, params)
+
+    def _reply(self, messages, ids, limit, stops, params) -> Iterator[str]:
+        pieces: list[str] = []
         try:
-            raise_for(lib.llama2_session_set_sampler(self._ptr, sampler._ptr, err), err)
-            self._sampler = sampler  # the session borrows it
-            raise_for(lib.llama2_session_set_reply_limit(self._ptr, limit, err), err)
-            raise_for(lib.llama2_session_chat_input(self._ptr, system, len(system), u, len(u), err), err)
-            self.turns += 1
-            yield from step_texts(self._ptr)
-        finally:
-            self.context._exit()
+            if limit == 0:
+                return
+            for step in self._completer.run(ids, max_tokens=limit, sampling=params, stop=stops, printable=True,
+                                            reply=True):
+                if step.text:
+                    pieces.append(step.text)
+                    yield step.text
+        finally:  # a reply cut short (the caller stopped reading) stays as far as it went
+            self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
 
     def send(self, user: str, **kwargs) -> str:
         return "".join(self.stream(user, **kwargs))

@@ -1,11 +1,16 @@
 """The `llama2c` command line: one entry point with subcommands.
 
-  llama2c generate [PROMPT] [--model M] [--tokenizer T] [--temperature ...]
-  llama2c chat [--model M] [--system S]
+  llama2c generate [PROMPT] [--model M] [--tokenizer T] [-n NEW_TOKENS] [--temperature ...]
+  llama2c chat [--model M] [--system S] [--template T] [--stop TEXT] [-v]
+  llama2c perplexity FILE [--model M] [--ctx N] [--stride N]
   llama2c run MODEL [-t -p -s -n -i -z -m -y]     (llama2.c's flags)
   llama2c info MODEL
   llama2c train | export | tokenizer | data | bench ...   (see each one's --help)
 
+Flags are kebab-case; the older spellings (--top_p, --topp, ...) are hidden
+aliases (cliargs.py, docs/CLI.md). Short flags mean one thing in every
+subcommand: -m model, -z tokenizer, -t temperature, -p top-p, -s seed, -n a
+token count; `run` alone keeps llama2.c's own (its -m is the mode).
 Errors print one line on stderr and exit with status 1 (no traceback).
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import sys
 import time
 
+from .cliargs import Parser
 from .errors import Llama2Error
 
 
@@ -52,8 +58,13 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # `-`: the prompt comes from stdin
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
     start, n = None, 0
-    for piece in llama.stream(prompt, steps=args.steps, sampling=sampling, stop=args.stop,
-                              stop_at_eos=args.stop_at_eos):
+    if args.max_tokens is not None:  # -n: new tokens (0: until the context is full)
+        if args.max_tokens < 0:
+            raise ValueError(f"-n/--max-tokens must be >= 0 (got {args.max_tokens})")
+        length = {"max_tokens": args.max_tokens} if args.max_tokens else {"steps": 0}
+    else:  # --steps: positions, prompt included, as run's -n
+        length = {"steps": 256 if args.steps is None else args.steps}
+    for piece in llama.stream(prompt, sampling=sampling, stop=args.stop, stop_at_eos=args.stop_at_eos, **length):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
@@ -68,7 +79,8 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     sampling = _sampling(args)
     llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
-    session = llama.chat_session(system=args.system)
+    session = llama.chat_session(system=args.system, template=args.template)
+    extra = {"stop": list(args.stop)} if args.stop else {}
     while True:
         try:
             user = input("User: ")
@@ -76,13 +88,43 @@ def cmd_chat(args) -> int:
             print()
             return 0
         sys.stdout.write("Assistant: ")
-        for piece in session.stream(user, sampling=sampling, steps=args.max_tokens):
+        start, n = None, 0
+        for piece in session.stream(user, sampling=sampling, steps=args.max_tokens, **extra):
             sys.stdout.write(piece)
             sys.stdout.flush()
+            n += 1
+            if start is None:
+                start = time.perf_counter()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.verbose and start is not None and n > 1:
+            print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):.1f}", file=sys.stderr)
         if session.pos >= session.n_ctx:
             print("(the model's context is full)", file=sys.stderr)
             return 0
+
+
+def cmd_perplexity(args) -> int:
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    llama = _load(args.model, args.tokenizer, args.threads, args.quantize, args.ctx)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        spent = time.perf_counter() - start
+        eta = spent / done * (total - done)
+        print(f"\rwindow {done}/{total}  {spent:.1f} s, ETA {eta:.1f} s", end="", file=sys.stderr, flush=True)
+
+    score = llama.score(text, window=args.ctx, stride=args.stride, progress=progress)
+    print(file=sys.stderr)
+    print(f"tokens scored: {score.n_scored} (window {args.ctx or llama.n_ctx}, "
+          f"stride {args.stride or (args.ctx or llama.n_ctx) // 2})")
+    print(f"mean NLL:      {score.nll:.6f} nats/token")
+    print(f"perplexity:    {score.perplexity:.4f} +/- {score.perplexity_error:.4f}")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -118,8 +160,18 @@ def _version() -> str:
     return f"llama2c {__version__} (libllama2 {ffi.string(lib.llama2_version()).decode()})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama2c", description="Llama 2 inference with a small fast C engine.")
+def _export_versions() -> str:
+    from .export.cli import VERSION_HELP
+
+    return "\n".join(f"  {v:<5} {text}" for v, text in VERSION_HELP.items())
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="llama2c", description="Llama 2 inference with a small fast C engine.",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="llama2c export --version V writes:\n" + _export_versions() + "\n\n"
+                      "Flags are kebab-case (--top-p); their older spellings still work as hidden "
+                      "aliases (docs/CLI.md).")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -127,37 +179,61 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling(sp):
         sp.add_argument("--model", "-m", default=None, help="model .bin (default: the bundled model)")
         sp.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
-        sp.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
-        sp.add_argument("--top-p", "-p", type=float, default=0.9, help="nucleus threshold (default 0.9)")
-        sp.add_argument("--seed", "-s", type=int, default=None, help="random seed (default: random)")
-        sp.add_argument("--top-k", "-k", type=int, default=0, help="keep the k most likely tokens (default off)")
-        sp.add_argument("--min-p", type=float, default=0.0,
-                        help="keep tokens with p >= MIN_P * p_max (default off)")
-        sp.add_argument("--repeat-penalty", type=float, default=1.0,
+        sp.add_argument("--temperature", "-t", type=float, default=1.0, metavar="TEMP",
+                        help="0 = greedy (default 1.0)")
+        sp.add_argument("--top-p", "-p", type=float, default=0.9, metavar="P",
+                        help="nucleus threshold (default 0.9)")
+        sp.alias("--top-p", "--topp")  # llama2.c's name
+        sp.add_argument("--seed", "-s", type=int, default=None, metavar="N",
+                        help="random seed (default: random)")
+        sp.add_argument("--top-k", "-k", type=int, default=0, metavar="K",
+                        help="keep the k most likely tokens (default off)")
+        sp.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                        help="keep tokens with p >= P * p_max (default off)")
+        sp.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
                         help="penalize tokens seen in the last 64 (e.g. 1.1; default 1 = off)")
         sp.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
                         help="add BIAS to token ID's logit (-inf bans it); repeatable")
-        sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores, at most 256)")
+        sp.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="threads (default: all cores, at most 256)")
         sp.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
                         help="context length in tokens (default: the model's seq_len)")
         sp.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
+        sp.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop when the generated text contains TEXT (repeatable)")
+        sp.add_argument("--verbose", "-v", action="store_true", help="report tokens/s on stderr")
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", nargs="?", default="", help="prompt text (- reads it from stdin)")
     sampling(g)
-    g.add_argument("--steps", "-n", type=int, default=256, help="tokens to run, 0 = seq_len (default 256)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when the generated text contains TEXT (repeatable)")
+    g.add_argument("--max-tokens", "-n", type=int, default=None, metavar="N",
+                   help="new tokens to generate, 0 = until the context is full")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="positions to run, prompt included, 0 = seq_len: run's -n (default 256)")
     g.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (chat/instruct models)")
-    g.add_argument("--verbose", "-v", action="store_true", help="report tokens/s on stderr")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat (Llama 2 chat template)")
     sampling(c)
     c.add_argument("--system", "-y", default=None, help="system prompt")
-    c.add_argument("--max-tokens", type=int, default=None, metavar="N",
+    c.add_argument("--max-tokens", "-n", type=int, default=None, metavar="N",
                    help="at most N tokens per reply (default: until EOS or the context is full)")
+    c.add_argument("--template", default=None, metavar="NAME|JINJA|FILE",
+                   help="chat template: llama-2 (default), chatml, zephyr, a Jinja2 string, a .jinja file "
+                        "or a tokenizer_config.json")
     c.set_defaults(func=cmd_chat)
+
+    x = sub.add_parser("perplexity", help="perplexity of a text file under a model (sliding window)")
+    x.add_argument("file", help="text file (UTF-8; - reads stdin)")
+    x.add_argument("--model", "-m", default=None, help="model .bin (default: the bundled model)")
+    x.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
+    x.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
+                   help="window in tokens (default: the model's seq_len)")
+    x.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="tokens each window moves on (default: half the window)")
+    x.add_argument("--threads", type=int, default=None, metavar="N", help="threads (default: all cores)")
+    x.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
+    x.set_defaults(func=cmd_perplexity)
 
     r = sub.add_parser("run", help="llama2.c's `run` flags: run MODEL [-t -p -s -n -i -z -m -y]",
                        add_help=False)
@@ -169,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     # the tools with their own command lines (they import torch etc. only when used)
+    from .export.cli import VERSIONS
+
     passthrough = [
-        ("train", "train a model (llama2.c's --key=value knobs; torchrun for DDP/FSDP)", _run_train),
-        ("export", "convert models: .bin v0-4, checkpoints, Meta, Hugging Face, GGUF", _run_export),
+        ("train", "train a model (llama2.c's train.py knobs as --key=value; torchrun for DDP/FSDP)",
+         _run_train),
+        ("export", f"convert models to --version {{{','.join(VERSIONS)}}}: .bin 0-4, a Hugging Face "
+                   "folder or GGUF, from .bin, ckpt.pt, Meta or Hugging Face (see below)", _run_export),
         ("tokenizer", "train a SentencePiece tokenizer or export one to tokenizer.bin", _run_tokenizer),
         ("data", "prepare token shards; the TinyStories pipeline", _run_data),
         ("bench", "decode and prefill tokens/s, against llama.cpp when installed", _run_bench),

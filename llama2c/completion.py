@@ -56,8 +56,8 @@ def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int | None, truncate: str
         return ids
     if truncate is None:
         raise ContextLengthError(
-            f"the prompt is {len(ids)} tokens and the context holds {n_ctx}: at most {n_ctx - 1} leave room "
-            f"for a new token (pass truncate='left' to keep the end of the prompt, or a larger n_ctx)")
+            f"the prompt's {len(ids)} tokens do not fit the context of {n_ctx} with room for a new token "
+            f"(at most {n_ctx - 1}): pass truncate='left' to keep the end of the prompt, or a larger n_ctx")
     room = min(max_tokens if max_tokens and max_tokens > 0 else n_ctx // 2, n_ctx // 2)
     keep = max(n_ctx - max(room, 1), 1)
     head = [BOS] if ids and ids[0] == BOS else []

@@ -18,7 +18,7 @@ import numpy as np
 from . import _ffi
 from ._ffi import ffi, lib
 from . import openai_api
-from .chat import ChatSession, render_chat
+from .chat import ChatSession
 from .completion import Completer
 from .context import Context
 from .model_args import ArgsView, ModelArgs
@@ -278,26 +278,30 @@ class Llama:
                 "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(data)],
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
-    # ---- chat (Llama 2 chat template) ----
-    def chat_session(self, system: str | None = None) -> "ChatSession":
+    # ---- chat ----
+    def chat_session(self, system: str | None = None, template=None) -> "ChatSession":
         """A multi-turn conversation with a KV cache (a context) of its own,
-        kept between turns."""
-        return ChatSession(self, system)
+        kept between turns; template: a chat template (default this Llama's)."""
+        return ChatSession(self, system, template)
 
-    def chat(self, messages: str | list[dict], *, steps: int | None = None, system: str | None = None,
-             sampling: SamplingParams | None = None, **settings) -> str:
+    def chat(self, messages: str | list[dict], *, steps: int | None = None, max_tokens: int | None = None,
+             system: str | None = None, template=None, stop=None, sampling: SamplingParams | None = None,
+             **settings) -> str:
         """The assistant's reply to a conversation: a str (one user message) or
-        a list of {"role": "system"|"user"|"assistant", "content": str}.
-        Sampling as in Session.generate."""
+        a list of {"role": "system"|"user"|"assistant", "content": str} ending
+        with the user's. Earlier assistant turns are replayed as the template
+        renders them. Sampling as in Session.generate (llama2.c's defaults)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        messages = list(messages)
         if system is not None:
-            messages = [{"role": "system", "content": system}] + list(messages)
-        turns = render_chat(list(messages))
-        session = ChatSession(self, None)
-        for user, reply in turns[:-1]:
-            session._feed_history(user, reply)
-        return session.send(turns[-1][0], steps=steps, sampling=sampling, **settings)
+            messages = [{"role": "system", "content": system}] + messages
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+            raise InvalidArgumentError("the conversation must end with a user message")
+        session = ChatSession(self, None, template)
+        session.add_history(messages[:-1])
+        return session.send(messages[-1].get("content"), steps=steps, max_tokens=max_tokens, stop=stop,
+                            sampling=sampling, **settings)
 
 
 def generate(model_path: str | os.PathLike | None, prompt: str = "", *,

@@ -14,15 +14,19 @@ from typing import Iterator
 from . import _ffi
 from ._ffi import ffi, lib
 from .context import Context
-from .errors import InvalidArgumentError, new_error, raise_for
+from .errors import ContextLengthError, InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
 from .validate import check_int
 
 
-def _bytes(text: str) -> bytes:
+def _text(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"expected a str, got {type(text).__name__}")
-    return text.encode("utf-8")
+    return text
+
+
+def _bytes(text: str) -> bytes:
+    return _text(text).encode("utf-8")
 
 
 def step_texts(session) -> Iterator[str]:
@@ -50,6 +54,20 @@ class Session(Context):
         super().__init__(llama._ptr, llama.n_ctx if n_ctx is None else n_ctx, llama.config.vocab_size, owner=llama)
         self.llama = llama
 
+    def _steps(self, prompt: str, steps: int, max_tokens: int | None) -> int:
+        """run's step count for these settings: steps as given (positions,
+        prompt included, 0 = n_ctx) or, with max_tokens, enough for that many
+        new tokens. A prompt longer than the context is a ContextLengthError."""
+        n = len(self.llama.tokenize(_text(prompt)))
+        if n > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt is {n} tokens and the context holds {self.n_ctx} (create_completion(..., "
+                f"truncate='left') keeps the end of a long prompt)")
+        if max_tokens is None:
+            return check_int("steps", steps, 0)
+        max_tokens = check_int("max_tokens", max_tokens, 1)
+        return min(n - 1 + max_tokens, self.n_ctx)  # run prints a new token at position n - 1 on
+
     def _session(self, prompt: str, steps: int, sampling: SamplingParams, stop, stop_at_eos: bool):
         steps = check_int("steps", steps, 0)
         tok = self.llama.tokenizer
@@ -72,15 +90,20 @@ class Session(Context):
         # the C session borrows the sampler and this context: both outlive it
         return session, sampler
 
-    def generate(self, prompt: str = "", *, steps: int = 256, stop: str | list[str] | None = None,
-                 stop_at_eos: bool = False, sampling: SamplingParams | None = None, **settings) -> str:
+    def generate(self, prompt: str = "", *, steps: int = 256, max_tokens: int | None = None,
+                 stop: str | list[str] | None = None, stop_at_eos: bool = False,
+                 sampling: SamplingParams | None = None, **settings) -> str:
         """The text `run` prints for these settings (prompt included), without
-        its final newline. steps=0 means n_ctx. Sampling: `sampling` and/or
+        its final newline. steps: positions, prompt included, as run's -n
+        (0 means n_ctx); or max_tokens: the number of new tokens (at most
+        what fits the context). A prompt longer than the context is a
+        ContextLengthError. Sampling: `sampling` and/or
         SamplingParams fields as keywords (temperature, topp, seed, top_k,
         min_p, repetition_penalty, repetition_window). top_k, min_p, the
         repetition penalty, stop strings and stop_at_eos are extensions, off
         by default so outputs stay comparable with llama2.c."""
         sampling = SamplingParams.of(sampling, **settings)
+        steps = self._steps(prompt, steps, max_tokens)
         self._enter()
         try:
             session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)
@@ -95,10 +118,12 @@ class Session(Context):
         finally:
             self._exit()
 
-    def stream(self, prompt: str = "", *, steps: int = 256, stop: str | list[str] | None = None,
-               stop_at_eos: bool = False, sampling: SamplingParams | None = None, **settings) -> Iterator[str]:
+    def stream(self, prompt: str = "", *, steps: int = 256, max_tokens: int | None = None,
+               stop: str | list[str] | None = None, stop_at_eos: bool = False,
+               sampling: SamplingParams | None = None, **settings) -> Iterator[str]:
         """Yields the same text as generate(), piece by piece as it is made."""
         sampling = SamplingParams.of(sampling, **settings)
+        steps = self._steps(prompt, steps, max_tokens)
         self._enter()
         try:
             session, _sampler = self._session(prompt, steps, sampling, stop, stop_at_eos)

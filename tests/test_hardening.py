@@ -558,7 +558,7 @@ def test_logit_bias_in_the_c_sampler(make_model):
     proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "-n", "4", "-t", "0",
                        "--logit-bias", "x=1")
     assert proc.returncode == 1 and "--logit-bias" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "-n", "8", "-t", "0",
+    proc = llama2c_cli("generate", "Once", "--model", m.path, "--tokenizer", m.tokenizer, "--steps", "8", "-t", "0",
                        "--logit-bias", f"{word}=100")
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == forced, proc.stderr
 

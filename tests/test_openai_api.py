@@ -195,7 +195,7 @@ def test_prompt_that_does_not_fit_raises_and_truncates_on_request(model):
     with pytest.raises(ContextLengthError) as info:
         llm(long, max_tokens=4)
     assert isinstance(info.value, ValueError)
-    assert str(n) in str(info.value) and "24" in str(info.value)
+    assert f"{n} tokens" in str(info.value) and "context of 24" in str(info.value)
     r = llm(long, max_tokens=4, temperature=0.0, truncate="left")
     assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 24
     assert r["usage"]["prompt_tokens"] <= 24 - 4
@@ -319,3 +319,48 @@ def test_create_embedding_shape_and_errors(llm, model):
     with pytest.raises(ContextLengthError):
         short.embed("hello there " * 10, truncate=False)
     assert len(short.embed("hello there " * 10)) == LONG.dim
+
+
+# ---- the command line ----
+
+def cli(*args, stdin=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llama2c", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_generate_n_counts_new_tokens_and_steps_counts_positions(model, llm):
+    base = ["generate", "hello there", "--model", model.path, "--tokenizer", model.tokenizer, "-t", "0"]
+    new = cli(*base, "-n", "6")
+    assert new.returncode == 0, new.stderr
+    assert new.stdout.rstrip("\n") == llm.generate("hello there", max_tokens=6, temperature=0)
+    n_prompt = len(llm.tokenize("hello there"))
+    assert llm.generate("hello there", max_tokens=6, temperature=0) == \
+        llm.generate("hello there", steps=n_prompt - 1 + 6, temperature=0)
+    old = cli(*base, "--steps", "6")
+    assert old.returncode == 0 and old.stdout.rstrip("\n") == llm.generate("hello there", steps=6, temperature=0)
+    bad = cli(*base, "-n", "-1")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_generate_prompt_longer_than_the_context(model):
+    short = llama2c.Llama(model.path, tokenizer=model.tokenizer, n_ctx=8)
+    with pytest.raises(ContextLengthError):
+        short.generate("hello there " * 10, max_tokens=2)
+    proc = cli("generate", "hello there " * 10, "--model", model.path, "--tokenizer", model.tokenizer, "-c", "8")
+    assert proc.returncode == 1 and "do not fit" not in proc.stdout and proc.stderr.count("\n") == 1
+
+
+def test_perplexity_command(model, llm, tmp_path):
+    text = "hello there, this is a text to score " * 8
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    proc = cli("perplexity", path, "--model", model.path, "--tokenizer", model.tokenizer, "--ctx", "48",
+               "--stride", "16")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("perplexity:"))
+    assert float(line.split()[1]) == pytest.approx(llm.perplexity(text, window=48, stride=16), rel=1e-4)
+    missing = cli("perplexity", tmp_path / "nope.txt", "--model", model.path)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1

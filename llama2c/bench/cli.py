@@ -5,7 +5,6 @@ thread count (bench/measure.py), and prints or writes the report
 what it measured."""
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -13,6 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..cliargs import Parser
 from .machine import cpu_info, git_commit, loadavg
 from .measure import BIG_MODEL_PARAMS, measure
 from .reference import llama_cpp_status
@@ -28,36 +28,40 @@ def _csv(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of `llama2c bench` (and `python -m llama2c.bench`)."""
-    p = argparse.ArgumentParser(prog="llama2c bench",
-                                description="Decode and prompt-processing tokens/s, ours vs llama.cpp.")
+def build_parser() -> Parser:
+    """The flags of `llama2c bench` (and `python -m llama2c.bench`); underscore
+    spellings (--decode_tokens) parse as hidden aliases."""
+    p = Parser(prog="llama2c bench", description="Decode and prompt-processing tokens/s, ours vs llama.cpp.")
     p.add_argument("models", nargs="*", help="model .bin files (fp32 versions 0/1/3, int8 version 2, bf16 version 4)")
-    p.add_argument("--shape", type=_csv(str), default=[], action="extend",
+    p.add_argument("--shape", type=_csv(str), default=[], action="extend", metavar="NAMES",
                    help=f"random-weight models of these shapes: {', '.join(SHAPES)} (comma list)")
-    p.add_argument("--quant", type=_csv(str), default=None,
+    p.add_argument("--quant", type=_csv(str), default=None, metavar="TYPES",
                    help="weight types for --shape: fp32,int8,bf16 (default all three)")
-    p.add_argument("--threads", type=_csv(int), default=[1, 2], help="thread counts (default 1,2)")
+    p.add_argument("--threads", type=_csv(int), default=[1, 2], metavar="LIST",
+                   help="thread counts (default 1,2)")
     p.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin for the model files "
                    "(default: beside each model)")
-    p.add_argument("--decode-tokens", "-n", type=int, default=128, help="tokens decoded after BOS (default 128)")
-    p.add_argument("--big-decode-tokens", type=int, default=None,
+    p.add_argument("--decode-tokens", "-n", type=int, default=128, metavar="N",
+                   help="tokens decoded after BOS (default 128)")
+    p.add_argument("--big-decode-tokens", type=int, default=None, metavar="N",
                    help=f"tokens decoded for models over {BIG_MODEL_PARAMS // 10**6}M parameters "
                         "(default: --decode-tokens)")
-    p.add_argument("--prompt-tokens", "-P", type=int, default=128, help="prompt length for prefill (default 128)")
-    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    p.add_argument("--prompt-tokens", "-P", type=int, default=128, metavar="N",
+                   help="prompt length for prefill (default 128)")
+    p.add_argument("--reps", type=int, default=5, metavar="N", help="interleaved repetitions (default 5)")
     p.add_argument("--no-prefill", action="store_true", help="measure decode only")
     p.add_argument("--no-reference", action="store_true", help="do not run llama.cpp")
     p.add_argument("--ref-type", choices=("f32", "f16", "q8_0"), default=None,
                    help="GGUF type for llama.cpp (default: f32 for fp32 files, q8_0 for int8, f16 for bf16)")
     p.add_argument("--engine", choices=("python", "run"), default="python",
                    help="our decode through the library (default) or the ./run program")
-    p.add_argument("--run-bin", default=os.fspath(Path(__file__).resolve().parents[2] / "run"),
+    p.add_argument("--run-bin", metavar="PATH",
+                   default=os.fspath(Path(__file__).resolve().parents[2] / "run"),
                    help="the run program for --engine run")
-    p.add_argument("--cache-dir", default=os.fspath(default_cache_dir()),
+    p.add_argument("--cache-dir", metavar="DIR", default=os.fspath(default_cache_dir()),
                    help="where random-weight models and GGUF copies are kept")
     p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
-    p.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON to this file")
     p.add_argument("--update-doc", default=None, metavar="FILE",
                    help=f"rewrite the table between {DOC_BEGIN} and {DOC_END} in FILE")
     p.add_argument("--merge", default=None, metavar="JSON",
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"date": _dt.date.today().isoformat(), "cpu": cpu_info(), "llama2c": __version__,
             "commit": git_commit(), "llama_cpp_ok": ref_ok, "llama_cpp": ref_info, "reps": args.reps,
-            "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "engine": args.engine}
+            "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "engine": args.engine,
+            "no_reference": args.no_reference, "no_prefill": args.no_prefill}
     meta["load_before"] = loadavg()
     command = os.environ.get("LLAMA2C_BENCH_COMMAND") or \
         "llama2c bench " + " ".join(argv if argv is not None else sys.argv[1:])

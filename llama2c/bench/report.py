@@ -1,7 +1,8 @@
-"""Reporting a benchmark run: the Markdown table (`markdown`), the line that
-describes the machine (`machine_line`) and rewriting the table between the
-`<!-- bench:begin -->` and `<!-- bench:end -->` markers of a document
-(`update_doc`, e.g. docs/BENCHMARKS.md)."""
+"""Reporting a benchmark run: the Markdown table (`markdown`) with, under it,
+why any cell reads n/a (`na_reasons`), the line that describes the machine
+(`machine_line`) and rewriting the table between the `<!-- bench:begin -->`
+and `<!-- bench:end -->` markers of a document (`update_doc`, e.g.
+docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
             f"{fmt(s['ours_decode'])} | {fmt(s['ref_decode'])} | "
             f"{fmt_ratio(s['ratio_decode'])} | {fmt(s['ours_prefill'])} | {fmt(s['ref_prefill'])} | "
             f"{fmt_ratio(s['ratio_prefill'])} | {'?' if r.load is None else f'{r.load:.1f}'} |")
-    notes = [f"- {r.model} {r.weights} {r.threads}t: {r.note}" for r in rows if r.note]
+    explained = {id(r) for r in rows if _ref_failure(r)}
+    notes = [f"- {_label(r)}: {r.note}" for r in rows if r.note and id(r) not in explained]
     first = rows[0] if rows else None
     foot = [
         "",
@@ -52,9 +54,61 @@ def markdown(rows: list[Row], meta: dict) -> str:
         + f" Medians of {meta['reps']} interleaved pairs; ratio = ours / llama.cpp. "
         "load: the 1-minute load average when the row finished (this benchmark's own threads included).",
     ]
-    if not meta.get("llama_cpp_ok"):
-        foot.append(f"llama.cpp columns: n/a: {meta.get('llama_cpp')}")
+    why = na_reasons(rows, meta)
+    if why:
+        foot += ["", "Why n/a:"] + [f"- {line}" for line in why]
     return "\n".join(lines + foot + ([""] + notes if notes else [])) + "\n"
+
+
+def _label(r: Row) -> str:
+    return f"{r.model} {r.weights} {r.threads}t"
+
+
+def _ref_failure(r: Row) -> str:
+    """What went wrong when llama.cpp could not run this row's model ("" if nothing did)."""
+    prefix = "llama.cpp: "
+    return r.note[len(prefix):] if r.note.startswith(prefix) and not r.ref_decode and not r.ref_prefill else ""
+
+
+def reference_missing(meta: dict) -> str:
+    """Why the run had no llama.cpp at all, in words (meta: the run's meta)."""
+    info = str(meta.get("llama_cpp") or "")
+    if meta.get("no_reference") or info.startswith("disabled"):
+        return "not run (--no-reference)"
+    if "No module named" in info:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python; docs/BENCHMARKS.md)"
+    return f"llama-cpp-python does not load here ({info or 'unknown reason'})"
+
+
+def na_reasons(rows: list[Row], meta: dict) -> list[str]:
+    """One line per reason some cells of the table read n/a (none: [])."""
+    out: list[str] = []
+    summaries = [(r, r.summary()) for r in rows]
+    no_ref = [r for r, s in summaries if s["ref_decode"] is None and s["ref_prefill"] is None]
+    failed = [r for r in no_ref if _ref_failure(r)]
+    rest = [r for r in no_ref if not _ref_failure(r)]
+    if rest:
+        if not meta.get("llama_cpp_ok"):
+            why = reference_missing(meta)
+        else:
+            why = "not measured in the earlier run these rows were merged from (--merge)"
+        scope = "" if len(rest) == len(rows) else " of " + ", ".join(_label(r) for r in rest)
+        out.append(f"llama.cpp columns{scope}: {why}.")
+    for r in failed:
+        out.append(f"llama.cpp columns of {_label(r)}: llama.cpp could not run this model ({_ref_failure(r)}).")
+    no_prefill = [r for r, s in summaries if s["ours_prefill"] is None]
+    if no_prefill:
+        if meta.get("no_prefill") or len(no_prefill) == len(rows):
+            out.append("prefill columns: not measured (--no-prefill).")
+        else:
+            out.append("prefill columns of " + ", ".join(_label(r) for r in no_prefill) + ": not measured.")
+    no_decode = [r for r, s in summaries if s["ours_decode"] is None]
+    if no_decode:
+        out.append("decode ours of " + ", ".join(_label(r) for r in no_decode) + ": no token was timed "
+                   "(the model produced BOS right away, where `run`'s generation loop stops).")
+    if out:
+        out.append("ratio columns: n/a wherever either engine's figure is.")
+    return out
 
 
 def machine_line(meta: dict) -> str:

@@ -9,14 +9,17 @@ or `python -m llama2c.data ...`):
   data tinystories pretokenize [--vocab-size N] [--tokenizer tok.model] [--data-dir data]
 
 An existing tokenizer file is replaced only with --force; `data prepare` builds the
-new shards beside DIR and swaps them in only when they are complete.
+new shards beside DIR and swaps them in only when they are complete. Flags are
+kebab-case; underscores (--vocab_size) and `data prepare -t` (now -z, as
+everywhere else) still work, hidden (llama2c/cliargs.py, docs/CLI.md).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from ..cliargs import Parser
 
 
 def _export_tokenizer():
@@ -86,8 +89,8 @@ def cmd_ts_pretokenize(a) -> int:
     return 0
 
 
-def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Tokenizer and data tools.")
+def build_parser(prog: str = "llama2c") -> Parser:
+    p = Parser(prog=prog, description="Tokenizer and data tools.")
     top = p.add_subparsers(dest="group", metavar="{tokenizer,data}")
     top.required = True
 
@@ -96,10 +99,11 @@ def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
     tsub.required = True
     t = tsub.add_parser("train", help="train a BPE tokenizer with llama2.c's settings")
     t.add_argument("inputs", nargs="+", metavar="INPUT", help="text, .json or .jsonl files (or directories)")
-    t.add_argument("--vocab-size", "--vocab_size", type=int, required=True, help="number of pieces")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="number of pieces")
     t.add_argument("-o", "--output", required=True, help="output model, e.g. tok512.model")
-    t.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")
-    t.add_argument("--max-sentences", type=int, default=10_000_000,
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="trainer threads (default: all cores)")
+    t.add_argument("--max-sentences", type=int, default=10_000_000, metavar="N",
                    help="sample at most this many lines (default 10M)")
     t.add_argument("--remove-extra-whitespaces", action="store_true",
                    help="collapse runs of spaces (SentencePiece's default, which llama2.c's "
@@ -118,12 +122,14 @@ def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
     dsub.required = True
     d = dsub.add_parser("prepare", help="stories -> uint16 token shards with a train/val split")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="text, .json or .jsonl files (or directories)")
-    d.add_argument("--tokenizer", "-t", required=True, help="SentencePiece .model")
+    d.add_argument("--tokenizer", "-z", required=True, help="SentencePiece .model")
+    d.alias("-z", "-t")  # its old short flag (-t is the temperature in generate and chat)
     d.add_argument("-o", "--output", required=True, help="output directory")
-    d.add_argument("--val-fraction", "--val_fraction", type=float, default=0.05,
+    d.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                    help="fraction of stories for validation (default 0.05)")
-    d.add_argument("--workers", "-j", type=int, default=None, help="processes (default: all cores)")
-    d.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
+    d.add_argument("--workers", "-j", type=int, default=None, metavar="N",
+                   help="processes (default: all cores)")
+    d.add_argument("--shard-tokens", type=int, default=1 << 27, metavar="N", help="tokens per shard file")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_prepare)
 
@@ -132,7 +138,7 @@ def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
     tssub.required = True
 
     def common(sp):
-        sp.add_argument("--data-dir", "--data_dir", default="data", help="working directory (default data)")
+        sp.add_argument("--data-dir", default="data", metavar="DIR", help="working directory (default data)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     from .tinystories import DEFAULT_HF_URL
@@ -143,19 +149,22 @@ def build_parser(prog: str = "llama2c") -> argparse.ArgumentParser:
     s1.set_defaults(func=cmd_ts_download)
     s2 = tssub.add_parser("train_vocab", help="train data_dir/tok{N}.model")
     common(s2)
-    s2.add_argument("--vocab-size", "--vocab_size", type=int, required=True)
-    s2.add_argument("--num-shards", "--num_shards", type=int, default=10,
+    s2.add_argument("--vocab-size", type=int, required=True, metavar="N", help="number of pieces")
+    s2.add_argument("--num-shards", type=int, default=10, metavar="N",
                     help="shards to train on (default 10)")
-    s2.add_argument("--threads", type=int, default=None)
+    s2.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="trainer threads (default: all cores)")
     s2.set_defaults(func=cmd_ts_train_vocab)
     s3 = tssub.add_parser("pretokenize", help="tokenize all shards into data_dir/tok{N}")
     common(s3)
-    s3.add_argument("--vocab-size", "--vocab_size", type=int, default=0,
+    s3.add_argument("--vocab-size", type=int, default=0, metavar="N",
                     help="use data_dir/tok{N}.model (0: give --tokenizer)")
-    s3.add_argument("--tokenizer", default=None, help="SentencePiece .model to use instead")
+    s3.add_argument("--tokenizer", "-z", default=None, help="SentencePiece .model to use instead")
     s3.add_argument("-o", "--output", default=None, help="output directory (default data_dir/tok{N})")
-    s3.add_argument("--workers", "-j", type=int, default=None)
-    s3.add_argument("--val-fraction", "--val_fraction", type=float, default=0.05)
+    s3.add_argument("--workers", "-j", type=int, default=None, metavar="N",
+                    help="processes (default: all cores)")
+    s3.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                    help="fraction of stories for validation (default 0.05)")
     s3.set_defaults(func=cmd_ts_pretokenize)
     return p
 

@@ -8,23 +8,32 @@ An existing OUT (or, for hf, a file the export would write into the folder) is
 replaced only with --force. Errors print one line on stderr and return 1 (no traceback)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-VERSIONS = ["0", "1", "2", "3", "4", "hf", "gguf"]
+from ..cliargs import Parser
+
+# what --version accepts (also listed by `llama2c --help`)
+VERSION_HELP = {
+    "0": "legacy llama2.c .bin (fp32)",
+    "1": ".bin, fp32",
+    "2": ".bin, int8 Q8_0 (--group-size)",
+    "3": ".bin, fp32 + rope_theta/norm_eps",
+    "4": ".bin, bf16 + rope_theta/norm_eps",
+    "hf": "Hugging Face folder (LlamaForCausalLM)",
+    "gguf": "llama.cpp's GGUF, from --bin (--gguf-type f32|f16|q8_0)",
+}
+VERSIONS = list(VERSION_HELP)
 GGUF_TYPES = ("f32", "f16", "q8_0")  # export.gguf.FTYPES (not imported here: keeps --help light)
 
 
-def build_parser(prog: str = "llama2c export") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(prog: str = "llama2c export") -> Parser:
+    p = Parser(
         prog=prog, description="Convert a model to a llama2c .bin file (versions 0-4), a "
         "Hugging Face folder or a GGUF file (llama.cpp).")
     p.add_argument("out", metavar="OUT", help="output .bin file (folder for --version hf, .gguf file "
                    "for --version gguf)")
     p.add_argument("--version", required=True, choices=VERSIONS,
-                   help="0: legacy llama2.c, 1: fp32, 2: int8 Q8_0, 3: fp32 + rope_theta/norm_eps, "
-                        "4: bf16 (16-bit) + rope_theta/norm_eps, "
-                        "hf: Hugging Face folder, gguf: llama.cpp's GGUF (from --bin)")
+                   help="; ".join(f"{v}: {text}" for v, text in VERSION_HELP.items()))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", help="PyTorch training checkpoint (ckpt.pt)")
     src.add_argument("--meta-llama", metavar="DIR", help="Meta Llama 2 folder (params.json, consolidated.*.pth)")

@@ -1,12 +1,15 @@
 """Training settings: llama2.c's train.py knobs, set on the command line as
-``--key=value`` (``--key value``, ``--key`` alone for true, and dashes for
-underscores also work)."""
+``--key=value`` (``--key value`` and ``--key`` alone for true also work).
+Keys are kebab-case (``--max-seq-len``) like every llama2c flag; llama2.c's
+underscore spelling (``--max_seq_len``) is the same knob. Messages name a knob
+the way the command line spelled its knobs (underscores for the Python API,
+whose fields are the underscore names)."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 
 def _k(default, section: str, help: str):
@@ -66,6 +69,16 @@ class TrainConfig:
     export_version: int = _k(0, "system", "model.bin version at the end: 1, 3, or 0 = auto (1 unless "
                                           "rope_theta/norm_eps need 3); -1: no export")
 
+    # how messages spell knobs: --max-seq-len (True) or llama2.c's --max_seq_len
+    # (set by parse_args from the command line; not a knob, not in to_dict)
+    dashes: ClassVar[bool] = False
+
+    def flag(self, name: str, value=None) -> str:
+        """The command-line spelling of knob ``name`` (``--init-from``, or
+        ``--init_from`` unless the command line used dashes), with ``=value``."""
+        key = name.replace("_", "-") if self.dashes else name
+        return f"--{key}" if value is None else f"--{key}={value}"
+
     def resolved_lr_decay_iters(self) -> int:
         return self.lr_decay_iters if self.lr_decay_iters > 0 else self.max_iters
 
@@ -83,7 +96,9 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
 
-def _convert(name: str, text: str):
+def _convert(name: str, text: str, key: Optional[str] = None):
+    """text as knob ``name``'s type (``key``: the name as typed, for messages)."""
+    key = key or name
     f = KNOBS[name]
     kind = type(f.default)
     if kind is bool:
@@ -92,7 +107,7 @@ def _convert(name: str, text: str):
             return True
         if low in _FALSE:
             return False
-        raise UsageError(f"--{name}: expected true or false, got {text!r}")
+        raise UsageError(f"--{key}: expected true or false, got {text!r}")
     if kind is int:
         try:
             return int(text)
@@ -100,16 +115,21 @@ def _convert(name: str, text: str):
             try:
                 value = float(text)
             except ValueError:
-                raise UsageError(f"--{name}: expected an integer, got {text!r}") from None
+                raise UsageError(f"--{key}: expected an integer, got {text!r}") from None
             if not value.is_integer():
-                raise UsageError(f"--{name}: expected an integer, got {text!r}")
+                raise UsageError(f"--{key}: expected an integer, got {text!r}")
             return int(value)
     if kind is float:
         try:
             return float(text)
         except ValueError:
-            raise UsageError(f"--{name}: expected a number, got {text!r}") from None
+            raise UsageError(f"--{key}: expected a number, got {text!r}") from None
     return text
+
+
+def kebab(name: str) -> str:
+    """A knob's flag: max_seq_len -> --max-seq-len."""
+    return "--" + name.replace("_", "-")
 
 
 def usage(prog: str = "llama2c train") -> str:
@@ -117,18 +137,22 @@ def usage(prog: str = "llama2c train") -> str:
              "Train a Llama 2 model on `llama2c data prepare` output; under torchrun, one "
              "process per device (DDP, or FSDP2 with --fsdp).", ""]
     section = None
-    heads = {name: f"--{name}={f.default}" for name, f in KNOBS.items()}
+    heads = {name: f"{kebab(name)}={f.default}" for name, f in KNOBS.items()}
     width = max(len(h) for h in heads.values()) + 2
     for name, f in KNOBS.items():
         if f.metadata["section"] != section:
             section = f.metadata["section"]
             lines.append(f"{section}:")
         lines.append(f"  {heads[name]:<{width}}{f.metadata['help']}")
-    lines += ["", "Examples:",
-              "  llama2c train --data=data/tok512 --dim=64 --n_layers=4 --n_heads=4 --batch_size=32 \\",
-              "      --max_seq_len=128 --max_iters=2000 --eval_interval=200 --warmup_iters=100",
+    lines += ["", "--key value and --key (for true) work too. llama2.c's underscore spellings are the",
+              "same knobs: --gradient_accumulation_steps=4 is --gradient-accumulation-steps=4.",
+              "At the end, out_dir gets model.bin and, when the data directory has its tokenizer",
+              "(`llama2c data prepare` copies it there), tokenizer.bin beside it.",
+              "", "Examples:",
+              "  llama2c train --data=data/tok512 --dim=64 --n-layers=4 --n-heads=4 --batch-size=32 \\",
+              "      --max-seq-len=128 --max-iters=2000 --eval-interval=200 --warmup-iters=100",
               "  torchrun --nproc_per_node=2 -m llama2c.train --data=data/tok512 ...",
-              "  llama2c train --init_from=resume --out_dir=out --max_iters=4000"]
+              "  llama2c train --init-from=resume --out-dir=out --max-iters=4000"]
     return "\n".join(lines)
 
 
@@ -140,6 +164,9 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
     """Parse ``--key=value`` style arguments over the defaults (or ``base``)."""
     values = dataclasses.asdict(base) if base is not None else {}
     args: List[str] = list(argv)
+    keys = [a[2:].partition("=")[0] for a in args if a.startswith("--")]
+    # messages follow the command line's spelling; dashes unless it used only underscores
+    dashes = any("-" in k for k in keys) or not any("_" in k for k in keys)
     i = 0
     while i < len(args):
         arg = args[i]
@@ -152,7 +179,8 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
         name = key.replace("-", "_")
         if name not in KNOBS:
             close = difflib.get_close_matches(name, list(KNOBS), n=3)
-            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            spell = (lambda c: "--" + c) if "_" in key else kebab     # as the user spelled it
+            hint = f" (did you mean {', '.join(spell(c) for c in close)}?)" if close else ""
             raise UsageError(f"unknown option --{key}{hint}")
         if not eq:
             if isinstance(KNOBS[name].default, bool):
@@ -167,33 +195,36 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
                     raise UsageError(f"--{key} needs a value")
                 value = args[i]
                 i += 1
-        values[name] = _convert(name, value)
+        values[name] = _convert(name, value, key)
     cfg = TrainConfig(**values)
+    cfg.dashes = dashes
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
+    f = cfg.flag
     if not cfg.data and cfg.init_from != "resume":
         raise UsageError("--data DIR is required (the output of `llama2c data prepare`)")
     if cfg.init_from not in ("scratch", "resume"):
-        raise UsageError(f"--init_from must be scratch or resume, got {cfg.init_from!r}")
+        raise UsageError(f"{f('init_from')} must be scratch or resume, got {cfg.init_from!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     for name in ("batch_size", "max_seq_len", "dim", "n_layers", "n_heads", "gradient_accumulation_steps",
                  "eval_interval", "log_interval", "eval_iters", "multiple_of"):
         if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0 or cfg.vocab_size < 0 or cfg.n_kv_heads < 0:
-        raise UsageError("max_iters, warmup_iters, vocab_size and n_kv_heads cannot be negative")
+            raise UsageError(f"{f(name)} must be at least 1")
+    for name in ("max_iters", "warmup_iters", "vocab_size", "n_kv_heads"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{f(name)} cannot be negative")
     if cfg.dim % cfg.n_heads:
-        raise UsageError(f"--dim={cfg.dim} is not a multiple of --n_heads={cfg.n_heads}")
+        raise UsageError(f"{f('dim', cfg.dim)} is not a multiple of {f('n_heads', cfg.n_heads)}")
     if (cfg.dim // cfg.n_heads) % 2:
         raise UsageError(f"head size dim/n_heads = {cfg.dim // cfg.n_heads} must be even for RoPE")
     kv = cfg.n_kv_heads or cfg.n_heads
     if cfg.n_heads % kv:
-        raise UsageError(f"--n_heads={cfg.n_heads} is not a multiple of --n_kv_heads={kv}")
+        raise UsageError(f"{f('n_heads', cfg.n_heads)} is not a multiple of {f('n_kv_heads', kv)}")
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
     if cfg.export_version not in (-1, 0, 1, 3):
-        raise UsageError("--export_version must be 1, 3, 0 (auto) or -1 (none)")
+        raise UsageError(f"{f('export_version')} must be 1, 3, 0 (auto) or -1 (none)")

@@ -35,7 +35,7 @@ class WindowSampler:
             raise NotEnoughData(
                 f"the {split} split has {tokens:,} tokens: too few for one window of "
                 f"max_seq_len+1 = {self.seq_len + 1} tokens per process ({self.world_size} "
-                f"process(es)); prepare more text or lower --max_seq_len")
+                f"process(es)); prepare more text or lower --max-seq-len")
         global_ids = self.rank + self.world_size * np.arange(per_rank, dtype=np.int64)
         ends = np.cumsum(counts)
         shard_of = np.searchsorted(ends, global_ids, side="right")

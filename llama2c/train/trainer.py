@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import json
 import math
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -161,6 +163,54 @@ def export_model_bin(state_dict: Dict[str, torch.Tensor], model_args: Dict[str, 
     return write_bin(src, path, version=version, warn=warn, force=True)
 
 
+def write_tokenizer_bin(data_dir: Path, meta: Dict[str, Any], out_dir: Path, vocab_size: int,
+                        overwrite: bool, log: Callable[[str], None]) -> Optional[Path]:
+    """out_dir/tokenizer.bin from the tokenizer the data directory knows (the
+    copy of tokenizer.model that `llama2c data prepare` keeps beside the shards,
+    named in meta.json; else the file it was made from), so that `llama2c
+    generate --model out_dir/model.bin` finds it. Written atomically. An
+    existing tokenizer.bin is kept when it is the same file; a different one is
+    replaced only with ``overwrite`` (--overwrite), else kept with a warning.
+    Returns the path when out_dir holds the data's tokenizer.bin, else None
+    (after a note saying why)."""
+    from llama2c.outputs import commit
+
+    target = Path(out_dir) / "tokenizer.bin"
+    names = [meta.get("tokenizer"), meta.get("tokenizer_source")]
+    src = next((Path(data_dir) / n for n in names if n and (Path(data_dir) / n).is_file()), None)
+    if src is None:
+        log(f"note: no tokenizer.bin written: {data_dir} has no tokenizer.model (write one with "
+            "`llama2c tokenizer export`)")
+        return None
+    try:
+        from llama2c.export.tokenizer_bin import export_tokenizer, tokenizer_pieces
+
+        n = len(tokenizer_pieces(src)[0])
+        if n != vocab_size:
+            log(f"note: no tokenizer.bin written: the model's vocab_size {vocab_size} is not the "
+                f"{n} pieces of {src}")
+            return None
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.bin.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            export_tokenizer(src, tmp, force=True)
+            if target.exists() and filecmp.cmp(tmp, target, shallow=False):
+                return target
+            if target.exists() and not overwrite:
+                log(f"warning: kept {target}, which is not the tokenizer of {data_dir}: "
+                    "--overwrite replaces it")
+                return None
+            commit(tmp, target, overwrite)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    except (ImportError, OSError, ValueError) as e:
+        log(f"warning: no tokenizer.bin written: {e}")
+        return None
+    log(f"wrote {target} (from {src})")
+    return target
+
+
 def refuse_to_overwrite(cfg: TrainConfig) -> bool:
     """A scratch run would replace out_dir's ckpt.pt / model.bin: refuse
     (FileExistsError) unless cfg.overwrite. Returns True when an earlier run is
@@ -170,8 +220,8 @@ def refuse_to_overwrite(cfg: TrainConfig) -> bool:
     out = Path(cfg.out_dir)
     found = [out / name for name in ("ckpt.pt", "model.bin") if (out / name).exists()]
     if found and not cfg.overwrite:
-        raise FileExistsError(f"{found[0]} already exists: continue that run with --init_from=resume, "
-                              "or start over with --overwrite")
+        raise FileExistsError(f"{found[0]} already exists: continue that run with "
+                              f"{cfg.flag('init_from', 'resume')}, or start over with --overwrite")
     return bool(found)
 
 
@@ -228,7 +278,7 @@ class Trainer:
         self.data_dir = Path(cfg.data)
         from llama2c.data.shards import load_meta, load_split
 
-        meta = load_meta(self.data_dir)
+        self.meta = meta = load_meta(self.data_dir)
         data_vocab = int(meta["vocab_size"])
 
         if ckpt is not None:
@@ -507,7 +557,7 @@ class Trainer:
                 self.record({"iter": it, "loss": loss, "lr": lr, "ms": dt * 1000, "tok_s": tok_s,
                              "mfu": max(running_mfu, 0.0)})
         if local_iter == 0:
-            self.log(f"nothing to train: at iteration {self.iter_num}, --max_iters={cfg.max_iters}")
+            self.log(f"nothing to train: at iteration {self.iter_num}, {cfg.flag('max_iters', cfg.max_iters)}")
         self.evaluate_and_save(final=True)
         return self._finish(export=cfg.export_version != -1)
 
@@ -519,13 +569,16 @@ class Trainer:
     def _finish(self, export: bool) -> Dict[str, Any]:
         result = {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
                   "out_dir": str(self.out_dir), "ckpt": str(self.out_dir / "ckpt.pt"),
-                  "model_bin": None, "history": self.history}
+                  "model_bin": None, "tokenizer_bin": None, "history": self.history}
         if export and self.rt.master and self._last_state is not None:
             version = self.export_version()
             path = export_model_bin(self._last_state, self.model_args, self.out_dir / "model.bin",
                                     version, warn=lambda m: self.log(f"warning: {m}"))
             self.log(f"wrote {path} (version {version})")
             result["model_bin"] = str(path)
+            tok = write_tokenizer_bin(self.data_dir, self.meta, self.out_dir, int(self.args.vocab_size),
+                                      self.cfg.overwrite, self.log)
+            result["tokenizer_bin"] = str(tok) if tok else None
         if self.rt.distributed:
             import torch.distributed as dist
 
@@ -535,6 +588,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Train with ``cfg``; returns {iter_num, best_val_loss, ckpt, model_bin, history}
-    (history: the records also appended to out_dir/log.jsonl, rank 0 only)."""
+    """Train with ``cfg``; returns {iter_num, best_val_loss, ckpt, model_bin, tokenizer_bin,
+    history} (history: the records also appended to out_dir/log.jsonl, rank 0 only;
+    tokenizer_bin: out_dir/tokenizer.bin when the data directory had its tokenizer)."""
     return Trainer(cfg, log=log).run()
