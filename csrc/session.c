@@ -449,26 +449,28 @@ static char *render_turn(const char *system, size_t system_len, int with_system,
 }
 
 /* Conversation mode: queues [EOS of the last reply] + BOS + the rendered turn
- * [+ " reply " for an earlier turn]; refused whole when it cannot fit. */
+ * [+ " reply " for an earlier turn, encoded with the turn as one text, as
+ * transformers' Llama 2 chat template tokenizes it]; refused whole when it
+ * cannot fit. */
 static int queue_turn(llama2_session *ss, const char *system, size_t system_len, const char *user,
                       size_t user_len, const char *reply, size_t reply_len, int history, llama2_error *err) {
     size_t n;
     char *rendered = render_turn(system, system_len, ss->turns == 0 && system_len > 0, user, user_len, &n);
     if (!rendered) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    if (history) {
+        char *longer = (char *)realloc(rendered, n + reply_len + 2);
+        if (!longer) { free(rendered); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+        rendered = longer;
+        rendered[n++] = ' ';
+        if (reply_len) memcpy(rendered + n, reply, reply_len);
+        n += reply_len;
+        rendered[n++] = ' ';
+    }
     ss->n_prompt = 0;
     int rc = reserve_prompt(ss, 1, err);
     if (!rc && ss->pending_eos) ss->prompt[ss->n_prompt++] = LLAMA2_TOKEN_EOS;
     if (!rc) rc = append_prompt(ss, rendered, n, 1, err);
     free(rendered);
-    if (!rc && history) {
-        char *wrapped = (char *)malloc(reply_len + 2);
-        if (!wrapped) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
-        wrapped[0] = ' ';
-        if (reply_len) memcpy(wrapped + 1, reply, reply_len);
-        wrapped[reply_len + 1] = ' ';
-        rc = append_prompt(ss, wrapped, reply_len + 2, 0, err);
-        free(wrapped);
-    }
     if (rc) { ss->n_prompt = 0; return rc; }
     if (ss->pos + ss->n_prompt > ss->ctx->n_ctx) {
         int more = ss->n_prompt;

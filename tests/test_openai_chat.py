@@ -149,3 +149,32 @@ def test_chat_command_template_flag(model, llm):
         assert proc.stdout == f"User: Assistant: {reply}\nUser: \n"
     bad = subprocess.run(args + ["--template", "nonesuch"], input="hi\n", capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "chat template" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_c_conversation_mode_replays_turns_as_the_template(llm):
+    """The C library's own chat API (LLAMA2_MODE_CONVERSATION) feeds an
+    earlier turn with the same tokens as the Llama 2 template."""
+    from llama2c import _ffi
+    from llama2c._ffi import ffi, lib
+    from llama2c.errors import new_error, raise_for
+
+    cx = llm.create_context()
+    sampler = llama2c.SamplingParams(temperature=0.0).sampler(llm.config.vocab_size)
+    out, err = ffi.new("llama2_session **"), new_error()
+    raise_for(lib.llama2_session_new_ctx(out, cx._ptr, llm.tokenizer._ptr, sampler._ptr, _ffi.MODE_CONVERSATION,
+                                         ffi.NULL, 0, 0, err), err)
+    ss = ffi.gc(out[0], lib.llama2_session_free)
+    step = ffi.new("llama2_step *")
+    sys_, user, reply = b"be brief", b"hi", b"hello, friend"
+    raise_for(lib.llama2_session_chat_history(ss, sys_, len(sys_), user, len(user), reply, len(reply), err), err)
+    while True:
+        raise_for(lib.llama2_session_step(ss, step, err), err)
+        if step.kind != _ffi.STEP_TOKEN:
+            break
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello, friend"}, {"role": "user", "content": "x"}]
+    ids = ChatTemplate.get(None).tokenize(llm.tokenizer, conv)
+    end = ids.index(2)  # the replayed turn up to its EOS, which the session keeps for the next turn
+    assert lib.llama2_session_pos(ss) == end
+    # the cache holds exactly those tokens: the next position's logits agree bit for bit
+    assert np.array_equal(cx.forward(2, end), llm.create_context().forward_batch(ids[:end + 1], 0))
