@@ -124,7 +124,7 @@ class PrintableText:
         self.state = ffi.new("llama2_utf8_filter *")
         lib.llama2_utf8_filter_reset(self.state)
 
-    def decode(self, data: bytes, final: bool = False) -> str:
+    def decode(self, data: bytes) -> str:
         if not data:
             return ""
         out = ffi.new("char[]", len(data) + 4)
@@ -197,7 +197,7 @@ class Completer:
             prev, made = (BOS if reply else ids[-1]), 0
             while True:
                 if made >= budget:
-                    yield Step(None, stopper.flush() + decoder.decode(b"", final=True), finish_reason="length")
+                    yield Step(None, stopper.flush(), finish_reason="length")  # an unfinished UTF-8 character is dropped
                     return
                 lp = log_softmax(logits) if logprobs is not None else None
                 if counts and (presence_penalty or frequency_penalty):
@@ -208,7 +208,7 @@ class Completer:
                 sampler.accept(token)
                 made += 1
                 if token in stop_tokens:
-                    yield Step(None, stopper.flush() + decoder.decode(b"", final=True), finish_reason="stop")
+                    yield Step(None, stopper.flush(), finish_reason="stop")
                     return
                 counts[token] = counts.get(token, 0) + 1
                 raw = tok.token_bytes(prev, token)

@@ -26,7 +26,7 @@ from .errors import InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
 from .scoring import Score, embed_ids, fit_for_embedding, score_ids
 from .session import Session
-from .tokenizer import Tokenizer
+from .tokenizer import BOS, EOS, Tokenizer
 from .validate import c_path, check_int, check_threads
 
 
@@ -42,6 +42,14 @@ class ModelConfig(ArgsView):
     group_size: int
     file_size: int
     n_params: int
+
+
+class _Count(int):
+    """An int that can also be called, so that both `llm.n_ctx` (ours) and
+    `llm.n_ctx()` (llama-cpp-python's) work."""
+
+    def __call__(self) -> int:
+        return int(self)
 
 
 # llama-cpp-python's Llama() options that do not change what this engine
@@ -97,7 +105,7 @@ class Llama:
         self.config = _config_from(lib.llama2_transformer_config(self._ptr))
         if n_ctx is not None and n_ctx > self.config.seq_len:
             raise InvalidArgumentError(f"n_ctx {n_ctx} is larger than the model's seq_len {self.config.seq_len}")
-        self.n_ctx: int = n_ctx or self.config.seq_len
+        self.n_ctx: int = _Count(n_ctx or self.config.seq_len)
         if threads is not None:
             lib.llama2_transformer_set_threads(self._ptr, threads)
         self._tokenizer_path = os.fsdecode(tokenizer_raw) if tokenizer_raw is not None else None
@@ -137,8 +145,23 @@ class Llama:
         return self._tokenizer
 
     # ---- tokens ----
-    def tokenize(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, bos=bos, eos=eos)
+    def tokenize(self, text: str | bytes, bos: bool = True, eos: bool = False, *, add_bos: bool | None = None,
+                 special: bool = False) -> list[int]:
+        """Token ids of text (str, or UTF-8 bytes as llama-cpp-python takes);
+        add_bos is llama-cpp-python's name for bos."""
+        return self.tokenizer.encode(text, bos=bos if add_bos is None else add_bos, eos=eos)
+
+    def n_vocab(self) -> int:
+        return self.config.vocab_size
+
+    def n_embd(self) -> int:
+        return self.config.dim
+
+    def token_bos(self) -> int:
+        return BOS
+
+    def token_eos(self) -> int:
+        return EOS
 
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode(ids)

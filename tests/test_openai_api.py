@@ -364,3 +364,22 @@ def test_perplexity_command(model, llm, tmp_path):
     assert float(line.split()[1]) == pytest.approx(llm.perplexity(text, window=48, stride=16), rel=1e-4)
     missing = cli("perplexity", tmp_path / "nope.txt", "--model", model.path)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+
+
+def test_llama_cpp_python_helpers(llm):
+    assert llm.n_ctx() == llm.n_ctx == LONG.seq_len
+    assert llm.n_vocab() == LONG.vocab_size and llm.n_embd() == LONG.dim
+    assert (llm.token_bos(), llm.token_eos()) == (1, 2)
+    assert llm.tokenize(b"hello") == llm.tokenize("hello")
+    assert llm.tokenize("hello", add_bos=False) == llm.tokenize("hello")[1:]
+
+
+def test_no_broken_character_at_the_end(model):
+    """A completion cut by max_tokens in the middle of a multi-byte character
+    ends before it, not with a replacement character."""
+    llm = llama2c.Llama(model.path, tokenizer=model.tokenizer)
+    byte_tokens = [t for t in range(3, 259) if llm.tokenizer.piece(t) == b"<0xE2>"]
+    if not byte_tokens:
+        pytest.skip("this vocabulary has no <0xE2> byte token")
+    r = llm("hello", max_tokens=1, temperature=0.0, logit_bias={byte_tokens[0]: 100.0})
+    assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 1
