@@ -105,12 +105,21 @@ static void rope(const llama2_context *cx, float *q, float *k, int pos) {
     }
 }
 
+/* Where row b of a pass belongs: its sequence's context and its position
+ * there (one sequence: the same context, consecutive positions; the
+ * decoding of several sequences: one row each). */
 typedef struct {
-    const llama2_context *cx;
-    int layer, pos0; /* token b of the batch is at position pos0 + b */
+    llama2_context *cx;
+    int pos;
+} row_at;
+
+typedef struct {
+    const row_at *rows;
+    int layer;
     const float *q_all; /* n tokens' queries, dim apart */
     float *out;         /* n tokens' outputs, dim apart */
-    float *att;         /* scores: n_heads * n_ctx per token */
+    float *att;         /* scores: n_heads * att_stride per token */
+    size_t att_stride;
     int n;              /* tokens */
 } attention_job;
 
@@ -118,14 +127,14 @@ typedef struct {
  * 0..pos of one layer's cache, written to its slice of out. */
 static void attention_head(void *ctx, int c) {
     const attention_job *j = (const attention_job *)ctx;
-    const llama2_context *cx = j->cx;
+    const int b = c % j->n, h = c / j->n;
+    const llama2_context *cx = j->rows[b].cx;
     const llama2_transformer *t = cx->t;
     const llama2_config *cf = &t->config;
-    const int b = c % j->n, h = c / j->n;
-    const int hs = cf->head_size, kv_h = h / (cf->n_heads / cf->n_kv_heads), pos = j->pos0 + b;
+    const int hs = cf->head_size, kv_h = h / (cf->n_heads / cf->n_kv_heads), pos = j->rows[b].pos;
     const size_t kv_dim = (size_t)cf->kv_dim;
     const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
-    float *att = j->att + ((size_t)b * cf->n_heads + h) * cx->n_ctx;
+    float *att = j->att + ((size_t)b * cf->n_heads + h) * j->att_stride;
     t->kernels->attn_scores(att, q, key_head(cx, j->layer, kv_h), pos + 1, hs, sqrtf((float)hs));
     llama2_softmax(att, pos + 1);
     const float *v = cx->value_cache + (size_t)j->layer * (size_t)cx->n_ctx * kv_dim + (size_t)kv_h * hs;
@@ -136,11 +145,12 @@ static void attention_head(void *ctx, int c) {
  * cache), every (token, head) pair one item of work, the items in ranges of
  * consecutive tokens of a head spread over the pool once there is enough work
  * (many ranges: later tokens attend over more positions). */
-static void attention(const llama2_context *cx, int layer, int pos0, int n, const float *q_all, float *out,
-                      float *att, llama2_pool *pool) {
-    attention_job job = {cx, layer, pos0, q_all, out, att, n};
-    int items = n * cx->t->config.n_heads;
-    int64_t work = (int64_t)n * (pos0 + n) * cx->t->config.dim;
+static void attention(const llama2_config *c, const row_at *rows, int layer, int n, const float *q_all, float *out,
+                      float *att, size_t att_stride, llama2_pool *pool) {
+    attention_job job = {rows, layer, q_all, out, att, att_stride, n};
+    int items = n * c->n_heads;
+    int64_t work = 0;
+    for (int b = 0; b < n; b++) work += (int64_t)(rows[b].pos + 1) * c->dim;
     for_ranges(work > 16384 ? pool : NULL, attention_head, &job, items, 8 * llama2_pool_threads(pool));
 }
 
@@ -149,11 +159,12 @@ static void attention(const llama2_context *cx, int layer, int pos0, int n, cons
 /* The per-token steps between matmuls. Each token's step is independent of
  * the others', so a batch spreads them over the pool, token by token. */
 typedef struct {
-    const llama2_context *cx;
+    const row_at *rows;
     const llama2_transformer *t;
     const llama2_run_state *rs;
     llama2_activation *a;
-    int layer, pos;
+    int layer;
+    int own_values; /* values were written to rs->xb2 (rows in several caches): copy each to its cache */
 } step_job;
 
 /* (layer > 0: the previous layer's FFN residual) RMSNorm before attention */
@@ -172,9 +183,15 @@ static void step_attn_in(void *ctx, int b) {
 static void step_rope(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const llama2_config *c = &j->t->config;
+    const row_at *r = &j->rows[b];
     float *k = j->rs->k + (size_t)b * c->kv_dim;
-    rope(j->cx, j->rs->q + (size_t)b * c->dim, k, j->pos + b);
-    store_key(j->cx, j->layer, j->pos + b, k);
+    rope(r->cx, j->rs->q + (size_t)b * c->dim, k, r->pos);
+    store_key(r->cx, j->layer, r->pos, k);
+    if (j->own_values) {
+        const size_t kv_dim = (size_t)c->kv_dim;
+        float *v = r->cx->value_cache + ((size_t)j->layer * (size_t)r->cx->n_ctx + (size_t)r->pos) * kv_dim;
+        memcpy(v, j->rs->xb2 + (size_t)b * c->dim, kv_dim * sizeof(float));
+    }
 }
 
 static void step_attn_out(void *ctx, int b) {
@@ -237,17 +254,18 @@ static void step_final(void *ctx, int b) {
  * through exactly the arithmetic of a single-token pass: the batch only
  * shares the reading of the weights and spreads the per-token steps over
  * the threads. */
-static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const int *tokens, int n, int pos,
-                           const pass_outputs *out) {
+static void forward_rows(llama2_context *cx, const llama2_run_state *rs, const int *tokens, int n,
+                         const row_at *rows, int one_sequence, const pass_outputs *out) {
     const llama2_transformer *t = cx->t;
     const llama2_config *c = &t->config;
     const int dim = c->dim, hidden = c->hidden_dim, kv_dim = c->kv_dim, gs = t->gs;
     llama2_pool *pool = llama2_context_pool(cx);
     const llama2_kernels *k = t->kernels;
     llama2_activation a[LLAMA2_MAX_BATCH];
-    step_job job = {cx, t, rs, a, 0, pos};
+    step_job job = {rows, t, rs, a, 0, !one_sequence};
+    const int pos = rows[0].pos;
 
-    rope_extend(cx, pos + n);
+    for (int b = 0; b < n; b++) rope_extend(rows[b].cx, rows[b].pos + 1);
     for (int b = 0; b < n; b++)
         memcpy(rs->x + (size_t)b * dim, t->token_embedding + (size_t)tokens[b] * dim, (size_t)dim * sizeof(float));
     for (int l = 0; l < c->n_layers; l++) {
@@ -258,9 +276,12 @@ static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const
         for_each_token(pool, step_attn_in, &job, n);
         llama2_matvec_batch(rs->q, (size_t)dim, a, n, &t->wq[l], gs, k, pool);
         llama2_matvec_batch(rs->k, (size_t)kv_dim, a, n, &t->wk[l], gs, k, pool);
-        llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
+        if (one_sequence) /* consecutive positions of one cache: straight in */
+            llama2_matvec_batch(v0, (size_t)kv_dim, a, n, &t->wv[l], gs, k, pool);
+        else /* each row to its own cache in step_rope (xb2 is free until wo) */
+            llama2_matvec_batch(rs->xb2, (size_t)dim, a, n, &t->wv[l], gs, k, pool);
         for_each_token(pool, step_rope, &job, n);
-        attention(cx, l, pos, n, rs->q, rs->xb, rs->att, pool);
+        attention(c, rows, l, n, rs->q, rs->xb, rs->att, (size_t)cx->n_ctx, pool);
         for_each_token(pool, step_attn_out, &job, n);
         llama2_matvec_batch(rs->xb2, (size_t)dim, a, n, &t->wo[l], gs, k, pool);
         for_each_token(pool, step_ffn_in, &job, n);
@@ -283,6 +304,14 @@ static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const
     /* only the last token goes on: its last FFN residual, the final norm, the classifier */
     if (!out->hidden) step_final(&job, n - 1);
     llama2_matvec(cx->logits, &a[n - 1], &t->wcls, gs, k, pool);
+}
+
+/* tokens[0..n) of one sequence at positions pos..pos+n-1 of cx */
+static void forward_tokens(llama2_context *cx, const llama2_run_state *rs, const int *tokens, int n, int pos,
+                           const pass_outputs *out) {
+    row_at rows[LLAMA2_MAX_BATCH];
+    for (int b = 0; b < n; b++) rows[b] = (row_at){cx, pos + b};
+    forward_rows(cx, rs, tokens, n, rows, 1, out);
 }
 
 static int check_token(const llama2_config *c, int token, llama2_error *err) {
@@ -348,6 +377,41 @@ int llama2_context_eval(llama2_context *cx, const int *tokens, int n, int pos, f
         const pass_outputs out = {0, logits ? logits + (size_t)done * c->vocab_size : NULL,
                                   hidden ? hidden + (size_t)done * c->dim : NULL};
         forward_tokens(cx, n > 1 ? &cx->batch : &cx->token, tokens + done, m, pos + done, &out);
+    }
+    llama2_ok(err);
+    return LLAMA2_OK;
+}
+
+int llama2_decode_batch(llama2_context *const *ctxs, const int *tokens, const int *pos, int n, float *logits,
+                        llama2_error *err) {
+    if (!ctxs || !tokens || !pos || !logits || n <= 0)
+        return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "a batch needs contexts, tokens, positions and logits (n = %d)", n);
+    llama2_context *lead = ctxs[0];
+    for (int b = 0; b < n; b++) {
+        const llama2_context *cx = ctxs[b];
+        if (!cx) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "row %d has no context", b);
+        if (cx->t != lead->t) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "row %d's context is of another model", b);
+        if (cx->n_ctx > lead->n_ctx)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "row %d's context (n_ctx %d) is longer than row 0's (%d)", b,
+                               cx->n_ctx, lead->n_ctx);
+        if (pos[b] < 0 || pos[b] >= cx->n_ctx)
+            return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "row %d: position %d out of range [0, %d)", b, pos[b], cx->n_ctx);
+        int rc = check_token(&lead->t->config, tokens[b], err);
+        if (rc) return rc;
+        for (int e = 0; e < b; e++)
+            if (ctxs[e] == cx && pos[e] >= pos[b])
+                return llama2_fail(err, LLAMA2_ERR_ARGUMENT,
+                                   "rows %d and %d: rows of one context must be at increasing positions", e, b);
+    }
+    int rc = llama2_context_alloc_batch(lead, err);
+    if (rc) return rc;
+    const size_t vocab = (size_t)lead->t->config.vocab_size;
+    for (int done = 0; done < n; done += LLAMA2_MAX_BATCH) {
+        int m = n - done < LLAMA2_MAX_BATCH ? n - done : LLAMA2_MAX_BATCH;
+        row_at rows[LLAMA2_MAX_BATCH];
+        for (int b = 0; b < m; b++) rows[b] = (row_at){ctxs[done + b], pos[done + b]};
+        const pass_outputs out = {0, logits + (size_t)done * vocab, NULL};
+        forward_rows(lead, &lead->batch, tokens + done, m, rows, 0, &out);
     }
     llama2_ok(err);
     return LLAMA2_OK;

@@ -115,6 +115,18 @@ LLAMA2_API int llama2_context_forward_batch(llama2_context *ctx, const int *toke
 LLAMA2_API int llama2_context_eval(llama2_context *ctx, const int *tokens, int n, int pos, float *logits,
                                    float *hidden, llama2_error *err);
 
+/* Decodes several sequences at once (continuous batching): row b runs
+ * tokens[b] at position pos[b] of ctxs[b], all rows in one pass over the
+ * weights, and writes its logits to logits + b * vocab_size. Each row's
+ * arithmetic is exactly that of llama2_context_forward(ctxs[b], tokens[b],
+ * pos[b]), so a sequence's results do not depend on what else is in the
+ * batch. The contexts must be of one model, none longer (n_ctx) than
+ * ctxs[0], whose batch buffers and threads the pass uses; rows of one
+ * context must come at increasing positions; none may be in use elsewhere
+ * during the call. */
+LLAMA2_API int llama2_decode_batch(llama2_context *const *ctxs, const int *tokens, const int *pos, int n,
+                                   float *logits, llama2_error *err);
+
 /* The same two in the model's own default context (made on first use, with
  * n_ctx = seq_len): what llama2.c's single-sequence programs need. */
 LLAMA2_API int llama2_forward(llama2_transformer *t, int token, int pos, float **logits,
@@ -278,6 +290,19 @@ LLAMA2_API void llama2_free(void *p);
 
 /* Library version string, e.g. "0.1.0". */
 LLAMA2_API const char *llama2_version(void);
+
+/* The kernel tier a model opened now runs on ("scalar", "avx2", "avx512" or
+ * "neon"): the best this CPU runs, or the one LLAMA2_KERNELS names
+ * (portable|scalar|avx2|avx512|neon) when the CPU runs it. */
+LLAMA2_API const char *llama2_kernels_name(void);
+/* Why that tier, in words (forced, or the best this CPU runs and what the
+ * better tiers lack, or a forced tier the CPU cannot run and the fallback);
+ * valid until this thread's next call. */
+LLAMA2_API const char *llama2_kernels_reason(void);
+/* The CPU features the choice looked at, space-separated (e.g. "avx2 fma
+ * avx512f avx512bw avx512vl avx512_vnni os_ymm os_zmm", "neon asimddp");
+ * valid until this thread's next call. */
+LLAMA2_API const char *llama2_cpu_features(void);
 
 #ifdef __cplusplus
 }

@@ -44,6 +44,7 @@ int llama2_context_n_ctx(const llama2_context *ctx);
 int llama2_context_forward(llama2_context *ctx, int token, int pos, float **logits, llama2_error *err);
 int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 int llama2_context_eval(llama2_context *ctx, const int *tokens, int n, int pos, float *logits, float *hidden, llama2_error *err);
+int llama2_decode_batch(llama2_context *const *ctxs, const int *tokens, const int *pos, int n, float *logits, llama2_error *err);
 int llama2_forward(llama2_transformer *t, int token, int pos, float **logits, llama2_error *err);
 int llama2_forward_batch(llama2_transformer *t, const int *tokens, int n, int pos, float **logits, llama2_error *err);
 
@@ -91,6 +92,9 @@ int llama2_session_run(llama2_session *ss, char **text, size_t *len, int *n_step
 int llama2_session_pos(const llama2_session *ss);
 void llama2_free(void *p);
 const char *llama2_version(void);
+const char *llama2_kernels_name(void);
+const char *llama2_kernels_reason(void);
+const char *llama2_cpu_features(void);
 """
 
 # status codes (llama2_status in llama2.h)

@@ -145,10 +145,7 @@ class Completer:
         """Runs ids from where the cache first differs (the last token at
         least) and returns the last token's logits; the caller holds the
         context."""
-        same = 0
-        limit = min(len(self.cached), len(ids) - 1)
-        while same < limit and self.cached[same] == ids[same]:
-            same += 1
+        same = matching_prefix(self.cached, ids)
         self.cached = self.cached[:same]
         rest = ids[same:]
         cx = self.context
@@ -170,60 +167,93 @@ class Completer:
             out.append((float(lp[ids[i]]), top_alternatives(lp, k)))
         return out
 
-    def run(self, ids: list[int], *, max_tokens: int | None, sampling: SamplingParams, stop=None,
-            logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-            stop_tokens=(EOS, BOS), printable: bool = False, reply: bool = False) -> Iterator[Step]:
+    def run(self, ids: list[int], **settings) -> Iterator[Step]:
+        """New tokens after ids (see TokenLoop for the settings), run in this
+        completer's context from where its cache differs."""
+        loop = TokenLoop(self.llama, ids, self.context.n_ctx, **settings)
+        with self.context.held():
+            logits = self.prefill(ids)
+            while True:
+                steps, token = loop.feed(logits)
+                yield from steps
+                if token is None:
+                    return
+                logits = self.context._forward(token, len(self.cached))
+                self.cached.append(token)
+
+
+def matching_prefix(cached: list[int], ids: list[int]) -> int:
+    """How many leading tokens of ids the cache already holds (the last
+    token of ids always runs again: its logits are needed)."""
+    same, limit = 0, min(len(cached), len(ids) - 1)
+    while same < limit and cached[same] == ids[same]:
+        same += 1
+    return same
+
+
+class TokenLoop:
+    """One request's generation, fed one logits row at a time: sampling,
+    log-probabilities, stop tokens and strings, text, the token budget.
+    Completer.run drives it in one context; the server's batch engine drives
+    many at once."""
+
+    def __init__(self, llama, ids: list[int], n_ctx: int, *, max_tokens: int | None, sampling: SamplingParams,
+                 stop=None, logprobs: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, stop_tokens=(EOS, BOS), printable: bool = False,
+                 reply: bool = False):
         """New tokens after ids (which must fit: see fit_prompt) until a stop
         token (not emitted), a stop string (cut, not emitted), max_tokens
         (None or <= 0: until the context is full) or the end of the context.
         printable: the text goes through the engine's output filter (chat:
         control bytes and broken UTF-8 dropped, as `run` prints); reply: the
         first token's leading space goes (a chat reply after its prompt)."""
-        tok = self.llama.tokenizer
-        n_ctx = self.context.n_ctx
         if not ids:
             raise InvalidArgumentError("the prompt has no tokens (an empty prompt still has BOS)")
-        budget = n_ctx - len(ids)
+        self.tok = llama.tokenizer
+        self.budget = n_ctx - len(ids)
         if max_tokens is not None and max_tokens > 0:
-            budget = min(budget, max_tokens)
-        stopper = StopText(stop)
-        sampler = sampling.sampler(self.llama.config.vocab_size)
+            self.budget = min(self.budget, max_tokens)
+        self.stopper = StopText(stop)
+        self.sampler = sampling.sampler(llama.config.vocab_size)
         for t in ids[-sampling.repetition_window:]:
-            sampler.accept(t)
-        counts: dict[int, int] = {}
-        decoder = PrintableText() if printable else codecs.getincrementaldecoder("utf-8")(errors="replace")
-        with self.context.held():
-            logits = self.prefill(ids)
-            prev, made = (BOS if reply else ids[-1]), 0
-            while True:
-                if made >= budget:
-                    yield Step(None, stopper.flush(), finish_reason="length")  # an unfinished UTF-8 character is dropped
-                    return
-                lp = log_softmax(logits) if logprobs is not None else None
-                if counts and (presence_penalty or frequency_penalty):
-                    seen = np.fromiter(counts, dtype=np.int64)
-                    logits[seen] -= np.float32(presence_penalty) + np.float32(frequency_penalty) * np.fromiter(
-                        counts.values(), dtype=np.float32)
-                token = sampler._sample_inplace(logits)
-                sampler.accept(token)
-                made += 1
-                if token in stop_tokens:
-                    yield Step(None, stopper.flush(), finish_reason="stop")
-                    return
-                counts[token] = counts.get(token, 0) + 1
-                raw = tok.token_bytes(prev, token)
-                text = stopper.push(decoder.decode(raw))
-                step = Step(token, text, raw.decode("utf-8", errors="replace"), raw)
-                if lp is not None:
-                    step.logprob = float(lp[token])
-                    step.top = top_alternatives(lp, logprobs)
-                if stopper.stopped:
-                    step.finish_reason = "stop"
-                    yield step
-                    return
-                yield step
-                prev = token
-                if made < budget:
-                    pos = len(self.cached)
-                    logits = self.context._forward(token, pos)
-                    self.cached.append(token)
+            self.sampler.accept(t)
+        self.k = logprobs
+        self.penalties = (presence_penalty, frequency_penalty)
+        self.stop_tokens = tuple(stop_tokens)
+        self.counts: dict[int, int] = {}
+        self.decoder = PrintableText() if printable else codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.prev = BOS if reply else ids[-1]
+        self.made = 0
+
+    def _end(self, reason: str) -> Step:
+        return Step(None, self.stopper.flush(), finish_reason=reason)  # an unfinished UTF-8 character is dropped
+
+    def feed(self, logits: np.ndarray) -> tuple[list[Step], int | None]:
+        """The steps these logits (the last token's, a float32 array the loop
+        may modify) make, and the token to run next (None: finished)."""
+        if self.made >= self.budget:
+            return [self._end("length")], None
+        lp = log_softmax(logits) if self.k is not None else None
+        presence, frequency = self.penalties
+        if self.counts and (presence or frequency):
+            seen = np.fromiter(self.counts, dtype=np.int64)
+            logits[seen] -= np.float32(presence) + np.float32(frequency) * np.fromiter(
+                self.counts.values(), dtype=np.float32)
+        token = self.sampler._sample_inplace(logits)
+        self.sampler.accept(token)
+        self.made += 1
+        if token in self.stop_tokens:
+            return [self._end("stop")], None
+        self.counts[token] = self.counts.get(token, 0) + 1
+        raw = self.tok.token_bytes(self.prev, token)
+        step = Step(token, self.stopper.push(self.decoder.decode(raw)), raw.decode("utf-8", errors="replace"), raw)
+        if lp is not None:
+            step.logprob = float(lp[token])
+            step.top = top_alternatives(lp, self.k)
+        if self.stopper.stopped:
+            step.finish_reason = "stop"
+            return [step], None
+        self.prev = token
+        if self.made >= self.budget:
+            return [step, self._end("length")], None
+        return [step], token

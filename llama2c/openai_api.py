@@ -107,10 +107,13 @@ def create_completion(llama, prompt, suffix=None, max_tokens: int | None = 16, t
                       repeat_penalty: float = 1.0, top_k: int = 40, stream: bool = False, seed: int | None = None,
                       tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
                       mirostat_eta: float = 0.1, model: str | None = None, stopping_criteria=None,
-                      logits_processor=None, grammar=None, logit_bias=None, truncate: str | None = None):
+                      logits_processor=None, grammar=None, logit_bias=None, truncate: str | None = None,
+                      runner=None):
     """A text completion: a dict shaped as OpenAI's text_completion, or with
     stream=True an iterator of chunks of that shape (the last one carries
-    finish_reason). See Llama.create_completion."""
+    finish_reason). See Llama.create_completion. runner: what generates
+    (Completer.run's signature; default llama's own completer, the server
+    passes its batch engine's)."""
     refuse_unsupported(suffix=suffix, typical_p=typical_p, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                        stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar)
     sampling = sampling_of(temperature, top_p, top_k, min_p, repeat_penalty, seed, logit_bias)
@@ -126,7 +129,7 @@ def create_completion(llama, prompt, suffix=None, max_tokens: int | None = 16, t
                              k, offset=0 if echo else len(prompt_text))
     if echo and k is not None:
         shape.add_prompt(ids, completer.prompt_logprobs(ids, k))
-    steps = completer.run(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=k,
+    steps = (runner or completer.run)(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=k,
                           presence_penalty=penalties[0], frequency_penalty=penalties[1])
     return shape.chunks(steps) if stream else shape.whole(steps)
 

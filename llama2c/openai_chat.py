@@ -50,8 +50,9 @@ def create_chat_completion(llama, messages: list[dict], functions=None, function
                            repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
                            mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
                            logits_processor=None, grammar=None, logit_bias=None, logprobs: bool | None = None,
-                           top_logprobs: int | None = None, truncate: str | None = None, template=None):
-    """See Llama.create_chat_completion."""
+                           top_logprobs: int | None = None, truncate: str | None = None, template=None,
+                           runner=None):
+    """See Llama.create_chat_completion (runner: as create_completion's)."""
     refuse_unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                        typical_p=typical_p, response_format=response_format, tfs_z=tfs_z,
                        mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar)
@@ -61,7 +62,7 @@ def create_chat_completion(llama, messages: list[dict], functions=None, function
     tmpl = ChatTemplate.get(template) if template is not None else llama.chat_template
     ids = chat_ids(llama, tmpl, messages, max_tokens, truncate)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    steps = llama._completer().run(ids, max_tokens=max_tokens, sampling=sampling,
+    steps = (runner or llama._completer().run)(ids, max_tokens=max_tokens, sampling=sampling,
                                    stop=list(tmpl.stop_strings) + stops, logprobs=k, reply=True,
                                    presence_penalty=as_float("presence_penalty", presence_penalty),
                                    frequency_penalty=as_float("frequency_penalty", frequency_penalty))

@@ -1,0 +1,157 @@
+"""Continuous batching: llama2_decode_batch (several sequences, one pass,
+each row bit-identical to its own single-token pass) and the server's
+BatchEngine built on it (results independent of what else runs, chunked
+prefill, cancellation, a bounded queue)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import llama2c
+import reference as R
+from llama2c import openai_api
+from llama2c._ffi import ffi, lib
+from llama2c.errors import new_error, raise_for
+from llama2c.server.engine import BatchEngine, QueueFull
+
+CFG = R.Config(dim=64, hidden_dim=172, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=384, seq_len=128)
+PROMPTS = ["hello there", "a b a b a", "one", "the quick brown fox jumps over", "x y", "more words here please"]
+
+
+def decode_batch(contexts, tokens, positions, vocab):
+    out = np.empty((len(tokens), vocab), np.float32)
+    err = new_error()
+    raise_for(lib.llama2_decode_batch(ffi.new("llama2_context *[]", [c._ptr for c in contexts]),
+                                      ffi.new("int[]", tokens), ffi.new("int[]", positions), len(tokens),
+                                      ffi.from_buffer("float[]", out), err), err)
+    return out
+
+
+@pytest.mark.parametrize("version,quantize", [(1, False), (4, False), (2, False), (1, True)])
+def test_decode_batch_rows_are_bit_identical_to_single_passes(make_model, version, quantize):
+    m = make_model(CFG, version=version, seed=31)
+    llm = llama2c.Llama(m.path, tokenizer=m.tokenizer, quantize=quantize)
+    rng = np.random.default_rng(5)
+    prompts = [[1] + [int(t) for t in rng.integers(3, CFG.vocab_size, n)] for n in (3, 9, 1, 17, 5)]
+    batch = [llm.create_context() for _ in prompts]
+    alone = [llm.create_context() for _ in prompts]
+    seqs = [list(p) for p in prompts]
+    for b, a, p in zip(batch, alone, prompts):
+        if len(p) > 1:
+            b.forward_batch(p[:-1], 0)
+            a.forward_batch(p[:-1], 0)
+    for _ in range(12):
+        rows = decode_batch(batch, [s[-1] for s in seqs], [len(s) - 1 for s in seqs], CFG.vocab_size)
+        for i, (a, s) in enumerate(zip(alone, seqs)):
+            ref = a.forward(s[-1], len(s) - 1)
+            assert np.array_equal(rows[i], ref), (i, len(s))
+            s.append(int(np.argmax(ref)))
+
+
+def test_decode_batch_refuses_bad_rows(make_model):
+    m = make_model(CFG, version=1, seed=32)
+    llm = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    other = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    a, b = llm.create_context(), llm.create_context()
+    short = llm.create_context(n_ctx=16)
+    cases = [([a, b], [1, 1], [0, CFG.seq_len], "out of range"),
+             ([a, other.create_context()], [1, 1], [0, 0], "another model"),
+             ([short, a], [1, 1], [0, 0], "longer"),
+             ([a, a], [1, 1], [3, 3], "increasing"),
+             ([a, b], [1, CFG.vocab_size], [0, 0], "out of range")]
+    for contexts, tokens, positions, words in cases:
+        with pytest.raises(llama2c.InvalidArgumentError, match=words):
+            decode_batch(contexts, tokens, positions, CFG.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def llm(make_model):
+    m = make_model(CFG, version=1, seed=33)
+    return llama2c.Llama(m.path, tokenizer=m.tokenizer)
+
+
+def concurrently(fn, args):
+    out, errors = {}, []
+
+    def one(i, a):
+        try:
+            out[i] = fn(a)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, a)) for i, a in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return [out[i] for i in range(len(args))]
+
+
+@pytest.mark.parametrize("parallel,chunk", [(2, 4), (4, 64), (8, 1)])
+def test_results_do_not_depend_on_what_else_runs(llm, parallel, chunk):
+    engine = BatchEngine(llm, parallel=parallel, prefill_chunk=chunk)
+    try:
+        settings = [dict(prompt=p, max_tokens=20, temperature=0.0) for p in PROMPTS] + \
+                   [dict(prompt=p, max_tokens=15, temperature=0.9, seed=7 + i, logprobs=2) for i, p in enumerate(PROMPTS)]
+        alone = [llm.create_completion(**s)["choices"][0] for s in settings]
+        together = concurrently(lambda s: openai_api.create_completion(llm, runner=engine.run, **s)["choices"][0],
+                                settings)
+        for a, b in zip(alone, together):
+            assert a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"]
+            assert a["logprobs"] == b["logprobs"]
+        assert engine.stats()["active"] == 0
+    finally:
+        engine.close()
+
+
+def test_streams_cancel_and_free_their_slots(llm):
+    engine = BatchEngine(llm, parallel=2)
+    try:
+        it = openai_api.create_completion(llm, "hello", max_tokens=100, temperature=0.0, stream=True,
+                                          logit_bias={1: -1e9, 2: -1e9}, runner=engine.run)
+        next(it)
+        assert engine.stats()["active"] == 1
+        it.close()
+        deadline = time.time() + 5
+        while engine.stats()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["active"] == 0
+        # a request never read and dropped is cancelled too
+        steps = engine.run(llm.tokenize("x"), max_tokens=100, sampling=llama2c.SamplingParams(temperature=0.0),
+                           stop_tokens=())
+        del steps
+        deadline = time.time() + 5
+        while (engine.stats()["active"] or engine.stats()["waiting"]) and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats() == {"parallel": 2, "active": 0, "waiting": 0}
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_at_once(llm):
+    engine = BatchEngine(llm, parallel=1, max_waiting=1)
+    sampling = llama2c.SamplingParams(temperature=0.0)
+    try:
+        first = engine.run(llm.tokenize("a"), max_tokens=110, sampling=sampling, stop_tokens=())
+        next(first)
+        second = engine.run(llm.tokenize("b"), max_tokens=5, sampling=sampling)
+        with pytest.raises(QueueFull):
+            engine.run(llm.tokenize("c"), max_tokens=5, sampling=sampling)
+        first.close()
+        assert sum(1 for s in second if s.token is not None) <= 5
+    finally:
+        engine.close()
+
+
+def test_bad_settings_raise_when_queued(llm):
+    engine = BatchEngine(llm, parallel=1)
+    try:
+        with pytest.raises(llama2c.InvalidArgumentError):
+            engine.run([], max_tokens=5, sampling=llama2c.SamplingParams())
+        assert engine.stats()["waiting"] == 0
+    finally:
+        engine.close()
