@@ -33,7 +33,7 @@ define put
 endef
 
 PROGRAMS = run runfast runomp rungnu runompgnu rundebug
-.PHONY: $(PROGRAMS) lib win64 msvc testcc sanitize bench-kernels fuzz fuzz-smoke test clean
+.PHONY: $(PROGRAMS) lib win64 msvc testcc test-neon sanitize bench-kernels fuzz fuzz-smoke test clean
 
 # ./run, ./runq and libllama2, with the flags csrc/Makefile gives each target
 $(PROGRAMS):
@@ -59,6 +59,11 @@ msvc:
 # everything into build/sanitize/ (CI runs both); kernel timings.
 testcc sanitize bench-kernels:
 	$(CSRC) $@
+
+# The NEON kernels without ARM hardware: C tests and stories260K runs for
+# aarch64 under qemu (csrc/Makefile; needs gcc-aarch64-linux-gnu and qemu-user).
+test-neon:
+	$(CSRC) test-neon SHARED_DATA=$(abspath ../shared/data)
 
 clean:
 	$(CSRC) clean

@@ -134,9 +134,9 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
             return llama2_fail(err, LLAMA2_ERR_FORMAT, "truncated header: %lld bytes, a versioned model header has %d",
                                (long long)size, HEADER_BYTES);
         c->version = read_i32(p + 4);
-        if (c->version < 1 || c->version > 4)
+        if (c->version < 1 || c->version > 5)
             return llama2_fail(err, LLAMA2_ERR_FORMAT,
-                               "unknown model file version %d (this engine reads versions 0 to 4)", c->version);
+                               "unknown model file version %d (this engine reads versions 0 to 5)", c->version);
         int *dims[7] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads,
                         &c->n_kv_heads, &c->vocab_size, &c->seq_len};
         for (int i = 0; i < 7; i++) *dims[i] = read_i32(p + 8 + 4 * i);
@@ -146,7 +146,7 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
         c->shared_classifier = (int)shared;
         if (c->version == 2) {
             *gs = read_i32(p + 37);
-        } else if (c->version >= 3) { /* 3: fp32, 4: bf16, both with rope_theta and norm_eps */
+        } else if (c->version >= 3) { /* 3: fp32, 4: bf16, 5: Q4_0, all with rope_theta and norm_eps */
             c->rope_theta = read_f32(p + 40);
             c->norm_eps = read_f32(p + 44);
         }
@@ -180,18 +180,30 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
         if (c->dim % *gs != 0)
             return llama2_fail(err, LLAMA2_ERR_FORMAT, "group_size %d does not divide dim %d", *gs, c->dim);
     }
+    if (c->version == 5) { /* Q4_0: blocks of 32 along every row of dim values */
+        if (c->dim % 32 != 0)
+            return llama2_fail(err, LLAMA2_ERR_FORMAT, "version 5 (Q4_0) needs dim a multiple of 32 (got %d)", c->dim);
+        *gs = 32; /* activations in Q8_0 blocks of 32 */
+    }
     return LLAMA2_OK;
 }
 
 /* The weight type of each file version's matrices: the one place where a
  * version becomes a type (weight_types.c has what each type means). */
-static const int version_weights[5] = {
+static const int version_weights[6] = {
     [0] = LLAMA2_WEIGHTS_F32, [1] = LLAMA2_WEIGHTS_F32, [2] = LLAMA2_WEIGHTS_Q8_0,
-    [3] = LLAMA2_WEIGHTS_F32, [4] = LLAMA2_WEIGHTS_BF16,
+    [3] = LLAMA2_WEIGHTS_F32, [4] = LLAMA2_WEIGHTS_BF16, [5] = LLAMA2_WEIGHTS_Q4_0,
 };
 
 /* Bytes of one Q8_0 matrix of n values: n int8 then n/gs fp32 scales. */
 static int64_t q8_bytes(int64_t n, int gs) { return n + 4 * (n / gs); }
+
+/* Bytes of one Q4_0 matrix of n values (rows whole blocks): 18 per 32 values. */
+static int64_t q4_bytes(int64_t n) { return n / 32 * 18; }
+
+/* Version 5 stores w2 (rows of hidden_dim values) as Q4_0 when its rows are
+ * whole blocks of 32, else as fp32. */
+static int v5_w2_q4(const llama2_config *c) { return c->hidden_dim % 32 == 0; }
 
 static int64_t expected_size(const llama2_config *c, int gs) {
     int64_t L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
@@ -209,6 +221,12 @@ static int64_t expected_size(const llama2_config *c, int gs) {
     }
     int64_t norms = 2 * L * d + d, matrix = V * d + L * (2 * d * d + 2 * kv * d + 3 * h * d) + unshared * V * d;
     if (c->version == 4) return HEADER_BYTES + 4 * norms + 2 * matrix; /* bf16 matrices */
+    if (c->version == 5) { /* Q4_0 matrices; w2 fp32 when hidden_dim % 32 != 0 */
+        int64_t bytes = q4_bytes(V * d) * (1 + unshared) + L * (2 * q4_bytes(d * d) + 2 * q4_bytes(kv * d) +
+                                                               2 * q4_bytes(h * d));
+        bytes += L * (v5_w2_q4(c) ? q4_bytes(d * h) : 4 * d * h);
+        return HEADER_BYTES + 4 * norms + bytes;
+    }
     return HEADER_BYTES + 4 * (norms + matrix);
 }
 
@@ -285,6 +303,36 @@ static int set_q8_matrices(llama2_transformer *t, llama2_matrix *m, int count, c
     return LLAMA2_OK;
 }
 
+/* Q4_0 matrices in place (llama.cpp's blocks, row after row; kernels_q4.c):
+ * 2-byte aligned in a version 5 file (every tensor before them has an even
+ * number of bytes), and the kernels read the fp16 scales bytewise anyway. */
+static void set_q4_matrices(llama2_matrix *m, int count, cursor *cur, int rows, int cols) {
+    for (int i = 0; i < count; i++) {
+        memset(&m[i], 0, sizeof(m[i]));
+        m[i].rows = rows;
+        m[i].cols = cols;
+        m[i].type = LLAMA2_WEIGHTS_Q4_0;
+        m[i].q4 = cur->p;
+        cur->p += q4_bytes((int64_t)rows * cols);
+    }
+}
+
+/* fp32 matrices that follow Q4_0 ones in a version 5 file (w2 when
+ * hidden_dim % 32 != 0): in place when 4-byte aligned, else copied. */
+static int set_f32_copied(llama2_transformer *t, llama2_matrix *m, int count, cursor *cur, int rows, int cols,
+                          llama2_error *err) {
+    const int64_t n = (int64_t)rows * cols;
+    set_f32_matrices(m, count, cur, rows, cols);
+    if (((uintptr_t)m[0].f & 3u) == 0) return LLAMA2_OK;
+    for (int i = 0; i < count; i++) {
+        float *f = (float *)llama2_own(t, (size_t)n * 4);
+        if (!f) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory copying weights");
+        memcpy(f, m[i].f, (size_t)n * 4);
+        m[i].f = f;
+    }
+    return LLAMA2_OK;
+}
+
 /* A bf16 matrix's values as fp32, in a buffer the caller frees (NULL: no memory). */
 static float *bf16_to_f32_copy(const llama2_matrix *m) {
     int64_t n = (int64_t)m->rows * m->cols;
@@ -326,15 +374,8 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, llama2_
     llama2_config *c = &t->config;
     int L = c->n_layers, d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
     cursor cur = {body};
-    t->matrices = (llama2_matrix *)llama2_own(t, sizeof(llama2_matrix) * 7 * (size_t)L);
-    if (!t->matrices) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
-    t->wq = t->matrices;
-    t->wk = t->wq + L;
-    t->wv = t->wk + L;
-    t->wo = t->wv + L;
-    t->w1 = t->wo + L;
-    t->w2 = t->w1 + L;
-    t->w3 = t->w2 + L;
+    int rc0 = llama2_own_matrices(t, err);
+    if (rc0) return rc0;
 
     if (c->version == 0) {
         t->token_embedding = take_f32(&cur, (int64_t)V * d);
@@ -374,6 +415,42 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, llama2_
         return dequantize_embedding(t, &emb, err);
     }
 
+    if (c->version == 5) {
+        llama2_matrix emb;
+        set_q4_matrices(&emb, 1, &cur, V, d);
+        set_q4_matrices(t->wq, L, &cur, d, d);
+        set_q4_matrices(t->wk, L, &cur, kv, d);
+        set_q4_matrices(t->wv, L, &cur, kv, d);
+        set_q4_matrices(t->wo, L, &cur, d, d);
+        set_q4_matrices(t->w1, L, &cur, h, d);
+        if (v5_w2_q4(c)) {
+            set_q4_matrices(t->w2, L, &cur, d, h);
+        } else {
+            int rc = set_f32_copied(t, t->w2, L, &cur, d, h, err);
+            if (rc) return rc;
+        }
+        set_q4_matrices(t->w3, L, &cur, h, d);
+        if (c->shared_classifier)
+            t->wcls = emb;
+        else
+            set_q4_matrices(&t->wcls, 1, &cur, V, d);
+        /* the embedding is looked up row by row: dequantized, (nibble - 8) * d */
+        float *e = (float *)llama2_own(t, (size_t)V * d * 4);
+        if (!e) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory dequantizing the embedding");
+        for (int64_t b = 0; b < (int64_t)V * d / 32; b++) {
+            const unsigned char *blk = emb.q4 + 18 * b;
+            uint16_t h16;
+            memcpy(&h16, blk, 2);
+            const float scale = llama2_f16_to_f32(h16);
+            for (int j = 0; j < 16; j++) {
+                e[32 * b + j] = (float)((blk[2 + j] & 15) - 8) * scale;
+                e[32 * b + j + 16] = (float)((blk[2 + j] >> 4) - 8) * scale;
+            }
+        }
+        t->token_embedding = e;
+        return LLAMA2_OK;
+    }
+
     if (c->version == 4) {
         llama2_matrix emb;
         set_bf16_matrices(&emb, 1, &cur, V, d);
@@ -411,21 +488,29 @@ static int map_weights(llama2_transformer *t, const unsigned char *body, llama2_
 static int quantize_all(llama2_transformer *t, llama2_error *err) {
     llama2_config *c = &t->config;
     int L = c->n_layers, d = c->dim, V = c->vocab_size;
-    t->gs = 64;
-    while (d % t->gs != 0) t->gs /= 2;
+    if (!t->gs) { /* (a GGUF file with Q8_0 matrices has its group size, 32, already) */
+        t->gs = 64;
+        while (d % t->gs != 0) t->gs /= 2;
+    }
     for (int i = 0; i < 7 * L; i++) {
+        if (t->matrices[i].type == LLAMA2_WEIGHTS_Q8_0 || t->matrices[i].type == LLAMA2_WEIGHTS_Q4_0) continue;
         int rc = quantize_matrix(t, &t->matrices[i], err);
         if (rc) return rc;
     }
-    llama2_matrix emb = {.rows = V, .cols = d, .type = LLAMA2_WEIGHTS_F32, .f = t->token_embedding};
-    int rc = quantize_matrix(t, &emb, err);
-    if (rc) return rc;
-    if (c->shared_classifier) {
+    int rc;
+    if (t->wcls.type == LLAMA2_WEIGHTS_Q8_0 || t->wcls.type == LLAMA2_WEIGHTS_Q4_0) {
+        /* already quantized (GGUF): nothing to do */
+    } else if (c->shared_classifier) {
+        llama2_matrix emb = {.rows = V, .cols = d, .type = LLAMA2_WEIGHTS_F32, .f = t->token_embedding};
+        if ((rc = quantize_matrix(t, &emb, err))) return rc;
         t->wcls = emb;
-    } else if ((rc = quantize_matrix(t, &t->wcls, err))) {
-        return rc;
+        if ((rc = dequantize_embedding(t, &emb, err))) return rc;
+    } else {
+        llama2_matrix emb = {.rows = V, .cols = d, .type = LLAMA2_WEIGHTS_F32, .f = t->token_embedding};
+        if ((rc = quantize_matrix(t, &emb, err))) return rc;
+        if ((rc = dequantize_embedding(t, &emb, err))) return rc;
+        if ((rc = quantize_matrix(t, &t->wcls, err))) return rc;
     }
-    if ((rc = dequantize_embedding(t, &emb, err))) return rc;
     c->weights = LLAMA2_WEIGHTS_Q8_0;
     c->group_size = t->gs;
     return LLAMA2_OK;
@@ -502,8 +587,19 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
 
     int gs = 0;
     int64_t header_bytes = 0;
-    rc = parse_header((const unsigned char *)data, size, &t->config, &gs, &header_bytes, err);
-    if (!rc) {
+    const int gguf = llama2_is_gguf(data, size);
+    if (gguf) {
+        rc = llama2_gguf_load(t, err);
+        if (!rc && t->config.seq_len > MAX_SEQ) t->config.seq_len = MAX_SEQ; /* positions beyond are never reached */
+        if (!rc) rc = check_config(&t->config, err);
+        if (!rc) {
+            t->config.file_size = size;
+            t->config.n_params = count_params(&t->config);
+        }
+    } else {
+        rc = parse_header((const unsigned char *)data, size, &t->config, &gs, &header_bytes, err);
+    }
+    if (!rc && !gguf) {
         int64_t want = expected_size(&t->config, gs);
         if (size < want)
             rc = llama2_fail(err, LLAMA2_ERR_FORMAT,
@@ -517,7 +613,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
                              "wrong dimensions or trailing data",
                              (long long)size, t->config.version, (long long)want);
     }
-    if (!rc) {
+    if (!rc && !gguf) {
         t->gs = gs;
         t->config.group_size = gs;
         t->config.weights = version_weights[t->config.version];
@@ -526,7 +622,10 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
         rc = map_weights(t, (const unsigned char *)data + header_bytes, err);
     }
     if (!rc) rc = check_finite(t, err);
-    if (!rc && (flags & LLAMA2_OPEN_QUANTIZE) && t->config.weights != LLAMA2_WEIGHTS_Q8_0) rc = quantize_all(t, err);
+    /* Q8_0 and Q4_0 models are quantized already */
+    if (!rc && (flags & LLAMA2_OPEN_QUANTIZE) && t->config.weights != LLAMA2_WEIGHTS_Q8_0 &&
+        t->config.weights != LLAMA2_WEIGHTS_Q4_0)
+        rc = quantize_all(t, err);
     if (!rc) rc = select_kernels(t, err);
     if (rc) {
         llama2_transformer_free(t);
@@ -546,6 +645,10 @@ void llama2_transformer_free(llama2_transformer *t) {
 
 const llama2_config *llama2_transformer_config(const llama2_transformer *t) {
     return t ? &t->config : NULL;
+}
+
+const char *llama2_transformer_chat_template(const llama2_transformer *t) {
+    return t ? t->chat_template : NULL;
 }
 
 void llama2_transformer_set_threads(llama2_transformer *t, int n) {

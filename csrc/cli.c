@@ -52,7 +52,7 @@ static void usage(const char *why) {
             "  -s <int>    random seed; 0 or negative seeds from the clock (default)\n"
             "  -n <int>    number of steps, 0 = the model's seq_len (default 256)\n"
             "  -i <string> prompt\n"
-            "  -z <string> tokenizer file (default: tokenizer.bin)\n"
+            "  -z <string> tokenizer file (default: tokenizer.bin; a .gguf model's own)\n"
             "  -m <string> mode: generate or chat (default generate)\n"
             "  -y <string> system prompt for chat mode\n"
             "  -c <int>    context length in tokens, 0 = the model's seq_len (default 0)\n");
@@ -155,7 +155,7 @@ static void chat(llama2_session *ss, const char *cli_prompt, const char *cli_sys
 /* The main() of run and runq (cli.h). */
 int llama2_cli_main(int argc, char *argv[], const llama2_cli_program *prog) {
     program = prog;
-    const char *checkpoint = NULL, *tokenizer_path = "tokenizer.bin";
+    const char *checkpoint = NULL, *tokenizer_path = NULL;
     float temperature = 1.0f, topp = 0.9f;
     int steps = 256, n_ctx = 0;
     const char *prompt = NULL, *mode = "generate", *system_prompt = NULL;
@@ -194,6 +194,8 @@ int llama2_cli_main(int argc, char *argv[], const llama2_cli_program *prog) {
     llama2_transformer *t;
     if (llama2_transformer_open(&t, checkpoint, program->open_flags, &err)) die(&err);
     const llama2_config *c = llama2_transformer_config(t);
+    /* default: tokenizer.bin, or a GGUF model's own vocabulary */
+    if (!tokenizer_path) tokenizer_path = c->version == LLAMA2_VERSION_GGUF ? checkpoint : "tokenizer.bin";
     llama2_tokenizer *tk;
     if (llama2_tokenizer_open(&tk, tokenizer_path, c->vocab_size, &err)) die(&err);
     llama2_sampler_params params;

@@ -268,8 +268,9 @@ static void check_config(const llama2_config *c, size_t file_size) {
     CHECK(c->head_size > 0 && c->head_size * c->n_heads == c->dim && c->head_size % 2 == 0,
           "bad head_size %d (dim %d, n_heads %d)", c->head_size, c->dim, c->n_heads);
     CHECK(c->n_heads % c->n_kv_heads == 0 && c->kv_dim == c->head_size * c->n_kv_heads, "bad kv_dim %d", c->kv_dim);
-    CHECK(c->version >= 0 && c->version <= 4, "version %d", c->version);
-    CHECK(c->weights == LLAMA2_WEIGHTS_F32 || c->weights == LLAMA2_WEIGHTS_Q8_0 || c->weights == LLAMA2_WEIGHTS_BF16,
+    CHECK((c->version >= 0 && c->version <= 5) || c->version == LLAMA2_VERSION_GGUF, "version %d", c->version);
+    CHECK(c->weights == LLAMA2_WEIGHTS_F32 || c->weights == LLAMA2_WEIGHTS_Q8_0 || c->weights == LLAMA2_WEIGHTS_BF16 ||
+              c->weights == LLAMA2_WEIGHTS_Q4_0,
           "weights kind %d", c->weights);
     CHECK(c->shared_classifier == 0 || c->shared_classifier == 1, "shared_classifier %d", c->shared_classifier);
     CHECK(c->file_size == (int64_t)file_size, "file_size %lld, file has %zu bytes", (long long)c->file_size, file_size);
@@ -410,7 +411,8 @@ static void run_model(const uint8_t *data, const fuzz_input *in) {
     n_models_opened++;
     const llama2_config *c = llama2_transformer_config(t);
     check_config(c, in->model.len);
-    CHECK(!in->quantize || c->weights == LLAMA2_WEIGHTS_Q8_0, "quantized open gave weights %d", c->weights);
+    CHECK(!in->quantize || c->weights == LLAMA2_WEIGHTS_Q8_0 || c->weights == LLAMA2_WEIGHTS_Q4_0, /* Q4_0 stays */
+          "quantized open gave weights %d", c->weights);
     llama2_transformer_set_threads(t, in->threads);
     if (c->n_params <= MAX_PARAMS) {
         const int V = c->vocab_size, S = c->seq_len;

@@ -25,7 +25,7 @@ void llama2_ok(llama2_error *err);
  * values; scale g covers flat elements [g*gs, (g+1)*gs). */
 typedef struct {
     int rows, cols;
-    int type;        /* LLAMA2_WEIGHTS_F32, _Q8_0 or _BF16: which data below it holds (weight_types.c) */
+    int type;        /* LLAMA2_WEIGHTS_F32, _Q8_0, _BF16 or _Q4_0: which data below it holds (weight_types.c) */
     const float *f;  /* fp32 data (row-major), or NULL */
     const float *p;  /* fp32 data packed for SIMD kernels (kernels.h), or NULL */
     const int8_t *q; /* int8 data, or NULL */
@@ -35,6 +35,9 @@ typedef struct {
     const uint8_t *pends; /* groups across rows: where each row's segments end (kernels.h), or NULL */
     const uint16_t *h;  /* bf16 data (row-major; the top half of each fp32), or NULL */
     const uint16_t *ph; /* bf16 data packed like p, or NULL */
+    const uint8_t *q4;   /* Q4_0 blocks (18 bytes per 32 values, row after row; kernels_q4.c), or NULL */
+    const uint8_t *pq4;  /* Q4_0 nibbles regrouped for SIMD kernels (kernels_q4.c), or NULL */
+    const uint16_t *ps4; /* their fp16 scales, regrouped the same way, or NULL */
 } llama2_matrix;
 
 /* bf16 -> fp32 is exact: the 16 bits are the top half of the float */
@@ -100,6 +103,7 @@ struct llama2_transformer {
 
     /* the context llama2_forward and llama2_session_new use, made on first use */
     llama2_context *ctx;
+    const char *chat_template; /* a GGUF file's tokenizer.chat_template (owned), or NULL */
 };
 
 /* ---- a context: one sequence's KV cache and the buffers a pass works in ---- */
@@ -139,6 +143,14 @@ struct llama2_context {
 
 #define LLAMA2_MAX_BATCH 64
 
+/* gguf.c: GGUF files. llama2_gguf_load fills t's config and weights from
+ * its mapping (t->map); the tokenizer image is a tokenizer.bin's bytes
+ * (malloc'ed) made from the file's vocabulary. */
+int llama2_is_gguf(const void *data, int64_t size);
+int llama2_gguf_load(llama2_transformer *t, llama2_error *err);
+int llama2_gguf_tokenizer_bin(const unsigned char *data, size_t size, unsigned char **bin, size_t *bin_size,
+                              llama2_error *err);
+
 /* files.c: opens path for reading if it is a regular file, without
  * blocking; *size gets its size. POSIX: *fd is the open descriptor, the
  * caller closes it. Windows: the path is only checked (*fd = -1), the caller
@@ -147,6 +159,8 @@ int llama2_open_regular(const char *path, int *fd, int64_t *size, llama2_error *
 
 /* memory.c: a buffer the model owns, zeroed, freed with t */
 void *llama2_own(llama2_transformer *t, size_t bytes);
+/* memory.c: t->matrices for n_layers layers, and wq..w3 pointing into it */
+int llama2_own_matrices(llama2_transformer *t, llama2_error *err);
 
 /* Q8_0 groups of an n-value activation (the last may be partial); 0 for fp32 */
 static inline size_t llama2_groups(int n, int gs) { return gs > 0 ? (size_t)(n + gs - 1) / (size_t)gs : 0; }

@@ -98,8 +98,7 @@ INLINE_AVX2 void matmul_dense(float *out, const float *x, const void *p, int n, 
 }
 
 AVX2_FN static void matmul_f32_avx2(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
-    const int one_stream = w->cols >= 1024 && (int64_t)w->rows * w->cols * 4 >= ((int64_t)8 << 20);
-    matmul_dense(out, x, w->p, w->cols, r0, r1, 0, one_stream);
+    matmul_dense(out, x, w->p, w->cols, r0, r1, 0, llama2_f32_stream(w)); /* kernels.h */
 }
 
 AVX2_FN static void matmul_bf16_avx2(float *out, const float *x, const llama2_matrix *w, int r0, int r1) {
@@ -525,12 +524,17 @@ AVX2_FN static void attn_values_avx2(float *out, const float *att, const float *
 const llama2_kernels llama2_kernels_avx2 = {
     .name = "avx2",
     .packs = 1,
+    .pack_rows = 8,
+    .q8_format = LLAMA2_Q8_SIGNED_NO_MIN,
     .matmul_f32 = matmul_f32_avx2,
     .matmul_f32_batch = matmul_f32_batch_avx2,
     .matmul_q8_span = matmul_q8_span_avx2,
     .matmul_bf16 = matmul_bf16_avx2,
     .matmul_bf16_batch = matmul_bf16_batch_avx2,
     .matmul_q8 = matmul_q8_avx2,
+    .matmul_q4 = llama2_matmul_q4_avx2, /* kernels_q4.c */
+    .matmul_q4_batch = llama2_matmul_q4_batch_avx2,
+    .matmul_q8_batch = llama2_matmul_q8_batch_avx2,
     .attn_scores = attn_scores_avx2,
     .attn_values = attn_values_avx2,
 };

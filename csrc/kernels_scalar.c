@@ -119,6 +119,7 @@ const llama2_kernels llama2_kernels_scalar = {
     .matmul_f32 = matmul_f32_rows,
     .matmul_bf16 = matmul_bf16_rows,
     .matmul_q8 = llama2_matmul_q8_rows,
+    .matmul_q4 = llama2_matmul_q4_rows, /* kernels_q4.c */
     .attn_scores = attn_scores_scalar,
     .attn_values = attn_values_scalar,
 };

@@ -2,9 +2,9 @@
  * llama2.h - public interface of libllama2, the llama2c inference engine.
  *
  * The library reads llama2.c model files (versions 0, 1, 2 and this project's
- * versions 3 and 4, see docs/FORMAT.md) and tokenizer.bin files, runs the Llama 2
- * forward pass in fp32 or int8 (Q8_0), samples, and drives generate / chat
- * loops one token at a time.
+ * versions 3, 4 and 5, see docs/FORMAT.md), GGUF files and tokenizer.bin files,
+ * runs the Llama 2 forward pass in fp32, bf16, int8 (Q8_0) or 4-bit (Q4_0),
+ * samples, and drives generate / chat loops one token at a time.
  *
  * Rules every function follows:
  *   - it never exits, aborts or prints; failures return a non-zero
@@ -50,13 +50,17 @@ typedef struct {
 #define LLAMA2_WEIGHTS_F32 0
 #define LLAMA2_WEIGHTS_Q8_0 1
 #define LLAMA2_WEIGHTS_BF16 2
+#define LLAMA2_WEIGHTS_Q4_0 3 /* llama.cpp's 4-bit blocks (docs/FORMAT.md) */
+
+/* llama2_config.version of a GGUF file (versions 0-5 are .bin files) */
+#define LLAMA2_VERSION_GGUF 100
 
 typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
     int head_size, kv_dim;
     int shared_classifier; /* 1: the classifier is the token embedding */
-    int version;           /* file format version: 0-4 */
-    int weights;           /* LLAMA2_WEIGHTS_F32, _Q8_0 or _BF16 (as run) */
+    int version;           /* file format version: 0-4, or LLAMA2_VERSION_GGUF */
+    int weights;           /* LLAMA2_WEIGHTS_F32, _Q8_0, _BF16 or _Q4_0 (as run) */
     int group_size;        /* Q8_0 group size; 0 for fp32 */
     float rope_theta;      /* 10000 unless the file says otherwise (v3) */
     float norm_eps;        /* 1e-5 unless the file says otherwise (v3) */
@@ -73,6 +77,8 @@ LLAMA2_API int llama2_transformer_open(llama2_transformer **out, const char *pat
                                        unsigned flags, llama2_error *err);
 LLAMA2_API void llama2_transformer_free(llama2_transformer *t);
 LLAMA2_API const llama2_config *llama2_transformer_config(const llama2_transformer *t);
+/* A GGUF file's chat template (tokenizer.chat_template), or NULL. */
+LLAMA2_API const char *llama2_transformer_chat_template(const llama2_transformer *t);
 /* n <= 0: as many as the machine has; more than 256 counts as 256. Takes
  * effect on each context's next pass; not while a pass runs. */
 LLAMA2_API void llama2_transformer_set_threads(llama2_transformer *t, int n);

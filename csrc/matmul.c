@@ -18,7 +18,7 @@ static void matvec_batch_rows(float *out_base, size_t out_stride, const llama2_a
                               int n_batch, const llama2_matrix *w, int gs, const llama2_kernels *k,
                               int r0, int r1) {
     const llama2_weight_type *type = &llama2_weight_types[w->type];
-    if (n_batch > 1 && type->batch && type->batch(out_base, out_stride, a, n_batch, w, k, r0, r1)) return;
+    if (n_batch > 1 && type->batch && type->batch(out_base, out_stride, a, n_batch, w, gs, k, r0, r1)) return;
     size_t row_bytes = (size_t)w->cols * (size_t)type->bits / 8;
     int tile = (int)((192 * 1024) / (row_bytes ? row_bytes : 1));
     const int quad = 4 * LLAMA2_PACK_ROWS; /* whole 4-block units where they fit */

@@ -123,3 +123,17 @@ void llama2_buffers_free(llama2_buffers *b) {
  * buffers of 4 MB and more sit on 2 MB pages where the kernel allows it (a
  * 4 KB page walk every 4 KB costs memory bandwidth). */
 void *llama2_own(llama2_transformer *t, size_t bytes) { return llama2_buffers_alloc(&t->owned, bytes, 1); }
+
+int llama2_own_matrices(llama2_transformer *t, llama2_error *err) {
+    const int L = t->config.n_layers;
+    t->matrices = (llama2_matrix *)llama2_own(t, sizeof(llama2_matrix) * 7 * (size_t)L);
+    if (!t->matrices) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    t->wq = t->matrices;
+    t->wk = t->wq + L;
+    t->wv = t->wk + L;
+    t->wo = t->wv + L;
+    t->w1 = t->wo + L;
+    t->w2 = t->w1 + L;
+    t->w3 = t->w2 + L;
+    return LLAMA2_OK;
+}

@@ -53,23 +53,39 @@ static const char *tmp_path(const char *name) {
 
 /* ---- kernels ---- */
 
-/* every kernel this CPU can run, scalar first */
-static const llama2_kernels *kernel_list[4];
+/* every kernel table this CPU can run, scalar first; each tier's kernels
+ * are checked against the scalar loop bit for bit, on weights packed in that
+ * tier's own layout (kernels.h) */
+static const char *const tier_names[] = {"scalar", "avx2", "avx512", "neon-nosdot", "neon-sdot"};
+static const llama2_kernels *kernel_list[8];
 static int n_kernels = 0;
 
 static void find_kernels(void) {
-    const char *names[] = {"scalar", "avx2"};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        const llama2_kernels *k = llama2_kernels_by_name(names[i]);
-        if (k) kernel_list[n_kernels++] = k;
+    char skipped[512] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof(tier_names) / sizeof(tier_names[0]); i++) {
+        const llama2_kernels *k = llama2_kernels_by_name(tier_names[i]);
+        if (k) {
+            int seen = 0; /* "neon" and "neon-sdot" may be one table */
+            for (int j = 0; j < n_kernels; j++) seen |= kernel_list[j] == k;
+            if (!seen) kernel_list[n_kernels++] = k;
+        } else if (used < sizeof(skipped)) {
+            used += (size_t)snprintf(skipped + used, sizeof(skipped) - used, "\n  skipped %s: %s", tier_names[i],
+                                     llama2_kernels_unavailable(tier_names[i]));
+        }
     }
-    printf("kernels on this CPU:");
+    printf("kernel tiers tested against the scalar loop on this CPU:");
     for (int i = 0; i < n_kernels; i++) printf(" %s", kernel_list[i]->name);
-    printf("\n");
+    printf("%s\n", skipped);
 }
 
-/* a dummy transformer that owns packed buffers */
-static llama2_transformer *owner(void) { return (llama2_transformer *)calloc(1, sizeof(llama2_transformer)); }
+/* a dummy transformer that owns packed buffers, in the layout of kernels k */
+static llama2_transformer *owner_for(const llama2_kernels *k) {
+    llama2_transformer *t = (llama2_transformer *)calloc(1, sizeof(llama2_transformer));
+    t->kernels = k;
+    return t;
+}
+static llama2_transformer *owner(void) { return owner_for(NULL); }
 static void free_owner(llama2_transformer *t) {
     llama2_buffers_free(&t->owned);
     free(t);
@@ -85,10 +101,8 @@ static void check_f32(int n, int d) {
     float *ref = malloc(sizeof(float) * d), *out = malloc(sizeof(float) * d);
     for (size_t i = 0; i < (size_t)n * d; i++) w[i] = frand();
     for (int i = 0; i < n; i++) x[i] = frand();
-    llama2_transformer *t = owner();
-    llama2_matrix m = {.rows = d, .cols = n, .f = w};
-    llama2_pack_f32(t, &m, NULL);
-    llama2_kernels_scalar.matmul_f32(ref, x, &m, 0, d);
+    llama2_matrix m0 = {.rows = d, .cols = n, .f = w};
+    llama2_kernels_scalar.matmul_f32(ref, x, &m0, 0, d);
     if (n <= 512) {
         double worst = 0;
         for (int i = 0; i < d; i++) {
@@ -99,6 +113,9 @@ static void check_f32(int n, int d) {
         CHECK(worst < 1e-5, "scalar fp32 matmul %dx%d matches double math (max err %g)", d, n, worst);
     }
     for (int k = 1; k < n_kernels; k++) {
+        llama2_transformer *t = owner_for(kernel_list[k]);
+        llama2_matrix m = m0;
+        llama2_pack_f32(t, &m, NULL);
         /* whole range, and an 8-aligned sub-range as a thread would get */
         for (int i = 0; i < d; i++) out[i] = -1.0f;
         kernel_list[k]->matmul_f32(out, x, &m, 0, d);
@@ -111,8 +128,8 @@ static void check_f32(int n, int d) {
                      memcmp(out + 8, ref + 8, sizeof(float) * (d - 11)) == 0;
             CHECK(ok, "%s fp32 matmul writes exactly rows [8, %d)", kernel_list[k]->name, d - 3);
         }
+        free_owner(t);
     }
-    free_owner(t);
     free(w); free(x); free(ref); free(out);
 }
 
@@ -125,17 +142,18 @@ static void check_f32_batch(int n, int d, int nt) {
     float *ref = malloc(sizeof(float) * os * nt), *out = malloc(sizeof(float) * os * nt);
     for (int i = 0; i < n * d; i++) w[i] = frand();
     for (int i = 0; i < n * nt; i++) x[i] = frand();
-    llama2_transformer *t = owner();
-    llama2_matrix m = {.rows = d, .cols = n, .f = w};
-    llama2_pack_f32(t, &m, NULL);
+    llama2_matrix m0 = {.rows = d, .cols = n, .f = w};
     llama2_activation a[64];
     for (int b = 0; b < nt; b++) {
         a[b].x = x + (size_t)b * n;
         a[b].n = n;
-        llama2_kernels_scalar.matmul_f32(ref + b * os, a[b].x, &m, 0, d);
+        llama2_kernels_scalar.matmul_f32(ref + b * os, a[b].x, &m0, 0, d);
     }
     for (int k = 1; k < n_kernels; k++) {
         if (!kernel_list[k]->matmul_f32_batch) continue;
+        llama2_transformer *t = owner_for(kernel_list[k]);
+        llama2_matrix m = m0;
+        llama2_pack_f32(t, &m, NULL);
         int r0 = d > 16 ? 8 : 0, r1 = d > 16 ? d - 3 : d;
         for (size_t i = 0; i < os * nt; i++) out[i] = -1.0f;
         kernel_list[k]->matmul_f32_batch(out, os, a, nt, &m, r0, r1);
@@ -147,8 +165,8 @@ static void check_f32_batch(int n, int d, int nt) {
         }
         CHECK(ok, "%s batched fp32 matmul %dx%d x %d tokens, rows [%d, %d): bit-identical, nothing else written",
               kernel_list[k]->name, d, n, nt, r0, r1);
+        free_owner(t);
     }
-    free_owner(t);
     free(w); free(x); free(ref); free(out);
 }
 
@@ -168,9 +186,7 @@ static void check_bf16(int n, int d, int nt) {
         wf[i] = llama2_bf16_to_f32(h[i]);
     }
     for (int i = 0; i < n * nt; i++) x[i] = frand();
-    llama2_transformer *t = owner();
-    llama2_matrix mf = {.rows = d, .cols = n, .f = wf}, mh = {.rows = d, .cols = n, .h = h};
-    llama2_pack_bf16(t, &mh, NULL);
+    llama2_matrix mf = {.rows = d, .cols = n, .f = wf}, mh0 = {.rows = d, .cols = n, .h = h};
     llama2_activation a[64];
     double worst = 0;
     for (int b = 0; b < nt; b++) {
@@ -187,11 +203,17 @@ static void check_bf16(int n, int d, int nt) {
     CHECK(worst < 1e-5, "bf16 fused products %dx%d are within rounding of the fp32 products (rel %g)", d, n, worst);
     for (int k = 0; k < n_kernels; k++) {
         const llama2_kernels *K = kernel_list[k];
+        llama2_transformer *t = owner_for(K);
+        llama2_matrix mh = mh0;
+        if (K->packs) llama2_pack_bf16(t, &mh, NULL);
         for (size_t i = 0; i < os; i++) out[i] = -1.0f;
         K->matmul_bf16(out, x, &mh, 0, d);
         CHECK(memcmp(out, ref, sizeof(float) * d) == 0 && out[d] == -1.0f,
               "%s bf16 matmul %dx%d is bit-identical to the fused multiply-add chain", K->name, d, n);
-        if (!K->matmul_bf16_batch) continue;
+        if (!K->matmul_bf16_batch) {
+            free_owner(t);
+            continue;
+        }
         int r0 = d > 16 ? 8 : 0, r1 = d > 16 ? d - 3 : d, ok = 1;
         for (size_t i = 0; i < os * nt; i++) out[i] = -1.0f;
         K->matmul_bf16_batch(out, os, a, nt, &mh, r0, r1);
@@ -201,8 +223,8 @@ static void check_bf16(int n, int d, int nt) {
                  o[r1] == -1.0f;
         }
         CHECK(ok, "%s batched bf16 matmul %dx%d x %d tokens: bit-identical", K->name, d, n, nt);
+        free_owner(t);
     }
-    free_owner(t);
     free(h); free(wf); free(x); free(ref); free(out);
 }
 
@@ -241,18 +263,26 @@ static void check_q8_extremes(int n, int d, int gs) {
         for (int64_t i = 0; i < total; i++) wq[i] = (int8_t)((i * 7 % 3) ? -127 : 127);
         for (int i = 0; i < n; i++) xq[i] = (int8_t)((i % 5 == 1) ? -127 : 127);
         if (with_min) wq[3] = wq[total - 1] = -128;
-        llama2_matrix m = {.rows = d, .cols = n, .q = wq, .s = ws};
-        llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m, gs, 0, d);
+        llama2_matrix m0 = {.rows = d, .cols = n, .q = wq, .s = ws};
+        llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m0, gs, 0, d);
         llama2_transformer *t = owner();
+        llama2_matrix m = m0;
         llama2_pack_scales(t, &m, gs, NULL);
-        CHECK((m.pq == NULL) == with_min, "int8 values regrouped %s (n=%d gs=%d)",
+        CHECK((m.pq == NULL) == with_min, "int8 values regrouped (sign-trick layout) %s (n=%d gs=%d)",
               with_min ? "not at all when a -128 is present" : "when all are in [-127, 127]", n, gs);
-        for (int k = 1; k < n_kernels; k++) {
-            kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
-            CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s q8 matmul with %s is bit-identical to scalar",
-                  kernel_list[k]->name, with_min ? "a -128 weight" : "+-127 everywhere");
-        }
         free_owner(t);
+        for (int k = 1; k < n_kernels; k++) {
+            const llama2_kernels *K = kernel_list[k];
+            t = owner_for(K);
+            m = m0;
+            llama2_pack_scales(t, &m, gs, NULL);
+            if (K->q8_format != LLAMA2_Q8_SIGNED_NO_MIN)
+                CHECK(m.pq != NULL, "%s: int8 values regrouped whatever their values (n=%d gs=%d)", K->name, n, gs);
+            K->matmul_q8(out, xq, xs, &m, gs, 0, d);
+            CHECK(memcmp(out, ref, sizeof(float) * d) == 0, "%s q8 matmul with %s is bit-identical to scalar",
+                  K->name, with_min ? "a -128 weight" : "+-127 everywhere");
+            free_owner(t);
+        }
     }
     free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
@@ -268,8 +298,8 @@ static void check_q8(int n, int d, int gs) {
     for (int i = 0; i < n; i++) x[i] = frand() * 3;
     llama2_quantize_weights(wq, ws, w, total, gs);
     llama2_quantize(xq, xs, x, n, gs);
-    llama2_matrix m = {.rows = d, .cols = n, .q = wq, .s = ws};
-    llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m, gs, 0, d);
+    const llama2_matrix m0 = {.rows = d, .cols = n, .q = wq, .s = ws};
+    llama2_kernels_scalar.matmul_q8(ref, xq, xs, &m0, gs, 0, d);
     double worst = 0, worst_q = 0;
     for (int i = 0; i < d; i++) {
         double exact = 0;
@@ -286,10 +316,11 @@ static void check_q8(int n, int d, int gs) {
     CHECK(worst < 1e-5, "q8 matmul n=%d d=%d gs=%d matches dequantized math (rel err %g)", n, d, gs, worst);
     CHECK(worst_q <= 1e-7, "q8 weights within half a step of fp32 (n=%d gs=%d)", n, gs);
     if (n % gs == 0 && gs % 32 == 0) {
-        llama2_transformer *t = owner();
         for (int packed = 0; packed < 2; packed++) {
-            if (packed) llama2_pack_scales(t, &m, gs, NULL);
             for (int k = 1; k < n_kernels; k++) {
+                llama2_transformer *t = owner_for(kernel_list[k]);
+                llama2_matrix m = m0;
+                if (packed) llama2_pack_scales(t, &m, gs, NULL);
                 for (int i = 0; i < d; i++) out[i] = -1.0f;
                 kernel_list[k]->matmul_q8(out, xq, xs, &m, gs, 0, d);
                 CHECK(memcmp(out, ref, sizeof(float) * d) == 0,
@@ -301,19 +332,24 @@ static void check_q8(int n, int d, int gs) {
                     CHECK(out[7] == -1.0f && memcmp(out + 8, ref + 8, sizeof(float) * (d - 8)) == 0,
                           "%s q8 matmul writes exactly rows [8, %d)", kernel_list[k]->name, d);
                 }
+                free_owner(t);
             }
         }
-        free_owner(t);
     }
     if (n % gs != 0 && n % 32 == 0 && gs % 32 == 0) { /* groups span rows in whole 32-value runs */
-        llama2_transformer *t = owner();
         for (int packed = 0; packed < 2; packed++)
         for (int k = 1; k < n_kernels; k++) {
-            if (packed && !m.pq) {
+            llama2_transformer *t = owner_for(kernel_list[k]);
+            llama2_matrix m = m0;
+            if (packed) {
                 llama2_pack_scales(t, &m, gs, NULL);
-                CHECK(m.pq && m.pends, "q8 span matrix n=%d gs=%d gets the regrouped layout", n, gs);
+                CHECK(m.pq && m.pends, "q8 span matrix n=%d gs=%d gets the %s regrouped layout", n, gs,
+                      kernel_list[k]->name);
             }
-            if (!kernel_list[k]->matmul_q8_span) continue;
+            if (!kernel_list[k]->matmul_q8_span) {
+                free_owner(t);
+                continue;
+            }
             for (int i = 0; i < d; i++) out[i] = -1.0f;
             kernel_list[k]->matmul_q8_span(out, xq, xs, &m, gs, 0, d);
             CHECK(memcmp(out, ref, sizeof(float) * d) == 0,
@@ -325,8 +361,8 @@ static void check_q8(int n, int d, int gs) {
                 CHECK(out[0] == -1.0f && out[d - 1] == -1.0f && memcmp(out + 1, ref + 1, sizeof(float) * (d - 2)) == 0,
                       "%s q8 span matmul writes exactly rows [1, %d)", kernel_list[k]->name, d - 1);
             }
+            free_owner(t);
         }
-        free_owner(t);
     }
     free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
@@ -768,6 +804,62 @@ static void test_contexts(void) {
     remove(path);
 }
 
+/* LLAMA2_KERNELS forces a tier the CPU runs; a tier it cannot run (or a
+ * name that is no tier) falls back to the best it runs, with a reason, and
+ * models opened under each tier give bit-identical logits, fp32 and int8
+ * (groups across rows included: w2's rows of 160 with groups of 32... 64). */
+static void test_tiers(void) {
+    const char *saved = getenv("LLAMA2_KERNELS");
+    char keep[64] = "";
+    if (saved) snprintf(keep, sizeof(keep), "%s", saved);
+    unsetenv("LLAMA2_KERNELS");
+    const llama2_kernels *best = llama2_kernels_select();
+    printf("kernel tier chosen here: %s (%s)\n", llama2_kernels_name(), llama2_kernels_reason());
+    printf("cpu features seen: %s\n", llama2_cpu_features());
+    CHECK(strlen(llama2_kernels_reason()) > 0, "the default choice has a reason");
+    const char *names[] = {"portable", "scalar", "avx2", "avx512", "neon", "no-such-tier"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        setenv("LLAMA2_KERNELS", names[i], 1);
+        const llama2_kernels *want = llama2_kernels_by_name(names[i]);
+        const llama2_kernels *got = llama2_kernels_select();
+        const char *reason = llama2_kernels_reason();
+        if (want)
+            CHECK(got == want && strstr(reason, "forced"), "LLAMA2_KERNELS=%s forces %s: %s", names[i], got->name, reason);
+        else
+            CHECK(got == best && strstr(reason, "cannot run") && strstr(reason, best->name),
+                  "LLAMA2_KERNELS=%s falls back to %s: %s", names[i], got->name, reason);
+    }
+    /* whole models under every tier */
+    const char *path = tmp_path("tiers.bin");
+    write_v1(path, 64, 160, 2, 4, 2, 40, 64);
+    const int toks[6] = {1, 5, 9, 30, 2, 17};
+    for (int quantize = 0; quantize < 2; quantize++) {
+        float ref[40], *logits = NULL;
+        for (int k = 0; k < n_kernels; k++) {
+            for (size_t i = 0; i < sizeof(tier_names) / sizeof(tier_names[0]); i++) /* the name that forces this table */
+                if (llama2_kernels_by_name(tier_names[i]) == kernel_list[k]) setenv("LLAMA2_KERNELS", tier_names[i], 1);
+            llama2_transformer *t;
+            llama2_error err;
+            if (llama2_transformer_open(&t, path, quantize ? LLAMA2_OPEN_QUANTIZE : 0, &err) != LLAMA2_OK) {
+                CHECK(0, "tier model opens: %s", err.message);
+                continue;
+            }
+            int ok = 1;
+            float last[40];
+            ok &= llama2_forward_batch(t, toks, 4, 0, &logits, &err) == LLAMA2_OK; /* prefill */
+            ok &= llama2_forward(t, toks[4], 4, &logits, &err) == LLAMA2_OK;        /* decode */
+            ok &= llama2_forward(t, toks[5], 5, &logits, &err) == LLAMA2_OK;
+            if (ok) memcpy(k ? last : ref, logits, sizeof(last));
+            if (k) CHECK(ok && memcmp(last, ref, sizeof(last)) == 0, "%s %s model: logits bit-identical to scalar",
+                         kernel_list[k]->name, quantize ? "int8" : "fp32");
+            llama2_transformer_free(t);
+        }
+    }
+    remove(path);
+    if (saved) setenv("LLAMA2_KERNELS", keep, 1);
+    else unsetenv("LLAMA2_KERNELS");
+}
+
 /* A vocabulary too small for byte fallback (ids 3..258) gets <unk>. */
 static void test_small_vocab_byte_fallback(void) {
     const char *pieces[] = {"<unk>", "<s>", "</s>", " ", "a", "b", "ab"};
@@ -862,15 +954,20 @@ int main(void) {
     check_f32(172, 64);
     check_f32(1024, 2061); /* 8 MB: one stream */
     check_f32(1025, 2050); /* one stream, odd row length: the last column after the line pairs */
+    check_f32(288, 27);    /* rows [8, 24): halves of 16-row blocks at both ends */
+    check_f32(1024, 2059); /* ... one stream */
     check_f32_batch(37, 11, 3);
     check_f32_batch(288, 288, 4);
     check_f32_batch(600, 90, 7);   /* 3 column tiles, rows not a multiple of 24 or 8 */
     check_f32_batch(256, 48, 9);
     check_f32_batch(513, 200, 32);
+    check_f32_batch(256, 72, 64);  /* whole 8-token tiles over 2-block pairs, a lone last block */
+    check_f32_batch(1024, 2056, 9); /* 8 MB, long rows: AVX-512's 8-row stream layout, odd block count */
     check_bf16(37, 11, 3);
     check_bf16(288, 288, 4);
     check_bf16(600, 90, 7);
     check_bf16(513, 200, 32);
+    check_bf16(256, 72, 20);
     check_q8(64, 16, 64);
     check_q8_extremes(256, 40, 64);
     check_quantize_rounding();
@@ -885,6 +982,11 @@ int main(void) {
     check_q8(224, 24, 96);  /* runs where no row's segment ends */
     check_q8(96, 16, 64);
     check_q8(100, 8, 32);
+    check_q8(256, 40, 64);    /* rows [8, 40): half blocks at both ends */
+    check_q8(128, 80, 32);    /* 4-block passes of 16 rows, and one more block */
+    check_q8(256, 80, 128);
+    check_q8(16416, 8, 32);   /* rows longer than the kernels' stack of per-run sums */
+    check_q8(16416, 8, 64);   /* ... with groups across rows */
     test_quantize_edges();
     test_softmax_rmsnorm();
     check_attention(48, 1, 288);   /* stories15M: one position */
@@ -899,6 +1001,7 @@ int main(void) {
     test_utf8_filter();
     test_model_errors();
     test_contexts();
+    test_tiers();
     test_small_vocab_byte_fallback();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;

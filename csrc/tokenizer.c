@@ -202,6 +202,15 @@ int llama2_tokenizer_open(llama2_tokenizer **out, const char *path, int vocab_si
     if (rc) return rc;
     llama2_tokenizer *tk = (llama2_tokenizer *)calloc(1, sizeof(*tk));
     if (!tk) { free(data); return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); }
+    if (llama2_is_gguf(data, (int64_t)size)) { /* a GGUF model: its own vocabulary, as a tokenizer.bin image */
+        unsigned char *bin = NULL;
+        size_t bin_size = 0;
+        rc = llama2_gguf_tokenizer_bin(data, size, &bin, &bin_size, err);
+        free(data);
+        if (rc) { free(tk); return rc; }
+        data = bin;
+        size = bin_size;
+    }
     rc = parse(tk, data, size, vocab_size, path, err);
     free(data);
     if (rc) { llama2_tokenizer_free(tk); return rc; }

@@ -1,6 +1,6 @@
 /*
  * weight_types.c - each weight type as data. A matrix carries its type
- * (llama2_matrix.type, one of LLAMA2_WEIGHTS_*); this table says, per type,
+ * (llama2_matrix.type, one of LLAMA2_WEIGHTS_*: f32, q8_0, bf16, q4_0); this table says, per type,
  * how many bytes a row takes, how a product of rows runs (this CPU's kernel
  * when the matrix was packed for it, else the portable loop the kernels are
  * tested against), whether there is a batched kernel, how the type is packed
@@ -46,7 +46,7 @@ static void f32_rows(float *out, const llama2_activation *a, const llama2_matrix
     use->matmul_f32(out, a->x, w, r0, r1);
 }
 
-static int f32_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w,
+static int f32_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w, int gs,
                      const llama2_kernels *k, int r0, int r1) {
     if (!(k->packs && w->p && k->matmul_f32_batch)) return 0;
     k->matmul_f32_batch(out, stride, a, n, w, r0, r1); /* register-blocked */
@@ -69,7 +69,7 @@ static void bf16_rows(float *out, const llama2_activation *a, const llama2_matri
     use->matmul_bf16(out, a->x, w, r0, r1);
 }
 
-static int bf16_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w,
+static int bf16_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w, int gs,
                       const llama2_kernels *k, int r0, int r1) {
     if (!(k->packs && w->ph && k->matmul_bf16_batch)) return 0;
     k->matmul_bf16_batch(out, stride, a, n, w, r0, r1);
@@ -96,6 +96,14 @@ static void q8_rows(float *out, const llama2_activation *a, const llama2_matrix 
         llama2_matmul_q8_rows(out, a->q, a->s, w, gs, r0, r1);
 }
 
+/* groups that run across rows (n % gs != 0) have no batched kernel: row tiles (matmul.c) */
+static int q8_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w, int gs,
+                    const llama2_kernels *k, int r0, int r1) {
+    if (!(k->matmul_q8_batch && w->pq && w->ps && gs % 32 == 0 && w->cols % gs == 0)) return 0;
+    k->matmul_q8_batch(out, stride, a, n, w, gs, r0, r1); /* register-blocked over tokens (kernels_q4.c) */
+    return 1;
+}
+
 static int q8_pack(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
     return llama2_pack_scales(t, m, gs, err);
 }
@@ -104,11 +112,36 @@ static int64_t q8_nonfinite(const llama2_matrix *m, int gs) { /* int8 values are
     return llama2_first_nonfinite(m->s, (int64_t)m->rows * m->cols / gs, 0);
 }
 
+/* ---- Q4_0 (kernels_q4.c): activations in Q8_0 blocks of 32 (gs = 32) ---- */
+
+static void q4_rows(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,
+                    const llama2_kernels *k, int r0, int r1) {
+    if (w->pq4 && k->matmul_q4)
+        k->matmul_q4(out, a->q, a->s, w, r0, r1);
+    else
+        llama2_matmul_q4_rows(out, a->q, a->s, w, r0, r1);
+}
+
+static int q4_batch(float *out, size_t stride, const llama2_activation *a, int n, const llama2_matrix *w, int gs,
+                    const llama2_kernels *k, int r0, int r1) {
+    if (!(w->pq4 && k->matmul_q4_batch)) return 0;
+    k->matmul_q4_batch(out, stride, a, n, w, r0, r1); /* register-blocked over tokens */
+    return 1;
+}
+
+static int q4_pack(llama2_transformer *t, llama2_matrix *m, int gs, llama2_error *err) {
+    return llama2_pack_q4(t, m, err);
+}
+
+static int64_t q4_nonfinite(const llama2_matrix *m, int gs) { return llama2_q4_first_nonfinite(m); }
+
 const llama2_weight_type llama2_weight_types[LLAMA2_N_WEIGHT_TYPES] = {
     [LLAMA2_WEIGHTS_F32] = {.name = "f32", .bits = 32, .rows = f32_rows, .batch = f32_batch,
                             .pack = f32_pack, .first_nonfinite = f32_nonfinite},
-    [LLAMA2_WEIGHTS_Q8_0] = {.name = "q8_0", .bits = 8, .rows = q8_rows, .batch = NULL,
+    [LLAMA2_WEIGHTS_Q8_0] = {.name = "q8_0", .bits = 8, .rows = q8_rows, .batch = q8_batch,
                              .pack = q8_pack, .first_nonfinite = q8_nonfinite},
     [LLAMA2_WEIGHTS_BF16] = {.name = "bf16", .bits = 16, .rows = bf16_rows, .batch = bf16_batch,
                              .pack = bf16_pack, .first_nonfinite = bf16_nonfinite},
+    [LLAMA2_WEIGHTS_Q4_0] = {.name = "q4_0", .bits = 4, .rows = q4_rows, .batch = q4_batch,
+                             .pack = q4_pack, .first_nonfinite = q4_nonfinite},
 };

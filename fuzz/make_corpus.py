@@ -6,7 +6,7 @@
 Every seed is one harness input: a selector byte, 8 knob bytes, then the
 target's files (see the comment at the top of csrc/fuzz_llama2.c or
 fuzz/README.md). The seeds are tiny valid model files of every format
-version (0-4: legacy, fp32, Q8_0, fp32 with rope_theta / norm_eps, bf16),
+version (0-5: legacy, fp32, Q8_0, fp32 with rope_theta / norm_eps, bf16, Q4_0),
 shared and unshared classifiers, GQA / MQA, small tokenizers with and
 without <0xHH> byte tokens, full runs that tie them together, and the
 hostile cases the engine must reject or survive: vocabularies below 259
@@ -146,6 +146,14 @@ def model_bytes(c: Cfg, w: dict, version: int, gs: int | None = None) -> bytes:
         return header_versioned(c, 2, shared, g) + norms + b"".join(parts)
     if version == 4:
         return header_versioned(c, 4, shared) + norms + b"".join(bf16(m) for m in mats)
+    if version == 5:  # Q4_0 blocks (GGUF's), w2 fp32 when its rows are not whole blocks
+        parts = [gg_tensor_bytes(w["emb"], GG_Q4_0)]
+        for k in LAYER_MATS:
+            parts += [f32(w[k][layer]) if k == "w2" and c.hidden_dim % 32 else gg_tensor_bytes(w[k][layer], GG_Q4_0)
+                      for layer in range(c.n_layers)]
+        if not shared:
+            parts.append(gg_tensor_bytes(w["wcls"], GG_Q4_0))
+        return header_versioned(c, 5, shared) + norms + b"".join(parts)
     return header_versioned(c, version, shared) + norms + b"".join(f32(m) for m in mats)
 
 
@@ -202,6 +210,94 @@ def tokenizer_bytes(pieces: list[tuple[bytes, float]], max_len: int | None = Non
 
 def raw_entry(piece: bytes, score: float = 0.0, length: int | None = None) -> bytes:
     return struct.pack("<fi", score, len(piece) if length is None else length) + piece
+
+
+# ---------------------------------------------------------------------------
+# GGUF files (llama.cpp's format), written here with numpy only
+# ---------------------------------------------------------------------------
+
+GG_F32, GG_F16, GG_Q4_0, GG_Q8_0, GG_BF16 = 0, 1, 2, 8, 30
+GG_TYPE_BLOCK = {GG_F32: (1, 4), GG_F16: (1, 2), GG_Q4_0: (32, 18), GG_Q8_0: (32, 34), GG_BF16: (1, 2),
+                 12: (256, 144)}
+GG_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+            "w2": "ffn_down", "w3": "ffn_up"}
+
+
+def gg_str(s: bytes | str) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def gg_kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return gg_str(key) + struct.pack("<I", vtype) + payload
+
+
+def gg_tensor_bytes(a: np.ndarray, gtype: int) -> bytes:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    if gtype == GG_F32:
+        return a.tobytes()
+    if gtype == GG_F16:
+        return a.astype("<f2").tobytes()
+    if gtype == GG_BF16:
+        return (a.view("<u4") >> 16).astype("<u2").tobytes()
+    blocks = a.reshape(-1, 32)
+    if gtype == GG_Q8_0:
+        d = (np.abs(blocks).max(axis=1) / 127).astype("<f2")
+        inv = np.where(d == 0, 0, 1 / np.maximum(d.astype("<f4"), 1e-30))
+        q = np.clip(np.round(blocks * inv[:, None]), -127, 127).astype("i1")
+        return b"".join(d[i].tobytes() + q[i].tobytes() for i in range(len(blocks)))
+    if gtype == GG_Q4_0:
+        d = (np.abs(blocks).max(axis=1) / 8).astype("<f2")
+        inv = np.where(d == 0, 0, 1 / np.maximum(d.astype("<f4"), 1e-30))
+        q = np.clip(np.round(blocks * inv[:, None]) + 8, 0, 15).astype("u1")
+        packed = q[:, :16] | (q[:, 16:] << 4)
+        return b"".join(d[i].tobytes() + packed[i].tobytes() for i in range(len(blocks)))
+    block, size = GG_TYPE_BLOCK[gtype]
+    return bytes(a.size // block * size)  # an unsupported type: zero bytes of its size
+
+
+def gguf_bytes(c: Cfg, w: dict, mtype: int = GG_F32, pieces=None, arch: str = "llama", version: int = 3,
+               drop=(), extra_kv: bytes = b"", n_kv_extra: int = 0, template: str | None = None) -> bytes:
+    """A GGUF model of weights w (as weights() makes them): matrices in mtype,
+    norms F32, with a vocabulary (tokens, scores, types) when pieces are given."""
+    kvs = [gg_kv("general.architecture", 8, gg_str(arch))]
+    for key, value in [("context_length", c.seq_len), ("embedding_length", c.dim), ("block_count", c.n_layers),
+                       ("feed_forward_length", c.hidden_dim), ("attention.head_count", c.n_heads),
+                       ("attention.head_count_kv", c.n_kv_heads)]:
+        kvs.append(gg_kv(f"{arch}.{key}", 4, struct.pack("<I", value)))
+    kvs.append(gg_kv(f"{arch}.rope.freq_base", 6, struct.pack("<f", c.rope_theta)))
+    kvs.append(gg_kv(f"{arch}.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", c.norm_eps)))
+    if pieces is not None:
+        tokens = [p.replace(b" ", "\u2581".encode()) for p, _ in pieces]
+        kvs.append(gg_kv("tokenizer.ggml.model", 8, gg_str("llama")))
+        kvs.append(gg_kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, len(tokens)) + b"".join(gg_str(t) for t in tokens)))
+        kvs.append(gg_kv("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, len(pieces)) +
+                         struct.pack(f"<{len(pieces)}f", *[sc for _, sc in pieces])))
+        kvs.append(gg_kv("tokenizer.ggml.token_type", 9, struct.pack("<IQ", 5, len(pieces)) +
+                         struct.pack(f"<{len(pieces)}i", *([2, 3, 3] + [1] * (len(pieces) - 3)))))
+    if template is not None:
+        kvs.append(gg_kv("tokenizer.chat_template", 8, gg_str(template)))
+    tensors = [("token_embd.weight", w["emb"], mtype), ("output_norm.weight", w["rms_final"], GG_F32)]
+    for layer in range(c.n_layers):
+        tensors.append((f"blk.{layer}.attn_norm.weight", w["rms_att"][layer], GG_F32))
+        tensors.append((f"blk.{layer}.ffn_norm.weight", w["rms_ffn"][layer], GG_F32))
+        for k, gname in GG_NAMES.items():
+            tensors.append((f"blk.{layer}.{gname}.weight", w[k][layer], mtype))
+    if "wcls" in w:
+        tensors.append(("output.weight", w["wcls"], mtype))
+    tensors = [t for t in tensors if t[0] not in drop]
+    infos, data = [], b""
+    for name, a, gtype in tensors:
+        a = np.asarray(a)
+        gtype = gtype if (gtype in (GG_F32, GG_F16, GG_BF16) or a.shape[-1] % 32 == 0) else GG_F32
+        dims = list(reversed(a.shape))
+        infos.append(gg_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+                     + struct.pack("<IQ", gtype, len(data)))
+        data += gg_tensor_bytes(a, gtype)
+        data += bytes(-len(data) % 32)
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs) + n_kv_extra) + b"".join(kvs) + extra_kv
+    head += b"".join(infos)
+    return head + bytes(-len(head) % 32) + data
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +372,11 @@ def seeds() -> dict[str, bytes]:
             if c.dim % 8 == 0:
                 models[f"v2-gs8-{tag}"] = model_bytes(c, w, 2, gs=8)
             models[f"v2-gs2-{tag}"] = model_bytes(c, w, 2, gs=2)
+            if c.dim % 32 == 0:
+                models[f"v5-{tag}"] = model_bytes(c, w, 5)
+    q4c = Cfg(32, 64, 2, 4, 2, 300, 16)  # every matrix Q4_0 (mqa's hidden 48 keeps w2 fp32)
+    models["v5-q4-shared"] = model_bytes(q4c, weights(q4c, 97), 5)
+    models["v5-q4-unshared"] = model_bytes(q4c, weights(q4c, 96, shared=False), 5)
     theta = replace(gqa, rope_theta=1e6, norm_eps=1e-6)
     models["v3-theta1e6-gqa"] = model_bytes(theta, weights(theta, 99), 3)
     models["v4-theta5e5-mqa"] = model_bytes(replace(mqa, rope_theta=5e5), weights(mqa, 98), 4)
@@ -287,6 +388,7 @@ def seeds() -> dict[str, bytes]:
         out[f"model-{name}-quantize"] = model_input(models[name], QUANTIZE)
     out["model-v1-gqa-threads2"] = model_input(models["v1-gqa-unshared"], THREADS2)
     out["model-v2-gqa-threads2"] = model_input(models["v2-gqa-shared"], THREADS2 | QUANTIZE)
+    out["model-v5-q4-threads2"] = model_input(models["v5-q4-shared"], THREADS2 | QUANTIZE)
     # hostile tokens, positions and batch sizes on a valid model (k[3] >> 2: 48-55 hostile
     # batch positions, 56-63 odd batch sizes; k[0], k[1], k[4..6] >= 240: hostile tokens)
     v1 = models["v1-gqa-shared"]
@@ -514,6 +616,41 @@ def seeds() -> dict[str, bytes]:
     }
     for name, data in full.items():
         out[f"full-{name}"] = data
+
+    # --- GGUF files: every type the engine reads, their vocabulary, and broken ones ---
+    g32 = Cfg(32, 64, 2, 4, 2, 300, 16)  # rows of 32: the block types fit
+    wg = weights(g32, seed=77)
+    wg_un = weights(g32, seed=78, shared=False)
+    pieces = vocab_pieces(300, True)
+    ggufs = {f"{n}-{tag}": gguf_bytes(g32, ww, t, pieces)
+             for n, t in [("f32", GG_F32), ("f16", GG_F16), ("bf16", GG_BF16), ("q8", GG_Q8_0), ("q4", GG_Q4_0)]
+             for tag, ww in [("shared", wg), ("unshared", wg_un)]}
+    good = ggufs["q8-shared"]
+    ggufs.update({
+        "v2": gguf_bytes(g32, wg, GG_F32, pieces, version=2),
+        "v9": gguf_bytes(g32, wg, GG_F32, pieces, version=9),
+        "gpt2-arch": gguf_bytes(g32, wg, GG_F32, pieces, arch="gpt2"),
+        "no-vocab": gguf_bytes(g32, wg, GG_F32, None),
+        "missing-tensor": gguf_bytes(g32, wg, GG_F32, pieces, drop=("blk.1.ffn_up.weight",)),
+        "q4k": gguf_bytes(Cfg(256, 256, 1, 4, 4, 300, 8), weights(Cfg(256, 256, 1, 4, 4, 300, 8), 79), 12, pieces),
+        "template": gguf_bytes(g32, wg, GG_F32, pieces, template="{{ messages[0].content }}"),
+        "nested-array": gguf_bytes(g32, wg, GG_F32, pieces, n_kv_extra=1,
+                                   extra_kv=gg_kv("x.nested", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 2) + bytes(8))),
+        "huge-string": gguf_bytes(g32, wg, GG_F32, pieces, n_kv_extra=1,
+                                  extra_kv=gg_str("x.s") + struct.pack("<IQ", 8, 1 << 62)),
+        "huge-array": gguf_bytes(g32, wg, GG_F32, pieces, n_kv_extra=1,
+                                 extra_kv=gg_str("x.a") + struct.pack("<IIQ", 9, 4, 1 << 61)),
+        "truncated": good[:len(good) - 100],
+        "header-only": good[:24],
+        "many-tensors": poke(good, 8, "<Q", 1 << 40),
+    })
+    for name, data in ggufs.items():
+        out[f"gguf-model-{name}"] = model_input(data)
+        out[f"gguf-tok-{name}"] = tok_input(data, texts["ascii"], 1, 300)
+    for name in ("f32-shared", "q8-unshared", "q4-shared", "bf16-unshared", "f16-shared", "template"):
+        out[f"gguf-full-{name}"] = full_input(ggufs[name], ggufs[name], prompt, temp=1)
+        out[f"gguf-full-{name}-quantize"] = full_input(ggufs[name], ggufs[name], prompt, sel=QUANTIZE)
+    out["gguf-full-q8-chat"] = full_input(ggufs["q8-shared"], ggufs["q8-shared"], b"hi", chat=True, run=True)
 
     # --- reference files from ../shared/data (not committed anywhere) ---
     ref = SHARED / "tinyllamas" / "stories260K"

@@ -36,6 +36,7 @@ typedef struct llama2_transformer llama2_transformer;
 int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned flags, llama2_error *err);
 void llama2_transformer_free(llama2_transformer *t);
 const llama2_config *llama2_transformer_config(const llama2_transformer *t);
+const char *llama2_transformer_chat_template(const llama2_transformer *t);
 void llama2_transformer_set_threads(llama2_transformer *t, int n);
 typedef struct llama2_context llama2_context;
 int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err);
@@ -102,7 +103,8 @@ OK, ERR_NOT_FOUND, ERR_IO, ERR_FORMAT, ERR_ARGUMENT, ERR_NOMEM, ERR_STATE = rang
 OPEN_QUANTIZE = 1
 MODE_GENERATE, MODE_CHAT, MODE_CONVERSATION = 0, 1, 2
 STEP_TOKEN, STEP_DONE, STEP_NEED_INPUT, STEP_ERROR = 0, 1, 2, -1
-WEIGHTS_F32, WEIGHTS_Q8_0, WEIGHTS_BF16 = 0, 1, 2
+WEIGHTS_F32, WEIGHTS_Q8_0, WEIGHTS_BF16, WEIGHTS_Q4_0 = 0, 1, 2, 3
+VERSION_GGUF = 100
 
 ffi = FFI()
 ffi.cdef(CDEF)

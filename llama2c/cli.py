@@ -3,9 +3,11 @@
   llama2c generate [PROMPT] [--model M] [--tokenizer T] [-n NEW_TOKENS] [--temperature ...]
   llama2c chat [--model M] [--system S] [--template T] [--stop TEXT] [-v]
   llama2c perplexity FILE [--model M] [--ctx N] [--stride N]
+  llama2c serve [MODEL] [--host H] [--port P] [--n-ctx N] [--parallel N] [--api-key KEY]   (docs/SERVER.md)
   llama2c run MODEL [-t -p -s -n -i -z -m -y]     (llama2.c's flags)
   llama2c info MODEL
-  llama2c train | export | tokenizer | data | bench ...   (see each one's --help)
+  llama2c quantize IN OUT --type q4_0|q8_0|bf16|fp32 [--force]
+  llama2c train | finetune | export | tokenizer | data | bench ...   (see each one's --help)
 
 Flags are kebab-case; the older spellings (--top_p, --topp, ...) are hidden
 aliases (cliargs.py, docs/CLI.md). Short flags mean one thing in every
@@ -127,6 +129,12 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server.main import serve
+
+    return serve(args)
+
+
 def cmd_run(args) -> int:
     from . import run_compat
 
@@ -136,12 +144,22 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     from .generate import Llama
 
+    if args.cpu:
+        from .cpu import format_kernel_info
+
+        print(format_kernel_info())
+        if args.model is None:
+            return 0
+    if args.model is None:
+        raise ValueError("info needs a MODEL (or --cpu)")
     c = Llama(args.model).config
     kinds = {0: "version 0 (legacy llama2.c, fp32)", 1: "version 1 (fp32)", 2: "version 2 (int8 Q8_0)",
-             3: "version 3 (fp32 + rope_theta/norm_eps)", 4: "version 4 (bf16 + rope_theta/norm_eps)"}
+             3: "version 3 (fp32 + rope_theta/norm_eps)", 4: "version 4 (bf16 + rope_theta/norm_eps)",
+             5: "version 5 (4-bit Q4_0 + rope_theta/norm_eps)",
+             100: "GGUF (llama.cpp), run as"}
     print(f"file:        {args.model}")
-    print(f"format:      {kinds.get(c.version, c.version)}")
-    if c.version == 2:
+    print(f"format:      {kinds.get(c.version, c.version)}" + (f" {c.weights}" if c.version == 100 else ""))
+    if c.group_size:
         print(f"group size:  {c.group_size}")
     print(f"dims:        dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads {c.n_heads}, "
           f"kv heads {c.n_kv_heads}, head size {c.head_size}")
@@ -150,6 +168,48 @@ def cmd_info(args) -> int:
     print(f"rope_theta:  {c.rope_theta:g}, norm_eps: {c.norm_eps:g}")
     print(f"parameters:  {c.n_params:,} ({c.n_params / 1e6:.2f} M)")
     print(f"file size:   {c.file_size:,} bytes ({c.file_size / 2**20:.2f} MiB)")
+    return 0
+
+
+# --type -> the .bin version it writes (the same as `llama2c export --version N`)
+QUANTIZE_TYPES = {"q4_0": 5, "q8_0": 2, "bf16": 4, "fp32": 3}
+
+
+def cmd_quantize(args) -> int:
+    """A thin wrapper over the export writers: IN (a .bin of any version, a
+    .gguf file or a Hugging Face folder) -> OUT as the .bin version of --type."""
+    import os
+    from pathlib import Path
+
+    from .export.cli import _gguf_vocab_target
+    from .export.sources import open_source
+    from .export.writers import write_bin
+
+    version = QUANTIZE_TYPES[args.type]
+    src_path = Path(args.input)
+    if src_path.is_dir():
+        kind = "hf"
+    else:
+        with open(src_path, "rb") as f:
+            kind = "gguf" if f.read(4) == b"GGUF" else "bin"
+    if os.path.lexists(args.output) and src_path.exists() and os.path.samefile(args.input, args.output):
+        raise ValueError(f"{args.output} is the input file; write the quantized model elsewhere")
+
+    def warn(msg: str) -> None:
+        print(f"llama2c quantize: warning: {msg}", file=sys.stderr)
+
+    try:
+        with open_source(kind, args.input) as src:
+            vocab = None
+            if kind == "gguf":  # its vocabulary as tokenizer.bin beside OUT, as `export --gguf` does
+                vocab, same = _gguf_vocab_target(src, argparse.Namespace(out=args.output, version=str(version),
+                                                                          force=args.force))
+            out = write_bin(src, args.output, version, progress=not args.quiet, warn=warn, force=args.force)
+            if vocab is not None and not same:
+                src.write_tokenizer_bin(vocab, force=args.force)
+    except ImportError as e:
+        raise ValueError(f"{e} (pip install {e.name})" if e.name else str(e)) from None
+    print(f"wrote {out} ({args.type}: version {version}, {out.stat().st_size:,} bytes)")
     return 0
 
 
@@ -177,7 +237,7 @@ def build_parser() -> Parser:
     sub.required = True
 
     def sampling(sp):
-        sp.add_argument("--model", "-m", default=None, help="model .bin (default: the bundled model)")
+        sp.add_argument("--model", "-m", default=None, help="model: .bin, .gguf or a Hugging Face folder (default: the bundled model)")
         sp.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
         sp.add_argument("--temperature", "-t", type=float, default=1.0, metavar="TEMP",
                         help="0 = greedy (default 1.0)")
@@ -225,7 +285,7 @@ def build_parser() -> Parser:
 
     x = sub.add_parser("perplexity", help="perplexity of a text file under a model (sliding window)")
     x.add_argument("file", help="text file (UTF-8; - reads stdin)")
-    x.add_argument("--model", "-m", default=None, help="model .bin (default: the bundled model)")
+    x.add_argument("--model", "-m", default=None, help="model: .bin, .gguf or a Hugging Face folder (default: the bundled model)")
     x.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
     x.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
                    help="window in tokens (default: the model's seq_len)")
@@ -235,14 +295,33 @@ def build_parser() -> Parser:
     x.add_argument("--quantize", action="store_true", help="run fp32 weights as int8 (Q8_0)")
     x.set_defaults(func=cmd_perplexity)
 
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra; docs/SERVER.md)")
+    from .server.main import add_arguments as serve_arguments
+
+    serve_arguments(v)
+    v.set_defaults(func=cmd_serve)
+
     r = sub.add_parser("run", help="llama2.c's `run` flags: run MODEL [-t -p -s -n -i -z -m -y]",
                        add_help=False)
     r.add_argument("argv", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
 
-    i = sub.add_parser("info", help="format, dimensions, parameters and size of a model file")
-    i.add_argument("model")
+    i = sub.add_parser("info", help="format, dimensions, parameters and size of a model file; --cpu: the "
+                                    "kernel tier this CPU runs and why")
+    i.add_argument("model", nargs="?", default=None, help="model file (.bin, .gguf) or Hugging Face folder")
+    i.add_argument("--cpu", action="store_true", help="print the kernel tier in use and why")
     i.set_defaults(func=cmd_info)
+
+    q = sub.add_parser("quantize", help="convert a model's weights to q4_0, q8_0, bf16 or fp32 (.bin "
+                                        "version 5, 2, 4 or 3)")
+    q.add_argument("input", metavar="IN", help="model: .bin (any version), .gguf or a Hugging Face folder")
+    q.add_argument("output", metavar="OUT", help="the .bin file to write")
+    q.add_argument("--type", required=True, choices=list(QUANTIZE_TYPES),
+                   help="q4_0: 4-bit blocks of 32 (llama.cpp's Q4_0, version 5); q8_0: int8 groups "
+                        "(version 2); bf16 (version 4); fp32 (version 3)")
+    q.add_argument("--force", "-f", action="store_true", help="replace an existing OUT")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
 
     # the tools with their own command lines (they import torch etc. only when used)
     from .export.cli import VERSIONS
@@ -250,7 +329,9 @@ def build_parser() -> Parser:
     passthrough = [
         ("train", "train a model (llama2.c's train.py knobs as --key=value; torchrun for DDP/FSDP)",
          _run_train),
-        ("export", f"convert models to --version {{{','.join(VERSIONS)}}}: .bin 0-4, a Hugging Face "
+        ("finetune", "fine-tune a model (LoRA or --full) on JSONL chats / prompt-completion pairs or text",
+         _run_finetune),
+        ("export", f"convert models to --version {{{','.join(VERSIONS)}}}: .bin 0-5, a Hugging Face "
                    "folder or GGUF, from .bin, ckpt.pt, Meta or Hugging Face (see below)", _run_export),
         ("tokenizer", "train a SentencePiece tokenizer or export one to tokenizer.bin", _run_tokenizer),
         ("data", "prepare token shards; the TinyStories pipeline", _run_data),
@@ -267,6 +348,12 @@ def _run_train(args) -> int:
     from .train import main as train_main
 
     return train_main(args.argv, prog="llama2c train")
+
+
+def _run_finetune(args) -> int:
+    from .finetune import main as finetune_main
+
+    return finetune_main(args.argv, prog="llama2c finetune")
 
 
 def _run_export(args) -> int:
@@ -293,7 +380,7 @@ def _run_bench(args) -> int:
     return bench_main(args.argv)
 
 
-PASSTHROUGH = {"run": cmd_run, "train": _run_train, "export": _run_export, "tokenizer": _run_tokenizer,
+PASSTHROUGH = {"run": cmd_run, "train": _run_train, "finetune": _run_finetune, "export": _run_export, "tokenizer": _run_tokenizer,
                "data": _run_data, "bench": _run_bench}
 
 

@@ -38,7 +38,7 @@ class ModelConfig(ArgsView):
     norm_eps) and the file's facts."""
     args: ModelArgs
     version: int
-    weights: str  # "f32", "bf16" or "q8_0": how the engine runs it
+    weights: str  # "f32", "bf16", "q8_0" or "q4_0": how the engine runs it
     group_size: int
     file_size: int
     n_params: int
@@ -70,7 +70,8 @@ def _config_from(c) -> ModelConfig:
                      rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
                      tie_embeddings=bool(c.shared_classifier))
     return ModelConfig(args=args, version=c.version,
-                       weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16"}.get(c.weights, "f32"),
+                       weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16",
+                                _ffi.WEIGHTS_Q4_0: "q4_0"}.get(c.weights, "f32"),
                        group_size=c.group_size, file_size=int(c.file_size), n_params=int(c.n_params))
 
 
@@ -89,8 +90,13 @@ class Llama:
 
     def __init__(self, model_path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                  n_threads: int | None = None, quantize: bool = False, n_ctx: int | None = None,
-                 chat_format: str | None = None, seed: int | None = None, **llama_cpp_options):
+                 chat_format: str | None = None, seed: int | None = None,
+                 lora: str | os.PathLike | None = None, dtype: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, **llama_cpp_options):
         check_llama_cpp_options(llama_cpp_options)
+        from .hf_in import llama_inputs  # a Hugging Face folder: converted once into a cache (hf_in.py)
+
+        model_path, tokenizer = llama_inputs(model_path, tokenizer, dtype, cache_dir)
         raw_path = c_path(model_path)
         self.model_path = os.fsdecode(raw_path)
         threads = check_threads(n_threads) if n_threads is not None else None
@@ -100,7 +106,17 @@ class Llama:
         err = new_error()
         out = ffi.new("llama2_transformer **")
         flags = _ffi.OPEN_QUANTIZE if quantize else 0
-        raise_for(lib.llama2_transformer_open(out, raw_path, flags, err), err, self.model_path)
+        open_path, merged = raw_path, None
+        if lora is not None:  # a PEFT LoRA adapter folder, merged into a temporary copy (lora_merge.py)
+            from .lora_merge import merged_model_file
+
+            merged = merged_model_file(self.model_path, lora)[0]
+            open_path = c_path(merged)
+        try:
+            raise_for(lib.llama2_transformer_open(out, open_path, flags, err), err, self.model_path)
+        finally:
+            if merged is not None and os.name != "nt":  # the engine keeps its mapping of the file
+                os.unlink(merged)
         self._ptr = ffi.gc(out[0], lib.llama2_transformer_free)
         self.config = _config_from(lib.llama2_transformer_config(self._ptr))
         if n_ctx is not None and n_ctx > self.config.seq_len:
@@ -136,6 +152,8 @@ class Llama:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             path = self._tokenizer_path
+            if path is None and self.config.version == _ffi.VERSION_GGUF:
+                path = self.model_path  # a GGUF file carries its vocabulary
             if path is None:
                 path = os.fspath(Path(self.model_path).resolve().parent / "tokenizer.bin")
                 if not os.path.exists(path):
@@ -248,11 +266,16 @@ class Llama:
     @property
     def chat_template(self):
         """The ChatTemplate of chat calls (chat_format=: a name such as
-        "llama-2", "chatml", "zephyr", or a Jinja2 template string)."""
+        "llama-2", "chatml", "zephyr", or a Jinja2 template string; by
+        default a GGUF file's own tokenizer.chat_template, else Llama 2)."""
         if self._chat_template is None:
             from .chat_template import ChatTemplate
 
-            self._chat_template = ChatTemplate.get(self.chat_format)
+            embedded = lib.llama2_transformer_chat_template(self._ptr)
+            if self.chat_format is None and embedded != ffi.NULL:  # a GGUF file's own template
+                self._chat_template = ChatTemplate.from_jinja(ffi.string(embedded).decode("utf-8", "replace"))
+            else:
+                self._chat_template = ChatTemplate.get(self.chat_format)
         return self._chat_template
 
     def _side_context(self) -> Context:

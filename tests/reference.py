@@ -2,7 +2,7 @@
 
 Everything here follows docs/FORMAT.md, docs/FORWARD.md, docs/TOKENIZER.md and
 docs/SAMPLING.md directly:
-model file writers and readers for versions 0-4, Q8_0 quantization, the
+model file writers and readers for versions 0-5, Q8_0 and Q4_0 quantization, the
 forward pass (fp32 math computed in float64, and the int8 engine's math),
 the tokenizer.bin writer plus a reference encoder, and the xorshift RNG and
 sampler computed in float32 like the C engine.
@@ -165,7 +165,7 @@ def header_versioned(cfg: Config, version: int, shared: bool, group_size: int | 
     h += struct.pack("<B", 1 if shared else 0)
     if version == 2:
         h += struct.pack("<i", group_size)
-    elif version in (3, 4):
+    elif version in (3, 4, 5):
         h += b"\0\0\0" + struct.pack("<ff", cfg.rope_theta if rope_theta is None else rope_theta,
                                      cfg.norm_eps if norm_eps is None else norm_eps)
     assert len(h) <= HEADER_BYTES
@@ -234,6 +234,29 @@ def body_v4(cfg: Config, w: dict) -> bytes:
     return b"".join(out)
 
 
+def body_v5(cfg: Config, w: dict) -> bytes:
+    """Norms fp32, then the version 2 matrices as Q4_0 blocks; w2 fp32 when
+    hidden_dim is not a multiple of 32 (docs/FORMAT.md, version 5)."""
+    check_weights(cfg, w)
+    out = [_f32bytes(w["rms_att"]), _f32bytes(w["rms_ffn"]), _f32bytes(w["rms_final"])]
+    for name, m in q8_matrix_names(cfg, w):
+        if name == "w2" and cfg.hidden_dim % 32:
+            out.append(_f32bytes(m))
+        else:
+            out.append(quantize_q4_0(m).tobytes())
+    return b"".join(out)
+
+
+def q8_matrix_names(cfg: Config, w: dict) -> list[tuple[str, np.ndarray]]:
+    """(name, matrix) of a version 2 file's matrices, in file order."""
+    mats = [("token_embedding", w["token_embedding"])]
+    for name, _ in _matrix_shapes(cfg):
+        mats += [(name, w[name][l]) for l in range(cfg.n_layers)]
+    if not is_shared(w):
+        mats.append(("wcls", w["wcls"]))
+    return mats
+
+
 def q8_matrices(cfg: Config, w: dict) -> list[np.ndarray]:
     """The matrices of a version 2 file, in file order."""
     mats = [w["token_embedding"]]
@@ -257,6 +280,8 @@ def model_bytes(cfg: Config, w: dict, version: int, group_size: int | None = Non
         return header_versioned(cfg, 3, shared) + body_v1(cfg, w)
     if version == 4:
         return header_versioned(cfg, 4, shared) + body_v4(cfg, w)
+    if version == 5:
+        return header_versioned(cfg, 5, shared) + body_v5(cfg, w)
     raise ValueError(f"unknown version {version}")
 
 
@@ -400,6 +425,61 @@ def q8_roundtrip(m: np.ndarray, gs: int) -> np.ndarray:
     flattened matrix, then dequantized)."""
     q, s = quantize_q80(m.reshape(-1), gs)
     return dequantize(q, s, gs).reshape(m.shape)
+
+
+# ---------------------------------------------------------------------------
+# Q4_0 (version 5): llama.cpp's reference quantizer, written from its C loop
+# ---------------------------------------------------------------------------
+
+
+def quantize_q4_0(m) -> np.ndarray:
+    """llama.cpp's quantize_row_q4_0_ref on each row (rows a multiple of 32
+    long), in float32: per block, max = the value of largest |x| (first one
+    on ties), d = max / -8, id = 1/d (0 if d == 0), q = min(15, (int)(x*id +
+    8.5)); stored as fp16 d then byte j = q[j] | q[j+16] << 4. Returns the
+    bytes as uint8, 18 per block, rows after rows."""
+    x = np.ascontiguousarray(m, dtype=F32).reshape(-1, 32)
+    out = np.zeros((x.shape[0], 18), dtype=np.uint8)
+    for b in range(x.shape[0]):
+        blk = x[b]
+        amax, mx = F32(0), F32(0)
+        for v in blk:
+            if amax < abs(v):
+                amax, mx = abs(v), v
+        d = F32(mx / F32(-8))
+        inv = F32(F32(1) / d) if d != 0 else F32(0)
+        q = [min(15, int(F32(F32(v * inv) + F32(8.5)))) for v in blk]
+        out[b, :2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+        out[b, 2:] = [q[j] | (q[j + 16] << 4) for j in range(16)]
+    return out.reshape(-1)
+
+
+def dequantize_q4_0(data, shape) -> np.ndarray:
+    """(nibble - 8) * fp16 scale, per block of 32."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, 18)
+    d = blocks[:, :2].copy().view("<f2").astype(F32)[:, 0]
+    lo = (blocks[:, 2:] & 15).astype(np.int32) - 8
+    hi = (blocks[:, 2:] >> 4).astype(np.int32) - 8
+    q = np.concatenate([lo, hi], axis=1).astype(F32)
+    return (q * d[:, None]).reshape(shape).astype(F32)
+
+
+def q4_roundtrip(m: np.ndarray) -> np.ndarray:
+    return dequantize_q4_0(quantize_q4_0(m), m.shape)
+
+
+def q4_weights(cfg: Config, w: dict) -> dict[str, np.ndarray]:
+    """The weights as a version 5 file holds them: every matrix through Q4_0
+    (w2 left fp32 when hidden_dim % 32 != 0); norms as they are."""
+    dq = {k: v for k, v in w.items() if not k.startswith("freq_cis")}
+    dq["token_embedding"] = q4_roundtrip(w["token_embedding"])
+    for name, _ in _matrix_shapes(cfg):
+        if name == "w2" and cfg.hidden_dim % 32:
+            continue
+        dq[name] = np.stack([q4_roundtrip(w[name][l]) for l in range(cfg.n_layers)])
+    if "wcls" in w:
+        dq["wcls"] = q4_roundtrip(w["wcls"])
+    return dq
 
 
 def c_round(v: np.ndarray) -> np.ndarray:
@@ -547,8 +627,9 @@ class Q8Activations:
     other rounding. Elements are named (pos, call, index): call counts the
     quantizations within one forward step."""
 
-    def __init__(self, gs: int, delta: float = 0.0, flips=frozenset()):
+    def __init__(self, gs: int, delta: float = 0.0, flips=frozenset(), exact=None):
         self.gs, self.delta, self.flips = gs, delta, frozenset(flips)
+        self.exact = exact  # exact(call): that call's input goes to an fp32 matrix, unquantized
         self.pos, self.call = 0, 0
         self.near: list[tuple[int, int, int]] = []
 
@@ -557,6 +638,9 @@ class Q8Activations:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
+        if self.exact is not None and self.exact(self.call):
+            self.call += 1
+            return x
         out = np.zeros_like(x)
         for start in range(0, x.size, self.gs):
             g = x[start:start + self.gs]
@@ -580,7 +664,8 @@ class Q8Activations:
 
 
 def forward_q8_explain(cfg: Config, w: dict, tokens, group_size: int, target: np.ndarray,
-                       tol: float, delta: float = 2e-3, max_flips: int = 4):
+                       tol: float, delta: float = 2e-3, max_flips: int = 4, dq: dict | None = None,
+                       exact=None):
     """forward_q8, allowing for the engine's float32 rounding of activations.
 
     An engine computing activations in float32 rounds an activation that sits
@@ -594,16 +679,21 @@ def forward_q8_explain(cfg: Config, w: dict, tokens, group_size: int, target: np
 
     Returns (logits, flips): the reference logits of the best explanation
     found (forward_q8's own when no flip is needed) and the flips used. The
-    caller checks that target agrees with those logits everywhere."""
+    caller checks that target agrees with those logits everywhere.
+    dq: the weights as the engine holds them (default: w through Q8_0 with
+    group_size; q4_weights(cfg, w) for the Q4_0 engine, whose activations
+    are quantized in groups of 32). exact: see Q8Activations (the calls
+    whose matrix is fp32: w2 of a version 5 file with hidden_dim % 32 != 0)."""
     gs = group_size
     tokens = list(tokens)
-    dq = dequantized_weights(cfg, w, gs)
+    if dq is None:
+        dq = dequantized_weights(cfg, w, gs)
     n = len(tokens)
 
     def run(flips, base=None, start=0):
         """Runs positions start..n-1 (earlier rows, near ties and KV cache
         come from base, a previous run)."""
-        act = Q8Activations(gs, delta, flips)
+        act = Q8Activations(gs, delta, flips, exact)
         if base is None:
             r, rows = Runner(cfg, dq, act), []
         else:

@@ -115,7 +115,7 @@ def test_trailing_bytes(write, version, extra):
     expect_format_error(write(model_bytes(version) + extra))
 
 
-@pytest.mark.parametrize("version", [-1, 0, 5, 7, 99, 2**31 - 1])
+@pytest.mark.parametrize("version", [-1, 0, 6, 7, 99, 2**31 - 1])
 def test_unknown_version(write, version):
     data = bytearray(model_bytes(1))
     struct.pack_into("<i", data, 4, version)

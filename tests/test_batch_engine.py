@@ -108,35 +108,49 @@ def test_results_do_not_depend_on_what_else_runs(llm, parallel, chunk):
         engine.close()
 
 
-def test_streams_cancel_and_free_their_slots(llm):
+LONG = R.Config(dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300, seq_len=4096)
+
+
+@pytest.fixture(scope="module")
+def long_llm(make_model):
+    """A model whose generations last a while (thousands of positions)."""
+    m = make_model(LONG, version=1, seed=34)
+    return llama2c.Llama(m.path, tokenizer=m.tokenizer)
+
+
+def test_streams_cancel_and_free_their_slots(long_llm):
+    llm, long = long_llm, LONG
     engine = BatchEngine(llm, parallel=2)
     try:
-        it = openai_api.create_completion(llm, "hello", max_tokens=100, temperature=0.0, stream=True,
+        it = openai_api.create_completion(llm, "hello", max_tokens=None, temperature=0.0, stream=True,
                                           logit_bias={1: -1e9, 2: -1e9}, runner=engine.run)
         next(it)
-        assert engine.stats()["active"] == 1
         it.close()
         deadline = time.time() + 5
         while engine.stats()["active"] and time.time() < deadline:
             time.sleep(0.01)
         assert engine.stats()["active"] == 0
+        # it stopped where it was, long before the end of the context
+        assert max(len(s.cached) for s in engine._slots) < long.seq_len - 100
         # a request never read and dropped is cancelled too
-        steps = engine.run(llm.tokenize("x"), max_tokens=100, sampling=llama2c.SamplingParams(temperature=0.0),
+        steps = engine.run(llm.tokenize("x"), max_tokens=None, sampling=llama2c.SamplingParams(temperature=0.0),
                            stop_tokens=())
         del steps
         deadline = time.time() + 5
         while (engine.stats()["active"] or engine.stats()["waiting"]) and time.time() < deadline:
             time.sleep(0.01)
         assert engine.stats() == {"parallel": 2, "active": 0, "waiting": 0}
+        assert max(len(s.cached) for s in engine._slots) < long.seq_len - 100
     finally:
         engine.close()
 
 
-def test_a_full_queue_refuses_at_once(llm):
+def test_a_full_queue_refuses_at_once(long_llm):
+    llm = long_llm
     engine = BatchEngine(llm, parallel=1, max_waiting=1)
     sampling = llama2c.SamplingParams(temperature=0.0)
     try:
-        first = engine.run(llm.tokenize("a"), max_tokens=110, sampling=sampling, stop_tokens=())
+        first = engine.run(llm.tokenize("a"), max_tokens=None, sampling=sampling, stop_tokens=())
         next(first)
         second = engine.run(llm.tokenize("b"), max_tokens=5, sampling=sampling)
         with pytest.raises(QueueFull):
@@ -153,5 +167,33 @@ def test_bad_settings_raise_when_queued(llm):
         with pytest.raises(llama2c.InvalidArgumentError):
             engine.run([], max_tokens=5, sampling=llama2c.SamplingParams())
         assert engine.stats()["waiting"] == 0
+    finally:
+        engine.close()
+
+
+def test_cancel_from_another_thread_while_waiting_for_a_slot(long_llm):
+    llm = long_llm
+    engine = BatchEngine(llm, parallel=1)
+    sampling = llama2c.SamplingParams(temperature=0.0)
+    try:
+        first = engine.run(llm.tokenize("a"), max_tokens=None, sampling=sampling, stop_tokens=())
+        next(first)
+        queued = engine.run(llm.tokenize("b"), max_tokens=5, sampling=sampling)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(queued))
+        reader.start()
+        time.sleep(0.05)
+        assert engine.stats()["waiting"] == 1
+        queued.cancel()  # from this thread, while the reader waits in next()
+        reader.join(timeout=5)
+        assert not reader.is_alive() and got == []
+        assert engine.stats()["waiting"] == 0
+        first.cancel()
+        rest = list(first)  # ends soon after the cancel, far from the end of the context
+        assert len(rest) < LONG.seq_len - 100
+        deadline = time.time() + 5
+        while engine.stats()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["active"] == 0
     finally:
         engine.close()

@@ -10,7 +10,7 @@ from helpers import REPO
 CSRC = REPO / "csrc"
 # files with a main() (the programs, the C tests, the fuzz harness, the kernel
 # timer) and the command line the programs share: none is in the library
-NOT_LIBRARY = {"run.c", "runq.c", "cli.c", "test_llama2.c", "fuzz_llama2.c", "bench_kernels.c"}
+NOT_LIBRARY = {"run.c", "runq.c", "cli.c", "test_llama2.c", "test_q4.c", "fuzz_llama2.c", "bench_kernels.c"}
 
 
 def make_list(name: str) -> list[str]:

@@ -150,7 +150,7 @@ def test_train_knobs_take_both_spellings():
 def test_top_level_help_lists_the_export_versions(capsys):
     text = help_text(capsys, cli.main, ["--help"])
     assert "{" + ",".join(export_cli.VERSIONS) + "}" in text
-    assert export_cli.VERSIONS == ["0", "1", "2", "3", "4", "hf", "gguf"]
+    assert export_cli.VERSIONS == ["0", "1", "2", "3", "4", "5", "hf", "gguf"]
     for version, what in export_cli.VERSION_HELP.items():
         assert re.search(rf"^  {re.escape(version)} +{re.escape(what)}$", text, re.M), version
 

@@ -32,11 +32,11 @@ def build_parser() -> Parser:
     """The flags of `llama2c bench` (and `python -m llama2c.bench`); underscore
     spellings (--decode_tokens) parse as hidden aliases."""
     p = Parser(prog="llama2c bench", description="Decode and prompt-processing tokens/s, ours vs llama.cpp.")
-    p.add_argument("models", nargs="*", help="model .bin files (fp32 versions 0/1/3, int8 version 2, bf16 version 4)")
+    p.add_argument("models", nargs="*", help="model .bin files (fp32 versions 0/1/3, int8 version 2, bf16 version 4, q4_0 version 5)")
     p.add_argument("--shape", type=_csv(str), default=[], action="extend", metavar="NAMES",
                    help=f"random-weight models of these shapes: {', '.join(SHAPES)} (comma list)")
     p.add_argument("--quant", type=_csv(str), default=None, metavar="TYPES",
-                   help="weight types for --shape: fp32,int8,bf16 (default all three)")
+                   help="weight types for --shape: fp32,int8,bf16,q4_0 (default all four)")
     p.add_argument("--threads", type=_csv(int), default=[1, 2], metavar="LIST",
                    help="thread counts (default 1,2)")
     p.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin for the model files "
@@ -51,8 +51,9 @@ def build_parser() -> Parser:
     p.add_argument("--reps", type=int, default=5, metavar="N", help="interleaved repetitions (default 5)")
     p.add_argument("--no-prefill", action="store_true", help="measure decode only")
     p.add_argument("--no-reference", action="store_true", help="do not run llama.cpp")
-    p.add_argument("--ref-type", choices=("f32", "f16", "q8_0"), default=None,
-                   help="GGUF type for llama.cpp (default: f32 for fp32 files, q8_0 for int8, f16 for bf16)")
+    p.add_argument("--ref-type", choices=("f32", "f16", "q8_0", "q4_0"), default=None,
+                   help="GGUF type for llama.cpp (default: f32 for fp32 files, q8_0 for int8, f16 for bf16, "
+                        "q4_0 for q4_0)")
     p.add_argument("--engine", choices=("python", "run"), default="python",
                    help="our decode through the library (default) or the ./run program")
     p.add_argument("--run-bin", metavar="PATH",

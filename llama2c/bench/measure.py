@@ -48,7 +48,7 @@ def measure(spec: ModelSpec, threads: int, args, ref_ok: bool, log=print) -> Row
         n_dec = args.big_decode_tokens
     n_dec = max(1, min(n_dec, cfg.seq_len - 1))
     n_pre = max(2, min(n_pre, cfg.seq_len))
-    ref_type = args.ref_type or {"int8": "q8_0", "bf16": "f16"}.get(spec.quant, "f32")
+    ref_type = args.ref_type or {"int8": "q8_0", "bf16": "f16", "q4_0": "q4_0"}.get(spec.quant, "f32")
     row = Row(spec.label, spec.quant, ref_type if ref_ok else None, threads, n_dec, n_pre, ours.batched)
     ref = None
     try:

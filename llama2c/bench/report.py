@@ -25,7 +25,7 @@ def fmt_ratio(x) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
-TYPE_NAMES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}  # GGUF types as the table names them
+TYPE_NAMES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}  # GGUF types as the table names them
 
 
 def markdown(rows: list[Row], meta: dict) -> str:

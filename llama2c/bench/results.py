@@ -13,8 +13,8 @@ class Row:
     """One table row: a model, weight type and thread count, every sample
     (tokens/s) of both engines, and when / under what load it finished."""
     model: str
-    weights: str              # "fp32" / "int8" / "bf16"
-    ref_type: str | None      # "f32" / "q8_0" / "f16" or None
+    weights: str              # "fp32" / "int8" / "bf16" / "q4_0"
+    ref_type: str | None      # "f32" / "q8_0" / "f16" / "q4_0" or None
     threads: int
     decode_tokens: int
     prompt_tokens: int

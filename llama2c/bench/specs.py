@@ -25,7 +25,7 @@ class ModelSpec:
     label: str
     path: Path
     tokenizer: Path | None
-    quant: str                 # "fp32", "int8" or "bf16" (how our engine runs it)
+    quant: str                 # "fp32", "int8", "bf16" or "q4_0" (how our engine runs it)
     vocab: str | None = None   # for the GGUF: "synthetic", a tokenizer path, or None (beside)
 
 
@@ -64,8 +64,17 @@ def shape_models(shape: str, quants, cache_dir: Path, seed: int = 1234, log=prin
                 with open_bin(fp32) as src:
                     write_bin(src, bf16, 4)
             out.append(ModelSpec(SHAPE_LABELS[shape], bf16, tok, "bf16", "synthetic"))
+        elif q == "q4_0":
+            q4 = d / "model-q4_0.bin"
+            if not q4.exists():
+                log(f"writing {q4}")
+                from ..export.sources import open_bin
+                from ..export.writers import write_bin
+                with open_bin(fp32) as src:
+                    write_bin(src, q4, 5)
+            out.append(ModelSpec(SHAPE_LABELS[shape], q4, tok, "q4_0", "synthetic"))
         else:
-            raise ValueError(f"unknown weight type {q!r} (fp32, int8 or bf16)")
+            raise ValueError(f"unknown weight type {q!r} (fp32, int8, bf16 or q4_0)")
     return out
 
 
@@ -78,7 +87,7 @@ def file_model(path: str, tokenizer: str | None) -> ModelSpec:
     tok = Path(tokenizer) if tokenizer else p.resolve().parent / "tokenizer.bin"
     if not tok.exists():
         tok = None
-    return ModelSpec(p.name, p, tok, {2: "int8", 4: "bf16"}.get(m.version, "fp32"),
+    return ModelSpec(p.name, p, tok, {2: "int8", 4: "bf16", 5: "q4_0"}.get(m.version, "fp32"),
                      os.fspath(tok) if tok else "synthetic")
 
 

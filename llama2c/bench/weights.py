@@ -21,7 +21,7 @@ SHAPES = {
 }
 SHAPE_LABELS = {"stories15M": "stories15M", "stories42M": "stories42M",
                 "stories110M": "stories110M", "tinyllama": "TinyLlama-1.1B (GQA)"}
-QUANTS = ("fp32", "int8", "bf16")
+QUANTS = ("fp32", "int8", "bf16", "q4_0")
 
 
 def _random_tensors(params, seed: int):

@@ -1,9 +1,13 @@
 """Command line of the data tools (called by `llama2c tokenizer ...` / `llama2c data ...`,
 or `python -m llama2c.data ...`):
 
-  tokenizer train INPUT... --vocab-size N -o tok.model [--force]
+  tokenizer train INPUT... --vocab-size N -o tok.model [--force] [--text-field F] [--split S]
   tokenizer export tok.model [-o tok.bin] [--force]
   data prepare INPUT... --tokenizer tok.model -o DIR [--val-fraction F] [--workers N]
+               [--text-field F] [--split S]
+
+INPUT: .txt, .json, .jsonl or .parquet files, directories of them, a folder saved
+by Hugging Face datasets, or hf:NAME (datasets.load_dataset; may download).
   data tinystories download [--data-dir data] [--url URL]
   data tinystories train_vocab --vocab-size N [--data-dir data]
   data tinystories pretokenize [--vocab-size N] [--tokenizer tok.model] [--data-dir data]
@@ -36,7 +40,7 @@ def cmd_tokenizer_train(a) -> int:
     out = train_tokenizer(a.inputs, a.vocab_size, a.output, num_threads=a.threads,
                           input_sentence_size=a.max_sentences,
                           remove_extra_whitespaces=a.remove_extra_whitespaces, verbose=a.verbose,
-                          force=a.force)
+                          force=a.force, text_field=a.text_field, split=a.split)
     print(f"wrote {out} ({a.vocab_size} pieces)", file=sys.stderr)
     return 0
 
@@ -56,7 +60,8 @@ def cmd_prepare(a) -> int:
     from .shards import prepare
 
     meta = prepare(a.inputs, a.tokenizer, a.output, val_fraction=a.val_fraction, workers=a.workers,
-                   shard_tokens=a.shard_tokens, progress=not a.quiet)
+                   shard_tokens=a.shard_tokens, progress=not a.quiet, text_field=a.text_field,
+                   split=a.split)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     print(f"{a.output}: train {tr['stories']:,} stories / {tr['tokens']:,} tokens, "
           f"val {va['stories']:,} stories / {va['tokens']:,} tokens, vocab {meta['vocab_size']}",
@@ -89,6 +94,18 @@ def cmd_ts_pretokenize(a) -> int:
     return 0
 
 
+INPUT_HELP = (".txt, .json, .jsonl or .parquet files, directories of them, a folder saved by "
+              "Hugging Face datasets, or hf:NAME (needs datasets; may download)")
+
+
+def input_options(p) -> None:
+    p.add_argument("--text-field", default=None, metavar="NAME",
+                   help="the field (JSON, JSONL) or column (Parquet, datasets) holding the text "
+                        "(default: \"story\" or \"text\"; for columns also the only string column)")
+    p.add_argument("--split", default=None, metavar="NAME",
+                   help="the split of a Hugging Face dataset (default train)")
+
+
 def build_parser(prog: str = "llama2c") -> Parser:
     p = Parser(prog=prog, description="Tokenizer and data tools.")
     top = p.add_subparsers(dest="group", metavar="{tokenizer,data}")
@@ -98,7 +115,7 @@ def build_parser(prog: str = "llama2c") -> Parser:
     tsub = tok.add_subparsers(dest="action", metavar="{train,export}")
     tsub.required = True
     t = tsub.add_parser("train", help="train a BPE tokenizer with llama2.c's settings")
-    t.add_argument("inputs", nargs="+", metavar="INPUT", help="text, .json or .jsonl files (or directories)")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
     t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="number of pieces")
     t.add_argument("-o", "--output", required=True, help="output model, e.g. tok512.model")
     t.add_argument("--threads", type=int, default=None, metavar="N",
@@ -110,6 +127,7 @@ def build_parser(prog: str = "llama2c") -> Parser:
                         "train_vocab left on); off by default so encoding matches the C tokenizer")
     t.add_argument("-v", "--verbose", action="store_true", help="show SentencePiece's log")
     t.add_argument("-f", "--force", action="store_true", help="replace an existing output model")
+    input_options(t)
     t.set_defaults(func=cmd_tokenizer_train)
     e = tsub.add_parser("export", help="write a tokenizer.bin for ./run")
     e.add_argument("model", help="SentencePiece .model")
@@ -121,7 +139,7 @@ def build_parser(prog: str = "llama2c") -> Parser:
     dsub = data.add_subparsers(dest="action", metavar="{prepare,tinystories}")
     dsub.required = True
     d = dsub.add_parser("prepare", help="stories -> uint16 token shards with a train/val split")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="text, .json or .jsonl files (or directories)")
+    d.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
     d.add_argument("--tokenizer", "-z", required=True, help="SentencePiece .model")
     d.alias("-z", "-t")  # its old short flag (-t is the temperature in generate and chat)
     d.add_argument("-o", "--output", required=True, help="output directory")
@@ -131,6 +149,7 @@ def build_parser(prog: str = "llama2c") -> Parser:
                    help="processes (default: all cores)")
     d.add_argument("--shard-tokens", type=int, default=1 << 27, metavar="N", help="tokens per shard file")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    input_options(d)
     d.set_defaults(func=cmd_prepare)
 
     ts = dsub.add_parser("tinystories", help="llama2.c's TinyStories pipeline")

@@ -15,6 +15,7 @@ depend on the number of workers or the order the chunks finish in.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .stories import PathLike, expand_inputs, read_stories, validation_mask
+from .stories import PathLike, expand_inputs, iter_file_stories, validation_mask
 
 META = "meta.json"
 TOKENIZER = "tokenizer.model"
@@ -99,14 +100,17 @@ class _ShardWriter:
             self._f = None
 
 
-def _tasks_by_batch(files: List[Path], val_fraction: float, chunk_stories: int):
+def _tasks_by_batch(files: List[Path], val_fraction: float, chunk_stories: int,
+                    text_field: Optional[str] = None, split: Optional[str] = None):
     """Yield (tasks, characters) batches, each holding about BATCH_CHARS of text."""
     index = 0
     batch, chars = [], 0
     for path in files:
-        stories = read_stories(path)
-        for i in range(0, len(stories), chunk_stories):
-            chunk = stories[i:i + chunk_stories]
+        stories = iter_file_stories(path, text_field, split)
+        while True:
+            chunk = list(itertools.islice(stories, chunk_stories))
+            if not chunk:
+                break
             batch.append((index, chunk, val_fraction))
             index += len(chunk)
             chars += sum(len(s) for s in chunk)
@@ -120,8 +124,13 @@ def _tasks_by_batch(files: List[Path], val_fraction: float, chunk_stories: int):
 def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLike,
             out_dir: PathLike, val_fraction: float = 0.05, workers: Optional[int] = None, *,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, chunk_stories: int = CHUNK_STORIES,
-            parallel_threshold: int = PARALLEL_CHARS, progress: bool = True) -> Dict:
+            parallel_threshold: int = PARALLEL_CHARS, progress: bool = True,
+            text_field: Optional[str] = None, split: Optional[str] = None) -> Dict:
     """Tokenize the stories of ``inputs`` into ``out_dir`` (see the module docstring).
+    ``inputs`` are files and directories in any format of llama2c.data.stories
+    (text, JSON, JSONL, Parquet, a saved Hugging Face dataset, ``hf:NAME``);
+    ``text_field`` names the field/column holding the text, ``split`` the split
+    of a Hugging Face dataset (default "train").
     ``workers`` processes encode in parallel (default: the number of CPUs).
     Worker processes start only once there is more than ``parallel_threshold``
     characters of text (smaller inputs encode faster in this process).
@@ -153,7 +162,7 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
     try:
         shutil.copyfile(tokenizer_model, staging / TOKENIZER)
         writers = _tokenize(files, str(tokenizer_model), staging, val_fraction, workers, shard_tokens,
-                            chunk_stories, parallel_threshold, progress)
+                            chunk_stories, parallel_threshold, progress, text_field, split)
         if writers["train"].stories + writers["val"].stories == 0:
             raise ValueError("the inputs hold no stories")
         meta = {
@@ -166,6 +175,8 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
             "tokenizer": TOKENIZER,
             "tokenizer_source": str(tokenizer_model.resolve()),
             "inputs": [str(p.resolve()) for p in files],
+            **({"text_field": text_field} if text_field else {}),
+            **({"split": split} if split else {}),
             "val_fraction": val_fraction,
             "splits": {name: {"stories": w.stories, "tokens": w.tokens, "shards": w.shards}
                        for name, w in writers.items()},
@@ -179,7 +190,8 @@ def prepare(inputs: Union[PathLike, Sequence[PathLike]], tokenizer_model: PathLi
 
 def _tokenize(files: List[Path], tokenizer_model: str, out: Path, val_fraction: float, workers: int,
               shard_tokens: int, chunk_stories: int, parallel_threshold: int,
-              progress: bool) -> Dict[str, _ShardWriter]:
+              progress: bool, text_field: Optional[str] = None,
+              split: Optional[str] = None) -> Dict[str, _ShardWriter]:
     """Encodes the stories of ``files`` into shards in ``out``; returns the writers."""
     writers = {"train": _ShardWriter(out, "train", shard_tokens),
                "val": _ShardWriter(out, "val", shard_tokens)}
@@ -187,7 +199,7 @@ def _tokenize(files: List[Path], tokenizer_model: str, out: Path, val_fraction: 
     pool = None
     local_ready = False
     try:
-        for batch, chars in _tasks_by_batch(files, val_fraction, chunk_stories):
+        for batch, chars in _tasks_by_batch(files, val_fraction, chunk_stories, text_field, split):
             n_batch = sum(len(t[1]) for t in batch)
             if progress and bar is None:
                 from tqdm import tqdm

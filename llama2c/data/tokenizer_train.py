@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..outputs import commit, refuse_existing
-from .stories import PathLike, expand_inputs, read_stories, write_corpus
+from .stories import PathLike, expand_inputs, iter_file_stories, write_corpus
 
 # llama2.c passes this raw string (backslash escapes included) as unk_surface
 UNK_SURFACE = r" \342\201\207 "
@@ -55,9 +55,11 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], vocab_size: int
                     input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE,
                     max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
                     remove_extra_whitespaces: bool = False, verbose: bool = False,
-                    force: bool = False) -> Path:
+                    force: bool = False, text_field: Optional[str] = None,
+                    split: Optional[str] = None) -> Path:
     """Train a BPE tokenizer of ``vocab_size`` pieces on the stories of ``inputs``
-    (text, JSON or JSONL files, see llama2c.data.stories) and write it to
+    (text, JSON, JSONL or Parquet files, Hugging Face datasets: see
+    llama2c.data.stories, also for ``text_field`` and ``split``) and write it to
     ``out_model_path`` (plus the human-readable ``.vocab`` next to it).
     An existing ``out_model_path`` is replaced only with ``force=True`` (else
     FileExistsError, before any training). Returns the model path."""
@@ -76,7 +78,7 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], vocab_size: int
         n = 0
         with open(corpus, "w", encoding="utf-8", newline="\n") as f:
             for path in files:
-                n += write_corpus(read_stories(path), f)
+                n += write_corpus(iter_file_stories(path, text_field, split), f)
         if n == 0:
             raise ValueError("the inputs hold no text to train a tokenizer on")
         prefix = Path(tmp) / "tok"

@@ -1,5 +1,5 @@
-"""Model conversion: read .bin files (versions 0-4), training checkpoints,
-Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-4,
+"""Model conversion: read .bin files (versions 0-5), training checkpoints,
+Meta Llama 2 and Hugging Face checkpoints; write .bin versions 0-5,
 Hugging Face folders and GGUF files (llama.cpp, from .bin files); export
 SentencePiece tokenizers to tokenizer.bin.
 

@@ -1,6 +1,6 @@
 """The .bin model format (docs/FORMAT.md): headers, tensor
-order, Q8_0 quantization and the legacy RoPE tables. numpy only (the legacy
-tables use torch, imported when they are computed)."""
+order, Q8_0 and Q4_0 quantization and the legacy RoPE tables. numpy only (the
+legacy tables use torch, imported when they are computed)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import numpy as np
 MAGIC = 0x616B3432          # "ak42"
 HEADER_BYTES = 256
 LEGACY_HEADER_BYTES = 28
-VERSIONS = (0, 1, 2, 3, 4)
+VERSIONS = (0, 1, 2, 3, 4, 5)
 
 # per-layer matrices of the file formats, in file order:
 # (file name, canonical key inside layer i)
@@ -55,6 +55,73 @@ def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray
     q = np.rint(g / safe[:, None])
     np.clip(q, -127, 127, out=q)
     return q.astype(np.int8).reshape(-1), scale
+
+
+# ---------------------------------------------------------------------------
+# Q4_0 (version 5 and GGUF): llama.cpp's blocks
+# ---------------------------------------------------------------------------
+
+Q4_BLOCK = 32          # values per block
+Q4_BLOCK_BYTES = 18    # fp16 scale + 16 bytes of nibbles
+Q4_CHUNK = 1 << 20     # values quantized at a time (bounds the temporaries)
+
+
+def q4_0_bytes(n: int) -> int:
+    """Bytes of n Q4_0 values (n a multiple of 32)."""
+    return n // Q4_BLOCK * Q4_BLOCK_BYTES
+
+
+def v5_w2_is_q4(hidden_dim: int) -> bool:
+    """Version 5 stores w2 (rows of hidden_dim values) as Q4_0 when its rows
+    are whole blocks, else as fp32."""
+    return hidden_dim % Q4_BLOCK == 0
+
+
+def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks of a float array whose rows are multiples of 32 long, as
+    llama.cpp's reference quantizer and the gguf package compute them (the
+    bytes are identical to gguf.quants.quantize(w, Q4_0)): per block of 32
+    consecutive values, m = the value of largest magnitude (the first one on
+    a tie), d = m / -8 and id = 1 / d (0 when d is 0) in float32, each value
+    q = min(15, trunc(x * id + 8.5)) (float32 product and sum: round half up
+    of x / d, plus 8), the scale stored as fp16 (round to nearest even).
+    Block layout: fp16 d, then byte j = q[j] | q[j + 16] << 4. Returns uint8
+    of shape (..., cols // 32 * 18). Raises ValueError for NaN, infinite or
+    too large (|w| > 8 * 65504: the fp16 scale would overflow) values."""
+    x = np.ascontiguousarray(w, dtype=np.float32)
+    shape = x.shape
+    if not shape or shape[-1] % Q4_BLOCK:
+        raise ValueError(f"Q4_0 needs rows that are a multiple of {Q4_BLOCK} long (got shape {shape})")
+    flat = x.reshape(-1, Q4_BLOCK)
+    out = np.empty((flat.shape[0], Q4_BLOCK_BYTES), dtype=np.uint8)
+    step = max(1, Q4_CHUNK // Q4_BLOCK)
+    for b0 in range(0, flat.shape[0], step):
+        blocks = flat[b0:b0 + step]
+        if not np.isfinite(blocks).all():
+            raise ValueError("Q4_0: the weights hold a NaN or infinity")
+        imax = np.abs(blocks).argmax(axis=1)[:, None]
+        m = np.take_along_axis(blocks, imax, axis=1)
+        d = m / np.float32(-8)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+        q = np.trunc(blocks * inv.astype(np.float32) + np.float32(8.5)).astype(np.float32)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        with np.errstate(over="ignore"):
+            d16 = d.astype("<f2")
+        if not np.isfinite(d16).all():
+            raise ValueError("Q4_0: a weight is too large for an fp16 block scale (|w| > 524032)")
+        out[b0:b0 + step, :2] = d16.view(np.uint8)
+        out[b0:b0 + step, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return out.reshape(*shape[:-1], shape[-1] // Q4_BLOCK * Q4_BLOCK_BYTES)
+
+
+def dequantize_q4_0(data: np.ndarray, shape) -> np.ndarray:
+    """float32 (nibble - 8) * d of Q4_0 bytes (exact), in `shape`."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, Q4_BLOCK_BYTES)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    qs = blocks[:, 2:]
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1).astype(np.int8) - np.int8(8)
+    return (q.astype(np.float32) * d).reshape(shape)
 
 
 def to_bf16(w: np.ndarray) -> np.ndarray:
@@ -110,7 +177,7 @@ def pack_header(version: int, params: tuple[int, ...], shared: bool, group_size:
     h = struct.pack("<Ii7iB", MAGIC, version, dim, hidden, L, H, KV, V, S, 1 if shared else 0)
     if version == 2:
         h += struct.pack("<i", int(group_size))
-    elif version in (3, 4):
+    elif version in (3, 4, 5):
         h += b"\0\0\0" + struct.pack("<ff", rope_theta, norm_eps)
     elif version != 1:
         raise ValueError(f"unknown model file version {version}")

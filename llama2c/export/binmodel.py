@@ -1,7 +1,7 @@
-"""A whole model file (.bin, versions 0-4) as numpy arrays: `read_model(path)`
+"""A whole model file (.bin, versions 0-5) as numpy arrays: `read_model(path)`
 returns a `BinModel` with the hyperparameters and every weight under the
 names of llama2.c's `TransformerWeights` (token_embedding, rms_att, wq, ...,
-wcls). fp32 files are memory-mapped, int8 (version 2) ones dequantized and bf16
+wcls). fp32 files are memory-mapped, int8 (version 2) and Q4_0 (version 5) ones dequantized and bf16
 (version 4) ones widened to float32. The GGUF writer and `llama2c bench` read
 models this way; it is a view over export.sources.BinSource, the one reader of
 .bin files in Python. numpy only."""
@@ -35,7 +35,7 @@ class BinModel(ArgsView):
 
 
 def read_model(path: str | os.PathLike) -> BinModel:
-    """Reads a llama2c/llama2.c model file of version 0 to 4 through the one
+    """Reads a llama2c/llama2.c model file of version 0 to 5 through the one
     .bin reader (export.sources.BinSource: header, dimensions and exact size
     checked there); fp32 weights stay views of the mapping."""
     src = open_bin(path)

@@ -1,4 +1,4 @@
-"""The GGUF writer: a llama2c model file (.bin, versions 0-4) as a GGUF file
+"""The GGUF writer: a llama2c model file (.bin, versions 0-5) as a GGUF file
 for llama.cpp (`llama2c export OUT.gguf --version gguf --bin IN.bin`).
 Needs the `gguf` package (`pip install gguf`), imported only when writing;
 never imports torch.
@@ -44,7 +44,7 @@ from .binmodel import LAYER_MATRICES, BinModel, read_model
 from .hf import hf_to_meta, meta_to_hf
 from .vocab import load_vocab
 
-FTYPES = ("f32", "f16", "q8_0")
+FTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 Q8_0_BLOCK = 32
 
 GGUF_LAYER_NAMES = {
@@ -121,8 +121,10 @@ def export_gguf(model: str | os.PathLike | BinModel, out_path: str | os.PathLike
                 vocab=None, hf_layout: bool = False, name: str | None = None, *, force: bool = False) -> Path:
     """Writes model (a .bin path or a BinModel) as a GGUF file for llama.cpp.
 
-    ftype: "f32", "f16" or "q8_0" for the matrices (token_embd and output
-    included); norms stay F32. Q8_0 needs dim and hidden_dim multiples of 32.
+    ftype: "f32", "f16", "bf16", "q8_0" or "q4_0" for the matrices
+    (token_embd and output included); norms stay F32. Q8_0 and Q4_0 need
+    dim and hidden_dim multiples of 32 (Q4_0 and BF16 through the gguf
+    package's own quantizers).
     vocab: see export.vocab.load_vocab. hf_layout: see the module docstring
     (keep False for llama.cpp). An existing out_path raises FileExistsError
     unless force=True."""
@@ -138,8 +140,8 @@ def export_gguf(model: str | os.PathLike | BinModel, out_path: str | os.PathLike
         model_path = Path(model)
         model = read_model(model_path)
     m = model
-    if ftype == "q8_0" and (m.dim % Q8_0_BLOCK or m.hidden_dim % Q8_0_BLOCK):
-        raise ValueError(f"Q8_0 needs dim and hidden_dim multiples of {Q8_0_BLOCK} "
+    if ftype in ("q8_0", "q4_0") and (m.dim % Q8_0_BLOCK or m.hidden_dim % Q8_0_BLOCK):
+        raise ValueError(f"{ftype.upper()} needs dim and hidden_dim multiples of {Q8_0_BLOCK} "
                          f"(got {m.dim}, {m.hidden_dim})")
     v = load_vocab(vocab, m.vocab_size, model_path)
     with atomic_path(out_path, overwrite=force) as tmp:
@@ -167,9 +169,10 @@ def _add_metadata(w, gguf, m: BinModel, ftype: str, name: str) -> None:
     w.add_rope_freq_base(float(m.rope_theta))
     w.add_vocab_size(m.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ftype]
     w.add_file_type(int(file_type))
-    if ftype == "q8_0":
+    if ftype in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -191,6 +194,12 @@ def _add_tensors(w, gguf, m: BinModel, ftype: str, hf_layout: bool) -> None:
             w.add_tensor(tname, np.ascontiguousarray(a, dtype=np.float32))
         elif ftype == "f16":
             w.add_tensor(tname, np.asarray(a, dtype=np.float32).astype(np.float16))
+        elif ftype in ("bf16", "q4_0"):
+            from gguf import quants
+
+            qtype = gguf.GGMLQuantizationType.BF16 if ftype == "bf16" else gguf.GGMLQuantizationType.Q4_0
+            q = quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
+            w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             q = _q8_0(a)
             w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)

@@ -6,14 +6,16 @@ embedding) and `.get(key)`, a float32 numpy array in Meta layout for a
 canonical key (llama2c.model's state_dict names). Nothing is read before it
 is asked for, so writers can stream a 7B model through a few hundred MB.
 
-- BinSource: this project's / llama2.c's .bin files, versions 0-4 (v2
-  dequantized), memory-mapped.
+- BinSource: this project's / llama2.c's .bin files, versions 0-5 (v2 and
+  v5 dequantized), memory-mapped.
 - CheckpointSource: a training checkpoint {"model": state_dict,
   "model_args": dict}, torch.load(weights_only=True, mmap=True).
 - StateDictSource / ModelSource: tensors already in memory (a Transformer).
 - MetaSource: Meta's consolidated.*.pth shards + params.json.
 - HFSource: a Hugging Face Llama folder (safetensors or pytorch_model*.bin,
   sharded or not), with HF's q/k permutation undone.
+- GGUFSource (gguf_source.py): a llama.cpp GGUF file, every tensor type the
+  gguf package dequantizes.
 """
 from __future__ import annotations
 
@@ -29,89 +31,10 @@ from ..errors import FormatError
 from ..validate import regular_file
 from ..model_args import ModelArgs
 from . import binfmt, hf
+from .source_base import Source, _resolved_args, _to_numpy, canonical_keys, expected_shape  # noqa: F401
 
 __all__ = ["Source", "BinSource", "CheckpointSource", "StateDictSource", "ModelSource", "MetaSource",
            "HFSource", "open_bin", "open_source", "canonical_keys", "expected_shape"]
-
-
-def canonical_keys(args: ModelArgs) -> list[str]:
-    """All tensor keys of a model, embedding first, layer by layer, then the
-    final norm and (untied only) the classifier."""
-    keys = ["tok_embeddings.weight"]
-    for i in range(args.n_layers):
-        keys.append(f"layers.{i}.attention_norm.weight")
-        keys += [binfmt.layer_key(i, k) for _, k in binfmt.LAYER_MATRICES]
-        keys.append(f"layers.{i}.ffn_norm.weight")
-    keys.append("norm.weight")
-    if not args.tie_embeddings:
-        keys.append("output.weight")
-    return keys
-
-
-def expected_shape(args: ModelArgs, key: str) -> tuple[int, ...]:
-    d, h, kv, V = args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
-    if key in ("tok_embeddings.weight", "output.weight"):
-        return (V, d)
-    if key == "norm.weight" or key.endswith("_norm.weight"):
-        return (d,)
-    tail = key.split(".", 2)[2]
-    return {
-        "attention.wq.weight": (d, d), "attention.wk.weight": (kv, d),
-        "attention.wv.weight": (kv, d), "attention.wo.weight": (d, d),
-        "feed_forward.w1.weight": (h, d), "feed_forward.w2.weight": (d, h),
-        "feed_forward.w3.weight": (h, d),
-    }[tail]
-
-
-def _to_numpy(t) -> np.ndarray:
-    """A torch tensor (any float dtype) or array as float32 numpy."""
-    if isinstance(t, np.ndarray):
-        return np.ascontiguousarray(t, dtype=np.float32)
-    import torch
-
-    t = t.detach()
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    return t.cpu().contiguous().numpy()
-
-
-class Source:
-    args: ModelArgs
-    name: str = "model"
-
-    def _get(self, key: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def keys(self) -> list[str]:
-        return canonical_keys(self.args)
-
-    def get(self, key: str) -> np.ndarray:
-        """The tensor `key` as a float32 array of its exact shape."""
-        a = _to_numpy(self._get(key))
-        want = expected_shape(self.args, key)
-        if tuple(a.shape) != want:
-            raise FormatError(f"{self.name}: {key} has shape {tuple(a.shape)}, expected {want}")
-        return a
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def with_max_seq_len(self, n: int) -> "Source":
-        self.args = dataclasses.replace(self.args, max_seq_len=int(n))
-        return self
-
-
-def _resolved_args(**kw) -> ModelArgs:
-    try:
-        return ModelArgs(**kw)
-    except ValueError as e:
-        raise FormatError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +43,7 @@ def _resolved_args(**kw) -> ModelArgs:
 
 
 class BinSource(Source):
-    """A model file of version 0 to 4 (see docs/FORMAT.md). The file
+    """A model file of version 0 to 5 (see docs/FORMAT.md). The file
     is memory-mapped and its header and exact size are checked on open."""
 
     def __init__(self, path):
@@ -137,13 +60,13 @@ class BinSource(Source):
             if len(head) < binfmt.HEADER_BYTES:
                 raise FormatError(f"{path}: truncated header ({size} bytes)")
             version = struct.unpack_from("<i", head, 4)[0]
-            if version not in (1, 2, 3, 4):
+            if version not in (1, 2, 3, 4, 5):
                 raise FormatError(f"{path}: unsupported model file version {version}")
             p = list(struct.unpack_from("<7i", head, 8))
             shared = head[36] != 0
             if version == 2:
                 gs = struct.unpack_from("<i", head, 37)[0]
-            if version in (3, 4):
+            if version in (3, 4, 5):
                 theta, eps = (float(v) for v in struct.unpack_from("<ff", head, 40))
             body = binfmt.HEADER_BYTES
         else:
@@ -161,6 +84,8 @@ class BinSource(Source):
             raise FormatError(str(e)) from None
         if version == 2 and (gs <= 0 or dim % gs != 0):
             raise FormatError(f"{path}: bad group_size {gs} for dim {dim}")
+        if version == 5 and dim % binfmt.Q4_BLOCK != 0:
+            raise FormatError(f"{path}: version 5 (Q4_0) needs dim a multiple of {binfmt.Q4_BLOCK} (got {dim})")
         self.version, self.group_size = version, gs
         self.args = _resolved_args(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=H, n_kv_heads=KV,
                                    vocab_size=V, max_seq_len=S, rope_theta=theta, norm_eps=eps,
@@ -172,7 +97,8 @@ class BinSource(Source):
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def _plan(self, off: int):
-        """key -> (offset, shape) of fp32 tensors, or (offset, shape, 'q8')."""
+        """key -> (offset, shape) of fp32 tensors, or (offset, shape, kind) with
+        kind 'q8', 'bf16' or 'q4'."""
         a = self.args
         L, d, V = a.n_layers, a.dim, a.vocab_size
         lay: dict = {}
@@ -213,19 +139,25 @@ class BinSource(Source):
         norms_ffn()
         f32("norm.weight", (d,))
         gs = self.group_size
-        kind, nbytes = {1: ("f32", lambda n: 4 * n), 3: ("f32", lambda n: 4 * n),
-                        4: ("bf16", lambda n: 2 * n),
-                        2: ("q8", lambda n: n + 4 * (n // gs))}[self.version]
+        kinds = {1: ("f32", lambda n: 4 * n), 3: ("f32", lambda n: 4 * n),
+                 4: ("bf16", lambda n: 2 * n),
+                 2: ("q8", lambda n: n + 4 * (n // gs)),
+                 5: ("q4", binfmt.q4_0_bytes)}
+        kind, nbytes = kinds[self.version]
 
-        def matrix(key, shape):
+        def matrix(key, shape, kind=kind, nbytes=nbytes):
             nonlocal off
             lay[key] = (off, shape) if kind == "f32" else (off, shape, kind)
             off += nbytes(int(np.prod(shape)))
 
         matrix("tok_embeddings.weight", (V, d))
         for _, k in binfmt.LAYER_MATRICES:
+            fp32_w2 = self.version == 5 and k == "feed_forward.w2.weight" and not binfmt.v5_w2_is_q4(a.hidden_dim)
             for i in range(L):
-                matrix(binfmt.layer_key(i, k), per_layer[k])
+                if fp32_w2:     # version 5: w2 rows that are not whole blocks stay fp32
+                    matrix(binfmt.layer_key(i, k), per_layer[k], *kinds[1])
+                else:
+                    matrix(binfmt.layer_key(i, k), per_layer[k])
         if not a.tie_embeddings:
             matrix("output.weight", (V, d))
         return lay, off
@@ -238,6 +170,8 @@ class BinSource(Source):
             return np.frombuffer(self._map, dtype="<f4", count=n, offset=off).reshape(shape).copy()
         if entry[2] == "bf16":
             return binfmt.from_bf16(np.frombuffer(self._map, dtype="<u2", count=n, offset=off)).reshape(shape)
+        if entry[2] == "q4":
+            return binfmt.dequantize_q4_0(self.q4_tensor(key), shape)
         gs = self.group_size
         q = np.frombuffer(self._map, dtype=np.int8, count=n, offset=off)
         s = np.frombuffer(self._map, dtype="<f4", count=n // gs, offset=off + n)
@@ -271,6 +205,14 @@ class BinSource(Source):
         q = np.frombuffer(self._map, dtype=np.int8, count=n, offset=off).copy()
         s = np.frombuffer(self._map, dtype="<f4", count=n // self.group_size, offset=off + n).copy()
         return q, s
+
+    def q4_tensor(self, key: str) -> np.ndarray:
+        """The stored Q4_0 blocks of a version 5 matrix (uint8, 18 bytes per 32 values)."""
+        entry = self._layout[key]
+        if len(entry) != 3 or entry[2] != "q4":
+            raise KeyError(f"{key} is not a Q4_0 tensor")
+        off, shape, _ = entry
+        return np.frombuffer(self._map, dtype=np.uint8, count=binfmt.q4_0_bytes(int(np.prod(shape))), offset=off)
 
     def close(self) -> None:
         self._map = None
@@ -488,11 +430,30 @@ class MetaSource(Source):
 # Hugging Face folders
 # ---------------------------------------------------------------------------
 
+def _safetensors_tensor(h, name: str):
+    """A tensor of a SafetensorsFile: F32 / F16 / BF16 in numpy; another
+    dtype (F64, FP8...) through the safetensors package and torch when they
+    are installed, else the reader's FormatError naming the dtype."""
+    from .safetensors_np import FLOAT_DTYPES
+
+    if h.dtype(name) in FLOAT_DTYPES:
+        return h.get_tensor(name)
+    try:
+        import torch  # noqa: F401
+        from safetensors import safe_open
+    except ImportError:
+        return h.get_tensor(name)  # raises: the dtype is not supported
+    with safe_open(str(h.path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
 class HFSource(Source):
     """A Hugging Face Llama folder: config.json and model.safetensors,
     model-0000x-of-0000y.safetensors (+ index), pytorch_model.bin or
     pytorch_model-0000x-of-0000y.bin (+ index; loaded with weights_only=True,
-    memory-mapped). q_proj / k_proj are un-permuted with n_heads / n_kv_heads.
+    memory-mapped). safetensors files are read by safetensors_np (numpy,
+    memory-mapped, no torch). q_proj / k_proj are un-permuted with n_heads /
+    n_kv_heads.
     Every file read must lie inside the folder (see inside_folder)."""
 
     def __init__(self, folder):
@@ -544,13 +505,10 @@ class HFSource(Source):
             path = inside_folder(self.folder, fname, str(self.folder))
             if not path.is_file():
                 raise FileNotFoundError(f"missing weight file {path}")
-            if fname.endswith(".safetensors"):
-                from safetensors import safe_open
+            if fname.endswith(".safetensors"):   # numpy, memory-mapped: no torch (safetensors_np.py)
+                from .safetensors_np import SafetensorsFile
 
-                try:
-                    h = safe_open(str(path), framework="pt")
-                except Exception as e:
-                    raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+                h = SafetensorsFile(path)
             else:
                 try:
                     h = _torch_load(path)
@@ -569,7 +527,9 @@ class HFSource(Source):
         if fname is None:
             raise FormatError(f"{self.name}: missing tensor {name}")
         h = self._open(fname)
-        t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        if hasattr(h, "get_tensor") and name not in h:
+            raise FormatError(f"{self.name}: {fname} has no tensor {name}")
+        t = _safetensors_tensor(h, name) if hasattr(h, "get_tensor") else h[name]
         n = hf.permuted_heads(key, self.args.n_heads, self.args.n_kv_heads)
         if n is None:
             return t
@@ -586,7 +546,7 @@ class HFSource(Source):
 
 
 def open_source(kind: str, path, max_seq_len: int | None = None) -> Source:
-    """kind: 'bin', 'checkpoint', 'meta' or 'hf'."""
+    """kind: 'bin', 'checkpoint', 'meta', 'hf' or 'gguf'."""
     if kind == "checkpoint":
         regular_file(path)
     if kind == "bin":
@@ -597,6 +557,10 @@ def open_source(kind: str, path, max_seq_len: int | None = None) -> Source:
         src = MetaSource(path, max_seq_len=max_seq_len)
     elif kind == "hf":
         src = HFSource(path)
+    elif kind == "gguf":
+        from .gguf_source import GGUFSource
+
+        src = GGUFSource(path)
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     if max_seq_len:

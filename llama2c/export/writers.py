@@ -1,4 +1,4 @@
-"""Writers: .bin versions 0-4 and Hugging Face folders, from any Source.
+"""Writers: .bin versions 0-5 and Hugging Face folders, from any Source.
 
 Each tensor is read from the source, converted and written before the next
 one is read (the progress bar counts tensors), and every file is written to a
@@ -67,19 +67,23 @@ def warn_lossy(args, version: int) -> str | None:
 def write_bin(source, path, version: int, group_size: int | None = None, progress: bool = False,
               warn=None, *, force: bool = False) -> Path:
     """Writes `source` (see as_source) as a model file of version 0, 1, 2
-    (Q8_0), 3 or 4 (bf16 matrices). group_size (version 2 only): the starting group size,
+    (Q8_0), 3, 4 (bf16 matrices) or 5 (Q4_0 matrices, llama.cpp's reference
+    rounding: binfmt.quantize_q4_0; needs dim a multiple of 32; w2 stays fp32
+    when hidden_dim is not). group_size (version 2 only): the starting group size,
     halved until it divides dim (default 64). An existing `path` is replaced only
     with force=True (else FileExistsError). Returns the path written."""
     refuse_existing(path, force)
     src = as_source(source)
     a = src.args
     if version not in binfmt.VERSIONS:
-        raise ValueError(f"unknown model file version {version} (choose 0, 1, 2, 3 or 4)")
+        raise ValueError(f"unknown model file version {version} (choose 0, 1, 2, 3, 4 or 5)")
     msg = warn_lossy(a, version)
     if msg and warn is not None:
         warn(msg)
     params = (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
     binfmt.check_dims(*params)
+    if version == 5 and a.dim % binfmt.Q4_BLOCK:
+        raise ValueError(f"version 5 (Q4_0) needs dim a multiple of {binfmt.Q4_BLOCK} (got {a.dim})")
     shared = a.tie_embeddings
     L = a.n_layers
     att = [f"layers.{i}.attention_norm.weight" for i in range(L)]
@@ -105,6 +109,9 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
     header = binfmt.pack_header(version, params, shared, gs, a.rope_theta, a.norm_eps)
     q8_keys = set() if version != 2 else {k for k in order if not k.endswith("norm.weight")}
     bf16_keys = set() if version != 4 else {k for k in order if not k.endswith("norm.weight")}
+    q4_keys = set() if version != 5 else {
+        k for k in order if not k.endswith("norm.weight")
+        and (binfmt.v5_w2_is_q4(a.hidden_dim) or not k.endswith("feed_forward.w2.weight"))}
     path = Path(path)
     with atomic_write(path, overwrite=force) as f, _progress(len(order), path.name, progress) as bar:
         f.write(header)
@@ -115,6 +122,11 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
                 _f32(f, sin)
             elif key in bf16_keys:
                 f.write(binfmt.to_bf16(src.get(key)).astype("<u2").view(np.uint8))
+            elif key in q4_keys:
+                try:
+                    f.write(binfmt.quantize_q4_0(src.get(key)).reshape(-1))
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from None
             elif key in q8_keys:
                 q, s = binfmt.quantize_q80(src.get(key), gs)
                 f.write(q.view(np.uint8))

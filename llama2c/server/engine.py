@@ -61,6 +61,29 @@ class _Slot:
         self.request: _Request | None = None
 
 
+class Steps:
+    """A request's steps (an iterator of completion.Step). close() from the
+    reading thread, or cancel() from any thread (also while the reader waits
+    for a slot), ends the request and frees its slot."""
+
+    def __init__(self, engine: "BatchEngine", request: _Request):
+        self._engine = engine
+        self._request = request
+        self._gen = engine._steps(request)
+
+    def __iter__(self) -> "Steps":
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self._request)
+
+
 class BatchEngine:
     def __init__(self, llama, parallel: int | None = None, max_waiting: int = 64, prefill_chunk: int = 64):
         self.llama = llama
@@ -97,7 +120,7 @@ class BatchEngine:
                 raise QueueFull(f"all {self.parallel} slots are busy and {len(self._waiting)} requests wait")
             self._waiting.append(request)
             self._cond.notify()
-        steps = self._steps(request)
+        steps = Steps(self, request)
         weakref.finalize(steps, request.cancel)  # never started, then dropped: still cancelled
         return steps
 
@@ -105,15 +128,20 @@ class BatchEngine:
         try:
             while True:
                 item = request.out.get()
+                if item is None:  # cancelled
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 yield from item
                 if item and item[-1].finish_reason is not None:
                     return
         finally:
-            request.cancel()
-            with self._cond:
-                self._cond.notify()
+            self.cancel(request)
+
+    def cancel(self, request: _Request) -> None:
+        request.cancel()
+        with self._cond:
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -148,10 +176,16 @@ class BatchEngine:
                             s.cached = []
 
     def _release_cancelled(self) -> None:
+        """Frees the slots and places of cancelled requests; their readers,
+        if still waiting, get the end of their steps."""
         for s in self._slots:
             if s.request is not None and s.request.cancelled:
+                s.request.out.put(None)
                 s.request = None
         if any(r.cancelled for r in self._waiting):
+            for r in self._waiting:
+                if r.cancelled:
+                    r.out.put(None)
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
 
     def _admit(self) -> None:

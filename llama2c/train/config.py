@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from typing import ClassVar, List, Optional, Sequence
 
@@ -27,11 +28,14 @@ class TrainConfig:
     eval_iters: int = _k(100, "I/O", "batches per loss estimate (capped at one pass over the split)")
     eval_only: bool = _k(False, "I/O", "evaluate once and exit")
     always_save_checkpoint: bool = _k(False, "I/O", "checkpoint at every eval, not only when val loss improves")
-    init_from: str = _k("scratch", "I/O", "scratch | resume (continue from out_dir/ckpt.pt)")
+    init_from: str = _k("scratch", "I/O", "scratch | resume (continue from out_dir/ckpt.pt, with its knobs "
+                                          "unless given again) | a model to fine-tune (llama2c finetune)")
     overwrite: bool = _k(False, "I/O", "let a scratch run replace the checkpoint, model.bin and log "
                                        "already in out_dir")
+    preset: str = _k("", "I/O", "llama2.c's model table: 260K | 15M | 42M | 110M sets the shape, context "
+                                "and training knobs not given")
     # data
-    batch_size: int = _k(128, "data", "sequences per micro-batch (per process)")
+    batch_size: int = _k(0, "data", "sequences per micro-batch, per process (0: 8 on a CPU, 128 on CUDA)")
     max_seq_len: int = _k(256, "data", "context length in tokens")
     vocab_size: int = _k(0, "data", "model vocabulary (0: the tokenizer's, from the data's meta.json)")
     # model
@@ -46,8 +50,9 @@ class TrainConfig:
     norm_eps: float = _k(1e-5, "model", "RMSNorm epsilon (not 1e-5 -> model.bin is version 3)")
     tie_embeddings: bool = _k(True, "model", "share the token embedding with the classifier")
     # optimizer
-    gradient_accumulation_steps: int = _k(4, "optimizer",
-                                          "micro-batches per update, split across processes when it divides")
+    gradient_accumulation_steps: int = _k(0, "optimizer",
+                                          "micro-batches per update, split across processes when it divides "
+                                          "(0: 1 per process on a CPU, 4 on CUDA)")
     learning_rate: float = _k(5e-4, "optimizer", "peak learning rate (AdamW)")
     max_iters: int = _k(100000, "optimizer", "optimizer steps to train for (total, counting resumed ones)")
     weight_decay: float = _k(1e-1, "optimizer", "AdamW weight decay (matrices only)")
@@ -62,7 +67,8 @@ class TrainConfig:
     # system
     device: str = _k("auto", "system", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = _k("auto", "system", "auto | float32 | bfloat16 | float16 (autocast; auto: bf16 on "
-                                      "CUDA that has it, else fp16 on CUDA, fp32 on CPU)")
+                                      "CUDA that has it, else fp16 on CUDA; on a CPU bf16 where it is "
+                                      "native (AVX512_BF16/AMX), else fp32)")
     compile: bool = _k(False, "system", "torch.compile the model")
     seed: int = _k(1337, "system", "random seed (each process adds its rank)")
     fsdp: bool = _k(False, "system", "under torchrun, shard the model with FSDP2 instead of DDP")
@@ -72,6 +78,14 @@ class TrainConfig:
     # how messages spell knobs: --max-seq-len (True) or llama2.c's --max_seq_len
     # (set by parse_args from the command line; not a knob, not in to_dict)
     dashes: ClassVar[bool] = False
+    # the knobs the command line named (set by parse_args; None from Python, where a
+    # knob counts as given when it differs from its default)
+    given: ClassVar[Optional[frozenset]] = None
+
+    def was_given(self, name: str) -> bool:
+        if self.given is not None:
+            return name in self.given
+        return getattr(self, name) != KNOBS[name].default
 
     def flag(self, name: str, value=None) -> str:
         """The command-line spelling of knob ``name`` (``--init-from``, or
@@ -87,6 +101,31 @@ class TrainConfig:
 
 
 KNOBS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# llama2.c's model table (README): shape and context; the 260K row also has the
+# training knobs of its published command line. Batch size and accumulation are
+# left to the device defaults (--batch-size / --gradient-accumulation-steps).
+PRESETS = {
+    "260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4, max_seq_len=512,
+                 learning_rate=1e-3, dropout=0.05, weight_decay=0.01, beta2=0.99, warmup_iters=1000),
+    "15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=0, max_seq_len=256),
+    "42M": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=0, max_seq_len=1024),
+    "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=0, max_seq_len=1024),
+}
+
+
+def apply_preset(cfg: "TrainConfig") -> None:
+    """Sets the preset's knobs that were not given (cfg.preset names it)."""
+    if not cfg.preset:
+        return
+    key = next((k for k in PRESETS if k.lower() == cfg.preset.strip().lower()), None)
+    if key is None:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    cfg.preset = key
+    given = {name for name in KNOBS if name != "preset" and cfg.was_given(name)}
+    for name, value in PRESETS[key].items():
+        if name not in given:
+            setattr(cfg, name, value)
 
 
 class UsageError(ValueError):
@@ -151,8 +190,10 @@ def usage(prog: str = "llama2c train") -> str:
               "", "Examples:",
               "  llama2c train --data=data/tok512 --dim=64 --n-layers=4 --n-heads=4 --batch-size=32 \\",
               "      --max-seq-len=128 --max-iters=2000 --eval-interval=200 --warmup-iters=100",
+              "  llama2c train --data=data/tok512 --preset=260K --max-iters=2000",
               "  torchrun --nproc_per_node=2 -m llama2c.train --data=data/tok512 ...",
-              "  llama2c train --init-from=resume --out-dir=out --max-iters=4000"]
+              "  llama2c train --init-from=resume --out-dir=out --max-iters=4000   # other knobs: the checkpoint's",
+              "  llama2c train --init-from=model.bin --data=chats.jsonl --out-dir=ft   # = llama2c finetune"]
     return "\n".join(lines)
 
 
@@ -196,8 +237,11 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
                 value = args[i]
                 i += 1
         values[name] = _convert(name, value, key)
+    named = {a[2:].partition("=")[0].replace("-", "_") for a in args if a.startswith("--")}
     cfg = TrainConfig(**values)
     cfg.dashes = dashes
+    cfg.given = frozenset(n for n in named if n in KNOBS) | (base.given or frozenset() if base else frozenset())
+    apply_preset(cfg)
     validate(cfg)
     return cfg
 
@@ -206,15 +250,17 @@ def validate(cfg: TrainConfig) -> None:
     f = cfg.flag
     if not cfg.data and cfg.init_from != "resume":
         raise UsageError("--data DIR is required (the output of `llama2c data prepare`)")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UsageError(f"{f('init_from')} must be scratch or resume, got {cfg.init_from!r}")
+    if cfg.init_from not in ("scratch", "resume") and not os.path.exists(cfg.init_from):
+        raise UsageError(f"{f('init_from')} must be scratch, resume or a model to fine-tune, got "
+                         f"{cfg.init_from!r} (no such file)")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    for name in ("batch_size", "max_seq_len", "dim", "n_layers", "n_heads", "gradient_accumulation_steps",
-                 "eval_interval", "log_interval", "eval_iters", "multiple_of"):
+    for name in ("max_seq_len", "dim", "n_layers", "n_heads", "eval_interval", "log_interval", "eval_iters",
+                 "multiple_of"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{f(name)} must be at least 1")
-    for name in ("max_iters", "warmup_iters", "vocab_size", "n_kv_heads"):
+    for name in ("max_iters", "warmup_iters", "vocab_size", "n_kv_heads", "batch_size",
+                 "gradient_accumulation_steps"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{f(name)} cannot be negative")
     if cfg.dim % cfg.n_heads:

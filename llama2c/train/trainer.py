@@ -29,11 +29,15 @@ import torch
 from . import checkpoint as ck
 from .config import TrainConfig, UsageError
 from .loader import NotEnoughData, WindowSampler
+from .peak import peak_flops
+from .progress import Progress, fmt_duration
 
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ModelArgs fields that fix the shape of the weights: on resume they come from the checkpoint
 STRUCTURAL = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
               "norm_eps", "max_seq_len", "rope_theta", "tie_embeddings")
+# knobs a resume never takes from the checkpoint (where and how this run happens)
+NOT_RESUMED = ("data", "out_dir", "init_from", "overwrite", "eval_only", "device", "fsdp", "compile", "preset")
 EVAL_SEED = 0x5EED
 
 
@@ -95,11 +99,54 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return rt
 
 
+def resume_knobs(cfg: TrainConfig, saved: Dict[str, Any]) -> List[str]:
+    """On resume, the knobs the command line did not give again take the
+    checkpoint's values (batch size, accumulation, learning rate and schedule,
+    max_iters, seed, ...), so a resume continues the run it resumes. A
+    schedule that decayed over the old max_iters (lr_decay_iters 0) keeps
+    doing so when only max_iters is given. Returns a note per knob taken
+    whose value is not the default."""
+    from .config import KNOBS
+
+    notes = []
+    for name, f in KNOBS.items():
+        if name in NOT_RESUMED or name in STRUCTURAL or name not in saved or cfg.was_given(name):
+            continue
+        if getattr(cfg, name) != saved[name]:
+            setattr(cfg, name, saved[name])
+        if saved[name] != f.default:
+            notes.append(f"{name}={saved[name]}")
+    if not cfg.was_given("lr_decay_iters") and not saved.get("lr_decay_iters") and \
+            saved.get("max_iters") and cfg.max_iters != saved["max_iters"]:
+        cfg.lr_decay_iters = int(saved["max_iters"])
+        notes.append(f"lr_decay_iters={cfg.lr_decay_iters} (the old max_iters)")
+    return notes
+
+
+def auto_batch(cfg: TrainConfig, rt: Runtime) -> Optional[str]:
+    """Resolves batch_size / gradient_accumulation_steps 0 for the device:
+    on CUDA llama2.c's 128 x 4; elsewhere (a CPU) 8 sequences and one
+    micro-batch per process. Returns a note when it chose."""
+    chose = []
+    if cfg.batch_size == 0:
+        cfg.batch_size = 128 if rt.device_type == "cuda" else 8
+        chose.append(f"{cfg.flag('batch_size', cfg.batch_size)}")
+    if cfg.gradient_accumulation_steps == 0:
+        cfg.gradient_accumulation_steps = 4 if rt.device_type == "cuda" else rt.world_size
+        chose.append(f"{cfg.flag('gradient_accumulation_steps', cfg.gradient_accumulation_steps)}")
+    if not chose:
+        return None
+    return f"defaults for {rt.device_type}: {' '.join(chose)}"
+
+
 def resolve_dtype(cfg: TrainConfig, rt: Runtime) -> str:
     if cfg.dtype != "auto":
         return cfg.dtype
     if rt.device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    native_bf16 = getattr(model_module(), "cpu_has_native_bf16", None)
+    if rt.device_type == "cpu" and native_bf16 is not None and native_bf16():
+        return "bfloat16"      # AVX512_BF16 / AMX: bf16 autocast trains several times faster
     return "float32"
 
 
@@ -123,6 +170,15 @@ def model_args_from_config(cfg: TrainConfig, vocab_size: int) -> Dict[str, Any]:
                 tie_embeddings=cfg.tie_embeddings)
 
 
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def build_model_args(values: Dict[str, Any]):
     m = model_module()
     known = {f.name for f in dataclasses.fields(m.ModelArgs)}
@@ -138,18 +194,20 @@ def _loss_of(out, raw_model) -> torch.Tensor:
     return loss
 
 
-def _mfu(raw_model, fwdbwd_per_iter: int, dt: float, n_params: int, args) -> float:
+def _mfu(raw_model, fwdbwd_per_iter: int, dt: float, n_params: int, args, peak: float = 312e12) -> float:
+    """Model FLOPs utilization of one process against ``peak`` (the device's:
+    see peak.py; llama2.c's A100 bf16 figure by default)."""
     fn = getattr(raw_model, "estimate_mfu", None)
     if fn is not None:
         try:
-            return float(fn(fwdbwd_per_iter, dt))
+            return float(fn(fwdbwd_per_iter, dt, peak_flops=peak))
         except TypeError:
             pass
-    # PaLM appendix B, against an A100's bf16 peak as llama2.c reports it
+    # PaLM appendix B
     L, H = args.n_layers, args.n_heads
     Q, T = args.dim // args.n_heads, args.max_seq_len
     flops = (6 * n_params + 12 * L * H * Q * T) * T * fwdbwd_per_iter
-    return flops / dt / 312e12
+    return flops / dt / peak
 
 
 def export_model_bin(state_dict: Dict[str, torch.Tensor], model_args: Dict[str, Any], path: Path,
@@ -229,13 +287,19 @@ def refuse_to_overwrite(cfg: TrainConfig) -> bool:
 # the loop
 # ---------------------------------------------------------------------------
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, log: Optional[Callable[[str], None]] = None):
-        self.cfg = cfg
+class RunLog:
+    """What a run prints and records (rank 0 only): log lines to `log` (or
+    stdout) and entries appended to out_dir/log.jsonl. Trainer and the
+    fine-tuner (llama2c/finetune) share it."""
+    rt: "Runtime"
+    out_dir: Path
+
+    def __init__(self, log: Optional[Callable[[str], None]] = None):
         self._log = log
         self.history: List[Dict[str, Any]] = []
+        self.rt = Runtime()                       # rank 0 until setup knows better
+        self.progress = Progress(self.log)        # lines for slow iterations and evals
 
-    # -- logging -------------------------------------------------------------
     def log(self, msg: str) -> None:
         if not self.rt.master:
             return
@@ -251,6 +315,12 @@ class Trainer:
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+
+class Trainer(RunLog):
+    def __init__(self, cfg: TrainConfig, log: Optional[Callable[[str], None]] = None):
+        super().__init__(log)
+        self.cfg = cfg
+
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
@@ -261,6 +331,31 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if overwriting:                            # --overwrite: the old run's log goes too
                 (self.out_dir / "log.jsonl").unlink(missing_ok=True)
+        # the knobs first (a resume's from its checkpoint): the dtype and batch follow them
+        ckpt = None
+        notes = []
+        if cfg.init_from == "resume":
+            ckpt = ck.load_checkpoint(self.out_dir / "ckpt.pt")
+            if not cfg.data:
+                cfg.data = ckpt["config"].get("data", "")
+            kept = resume_knobs(cfg, ckpt["config"])
+            if kept:
+                notes.append("resume: from the checkpoint: " + ", ".join(kept))
+        else:
+            from .config import apply_preset
+
+            apply_preset(cfg)
+        chose = auto_batch(cfg, rt)
+        if chose:
+            notes.append(chose)
+        for note in notes:
+            self.log(note)
+        if ckpt is not None and cfg.max_iters > cfg.resolved_lr_decay_iters() and cfg.decay_lr \
+                and cfg.min_lr == 0:
+            self.log(f"note: the learning rate decays to 0 at iteration {cfg.resolved_lr_decay_iters()} and "
+                     f"stays there until {cfg.flag('max_iters', cfg.max_iters)}: pass "
+                     f"{cfg.flag('lr_decay_iters')} (e.g. {cfg.max_iters}) to stretch the decay, or "
+                     f"{cfg.flag('min_lr')}")
         self.dtype = resolve_dtype(cfg, rt)
         if cfg.fsdp and self.dtype == "float16":
             raise UsageError("--fsdp trains in float32 or bfloat16 (float16 needs a sharded grad "
@@ -268,12 +363,11 @@ class Trainer:
         if rt.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        elif rt.device_type == "cpu":
+            keep = getattr(model_module(), "keep_freed_memory", None)
+            if keep is not None:
+                keep()    # reuse freed buffers instead of faulting in fresh pages every step
 
-        ckpt = None
-        if cfg.init_from == "resume":
-            ckpt = ck.load_checkpoint(self.out_dir / "ckpt.pt")
-            if not cfg.data:
-                cfg.data = ckpt["config"].get("data", "")
         cfg.data = str(Path(cfg.data).resolve())      # so a resume works from any directory
         self.data_dir = Path(cfg.data)
         from llama2c.data.shards import load_meta, load_split
@@ -321,8 +415,13 @@ class Trainer:
             raw.to(rt.device)
         self.raw = raw
 
+        # fused AdamW on a CPU too (one kernel for every parameter: ~3x faster a step)
+        opt_kw = {"fused": True} if rt.device_type == "cpu" and not cfg.fsdp and \
+            _accepts(raw.configure_optimizers, "fused") else {}
         self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                                  (cfg.beta1, cfg.beta2), rt.device_type)
+                                                  (cfg.beta1, cfg.beta2), rt.device_type, **opt_kw)
+        # the loss without the (batch, seq, vocab) logits, which training never reads
+        self.fwd_kw = {"return_logits": False} if _accepts(raw.forward, "return_logits") else {}
         self.scaler = torch.amp.GradScaler(rt.device_type if rt.device_type != "mps" else "cpu",
                                            enabled=(self.dtype == "float16"))
         self.iter_num, self.best_val_loss = 0, float("inf")
@@ -418,11 +517,15 @@ class Trainer:
             n = min(self.cfg.eval_iters, sampler.batches_per_pass())
             total = torch.zeros((), dtype=torch.float64, device=self.rt.device
                                 if self.rt.device_type != "mps" else "cpu")
-            for _ in range(n):
+            self.progress.begin(f"eval at step {self.iter_num}: {split} batch", n)
+            for b in range(n):
                 x, y = sampler.next_batch()
                 with self.autocast():
-                    loss = _loss_of(self.model(self._to_device(x), self._to_device(y)), self.raw)
+                    loss = _loss_of(self.model(self._to_device(x), self._to_device(y), **self.fwd_kw),
+                                    self.raw)
                 total += loss.detach().double().to(total.device)
+                self.progress.step(b + 1)
+            self.progress.end()
             total /= n
             if self.rt.world_size > 1:
                 import torch.distributed as dist
@@ -475,7 +578,9 @@ class Trainer:
 
     # -- main loop -----------------------------------------------------------
     def evaluate_and_save(self, final: bool) -> Dict[str, float]:
+        t0 = time.perf_counter()
         losses = self.estimate_loss()
+        self.eval_seconds = time.perf_counter() - t0
         lr = get_lr(self.iter_num, self.cfg)
         self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.record({"iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -495,6 +600,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=rt.device if rt.device_type != "mps" else "cpu")
+        self.progress.begin(f"iter {self.iter_num}: micro-batch", self.gas)
         for micro in range(self.gas):
             last = micro == self.gas - 1
             x, y = self.sampler.next_batch()
@@ -507,9 +613,11 @@ class Trainer:
                     self.raw.set_requires_gradient_sync(last)
             with sync:
                 with self.autocast():
-                    loss = _loss_of(self.model(x, y), self.raw) / self.gas
+                    loss = _loss_of(self.model(x, y, **self.fwd_kw), self.raw) / self.gas
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float().to(loss_sum.device)
+            self.progress.step(micro + 1)
+        self.progress.end()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
@@ -531,9 +639,16 @@ class Trainer:
         if cfg.eval_only:
             self.estimate_and_report()
             return self._finish(export=False)
+        peak, how = peak_flops(rt.device_type, self.dtype, rt.device if rt.device_type == "cuda" else "")
+        self.log(f"mfu is against {peak / 1e9:,.0f} GFLOP/s per process ({how})")
+        if self.iter_num < cfg.max_iters:
+            self.log(f"iteration {self.iter_num}: {self.gas} micro-batch(es) of {cfg.batch_size} x "
+                     f"{cfg.max_seq_len} tokens per process, up to {cfg.flag('max_iters', cfg.max_iters)}; "
+                     f"evaluating every {cfg.eval_interval} ({cfg.eval_iters} batches per split)")
 
         t0 = time.perf_counter()
         local_iter, since_log, running_mfu = 0, 0, -1.0
+        self.eval_seconds, dt_avg = 0.0, None
         while self.iter_num < cfg.max_iters:
             if self.iter_num % cfg.eval_interval == 0 and self.iter_num != self.resumed_at:
                 self.evaluate_and_save(final=False)
@@ -549,13 +664,18 @@ class Trainer:
                 dt = (t1 - t0) / since_log
                 t0, since_log = t1, 0
                 if local_iter >= 5:      # let the first iterations warm up
-                    mfu = _mfu(self.raw, cfg.batch_size * self.gas, dt, self.n_params, self.args)
+                    mfu = _mfu(self.raw, cfg.batch_size * self.gas, dt, self.n_params, self.args, peak)
                     running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                 tok_s = self.tokens_per_iter / dt
+                dt_avg = dt if dt_avg is None else 0.8 * dt_avg + 0.2 * dt
+                left = cfg.max_iters - self.iter_num
+                evals_left = len(range(self.iter_num + (-self.iter_num % cfg.eval_interval), cfg.max_iters,
+                                       cfg.eval_interval)) + 1
+                eta = left * dt_avg + evals_left * self.eval_seconds
                 self.log(f"{it} | loss {loss:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | "
-                         f"{tok_s:,.0f} tok/s | mfu {max(running_mfu, 0.0) * 100:.3g}%")
+                         f"{tok_s:,.0f} tok/s | mfu {max(running_mfu, 0.0) * 100:.3g}% | ETA {fmt_duration(eta)}")
                 self.record({"iter": it, "loss": loss, "lr": lr, "ms": dt * 1000, "tok_s": tok_s,
-                             "mfu": max(running_mfu, 0.0)})
+                             "mfu": max(running_mfu, 0.0), "eta_s": eta})
         if local_iter == 0:
             self.log(f"nothing to train: at iteration {self.iter_num}, {cfg.flag('max_iters', cfg.max_iters)}")
         self.evaluate_and_save(final=True)
