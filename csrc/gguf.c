@@ -8,7 +8,7 @@
  * scales), and the vocabulary turned into a
  * tokenizer.bin image for tokenizer.c.
  */
-#include "internal.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -322,23 +322,6 @@ static const gguf_tensor *find(const gguf_file *g, const char *name) {
 
 /* ---- values ---- */
 
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    } else if (mant) { /* subnormal: normalize */
-        int e = -1;
-        do { mant <<= 1; e++; } while (!(mant & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ff) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 static uint16_t u16_at(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
@@ -347,19 +330,19 @@ static void to_f32(const gguf_tensor *t, float *out, int64_t n) {
     const unsigned char *p = t->data;
     switch (t->type) {
     case GGML_F32: memcpy(out, p, (size_t)n * 4); break;
-    case GGML_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(u16_at(p + 2 * i)); break;
+    case GGML_F16: for (int64_t i = 0; i < n; i++) out[i] = llama2_f16_to_f32(u16_at(p + 2 * i)); break;
     case GGML_BF16: for (int64_t i = 0; i < n; i++) out[i] = llama2_bf16_to_f32(u16_at(p + 2 * i)); break;
     case GGML_Q8_0:
         for (int64_t b = 0; b < n / 32; b++) {
             const unsigned char *blk = p + 34 * b;
-            float d = f16_to_f32(u16_at(blk));
+            float d = llama2_f16_to_f32(u16_at(blk));
             for (int i = 0; i < 32; i++) out[32 * b + i] = (float)(int8_t)blk[2 + i] * d;
         }
         break;
     case GGML_Q4_0:
         for (int64_t b = 0; b < n / 32; b++) {
             const unsigned char *blk = p + 18 * b;
-            float d = f16_to_f32(u16_at(blk));
+            float d = llama2_f16_to_f32(u16_at(blk));
             for (int i = 0; i < 16; i++) {
                 out[32 * b + i] = (float)((blk[2 + i] & 0x0f) - 8) * d;
                 out[32 * b + i + 16] = (float)((blk[2 + i] >> 4) - 8) * d;
@@ -426,7 +409,7 @@ static int matrix_from(llama2_transformer *t, const gguf_tensor *src, llama2_mat
         if (!q || !s) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory reading %s", src->name);
         for (int64_t b = 0; b < n / 32; b++) {
             const unsigned char *blk = src->data + 34 * b;
-            s[b] = f16_to_f32(u16_at(blk));
+            s[b] = llama2_f16_to_f32(u16_at(blk));
             memcpy(q + 32 * b, blk + 2, 32);
         }
         m->type = LLAMA2_WEIGHTS_Q8_0;
