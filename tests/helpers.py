@@ -211,3 +211,20 @@ def assert_q8_close(c: np.ndarray, cfg: R.Config, w: dict, tokens, group_size: i
         assert err <= Q8_VS_F32 * np.abs(ref_f32).max(), \
             f"{what}: int8 logits too far from the fp32 model: {err:.3g}"
     return ref
+
+
+def greedy_continuation(llm, ids, n: int) -> list:
+    """Up to n greedy tokens after ids in a fresh context of llm (a
+    llama2c.Llama), stopping before BOS or EOS: what greedy generation of
+    new tokens should give."""
+    cx = llm.create_context()
+    logits = cx.forward_batch(ids, 0)
+    out, pos = [], len(ids)
+    for _ in range(n):
+        t = int(np.argmax(logits))
+        if t in (1, 2):
+            break
+        out.append(t)
+        logits = cx.forward(t, pos)
+        pos += 1
+    return out

@@ -11,6 +11,7 @@ import pytest
 
 import llama2c
 import reference as R
+from helpers import greedy_continuation
 from llama2c.completion import StopText, fit_prompt
 from llama2c.errors import ContextLengthError
 from llama2c.scoring import windows
@@ -45,20 +46,6 @@ def torch_logprobs(tm, ids) -> np.ndarray:
     return torch.log_softmax(logits, dim=-1).numpy()
 
 
-def greedy_ids(llm, ids, n):
-    cx = llm.create_context()
-    logits = cx.forward_batch(ids, 0)
-    out, pos = [], len(ids)
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        if t in (1, 2):
-            break
-        out.append(t)
-        logits = cx.forward(t, pos)
-        pos += 1
-    return out
-
-
 def test_completion_shape_and_greedy_text(llm):
     r = llm("hello there", max_tokens=10, temperature=0.0)
     assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
@@ -67,7 +54,7 @@ def test_completion_shape_and_greedy_text(llm):
     assert set(choice) == {"text", "index", "logprobs", "finish_reason"}
     assert choice["index"] == 0 and choice["logprobs"] is None
     ids = llm.tokenize("hello there")
-    expected = greedy_ids(llm, ids, 10)
+    expected = greedy_continuation(llm, ids, 10)
     assert choice["text"] == llm.tokenizer.decode_bytes([ids[-1]] + expected)[
         len(llm.tokenizer.decode_bytes([ids[-1]])):].decode("utf-8", "replace")
     assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
@@ -127,7 +114,7 @@ def test_logprobs_match_pytorch(model, llm):
     lp = r["choices"][0]["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     ids = llm.tokenize("hello there")
-    new = greedy_ids(llm, ids, 12)
+    new = greedy_continuation(llm, ids, 12)
     assert len(lp["tokens"]) == len(new) == r["usage"]["completion_tokens"]
     ref = torch_logprobs(tm, ids + new)
     for i, t in enumerate(new):
@@ -151,7 +138,7 @@ def test_logprobs_match_pytorch(model, llm):
 def test_logprobs_are_before_sampling_transforms(llm):
     plain = llm("ab", max_tokens=1, temperature=0.0, logprobs=1)["choices"][0]["logprobs"]
     token = llm.tokenize("ab")
-    first = greedy_ids(llm, token, 1)[0]
+    first = greedy_continuation(llm, token, 1)[0]
     biased = llm("ab", max_tokens=1, temperature=0.0, logprobs=1, logit_bias={first: -100.0},
                  repeat_penalty=1.3)["choices"][0]["logprobs"]
     # another token was chosen, but the logprobs are the model's own

@@ -8,6 +8,7 @@ import pytest
 
 import llama2c
 import reference as R
+from helpers import greedy_continuation
 from llama2c.chat_template import ChatTemplate
 from llama2c.errors import ContextLengthError
 
@@ -25,27 +26,13 @@ def llm(model):
     return llama2c.Llama(model.path, tokenizer=model.tokenizer)
 
 
-def greedy_reply_ids(llm, ids, n):
-    cx = llm.create_context()
-    logits = cx.forward_batch(ids, 0)
-    out, pos = [], len(ids)
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        if t in (1, 2):
-            break
-        out.append(t)
-        logits = cx.forward(t, pos)
-        pos += 1
-    return out
-
-
 def test_chat_completion_shape_and_greedy_reply(llm):
     r = llm.create_chat_completion(messages=MESSAGES, max_tokens=12, temperature=0.0)
     assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
     (choice,) = r["choices"]
     assert choice["message"]["role"] == "assistant" and choice["logprobs"] is None
     ids = ChatTemplate.get(None).tokenize(llm.tokenizer, MESSAGES)
-    new = greedy_reply_ids(llm, ids, 12)
+    new = greedy_continuation(llm, ids, 12)
     assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(new),
                           "total_tokens": len(ids) + len(new)}
     assert choice["message"]["content"] == llm.detokenize(new)
@@ -111,7 +98,7 @@ def test_replayed_conversation_runs_the_template_tokens(llm):
     reply = session.send(conv[-1]["content"], temperature=0.0, max_tokens=6)
     ids = ChatTemplate.get(None).tokenize(llm.tokenizer, conv)
     assert session._completer.cached[:len(ids)] == ids
-    new = greedy_reply_ids(llm, ids, 6)
+    new = greedy_continuation(llm, ids, 6)
     assert session._completer.cached[len(ids):] == new[:-1]  # the last one sampled, not run yet
     assert llm.chat(conv, temperature=0.0, max_tokens=6) == reply
 

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -256,13 +255,7 @@ class Finetuner(RunLog):
                 self.train_batches.load_state_dict({**state["sampler"], "n_windows": -1})
             else:
                 self.train_batches.load_state_dict(state["sampler"])
-            states = state.get("rng") or []
-            if len(states) == rt.world_size:
-                ck.set_rng_state(states[rt.rank], rt.device_type)
-            else:
-                self.log(f"note: the checkpoint has random states for {len(states)} process(es), this run "
-                         f"has {rt.world_size}: reseeding")
-                self._seed(cfg.seed + 7 * self.iter_num)
+            self._restore_random(state.get("rng") or [], cfg.seed, self.iter_num)
             self.log(f"resumed from {self.out_dir / 'ckpt.pt'} at iteration {self.iter_num}")
         else:
             self._seed(cfg.seed)
@@ -270,12 +263,6 @@ class Finetuner(RunLog):
         del state
         if rt.master and self.tokenizer is not None:
             self._write_tokenizer()
-
-    def _seed(self, seed: int) -> None:
-        s = seed + self.rt.rank
-        torch.manual_seed(s)
-        np.random.seed(s % (2 ** 32))
-        random.seed(s)
 
     def _load_data(self, data_path: Path) -> None:
         cfg, rt = self.cfg, self.rt

@@ -289,8 +289,9 @@ def refuse_to_overwrite(cfg: TrainConfig) -> bool:
 
 class RunLog:
     """What a run prints and records (rank 0 only): log lines to `log` (or
-    stdout) and entries appended to out_dir/log.jsonl. Trainer and the
-    fine-tuner (llama2c/finetune) share it."""
+    stdout) and entries appended to out_dir/log.jsonl; and its random
+    states, seeded or restored on resume. Trainer and the fine-tuner
+    (llama2c/finetune) share it."""
     rt: "Runtime"
     out_dir: Path
 
@@ -314,6 +315,23 @@ class RunLog:
         self.history.append(entry)
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def _seed(self, seed: int) -> None:
+        s = seed + self.rt.rank
+        torch.manual_seed(s)
+        np.random.seed(s % (2**32))
+        random.seed(s)
+
+    def _restore_random(self, states: list, seed: int, iter_num: int) -> None:
+        """Each rank's saved random state, or a fresh seed when the number of
+        processes changed since the checkpoint."""
+        rt = self.rt
+        if len(states) == rt.world_size:
+            ck.set_rng_state(states[rt.rank], rt.device_type)
+        else:
+            self.log(f"note: the checkpoint has random states for {len(states)} process(es), "
+                     f"this run has {rt.world_size}: reseeding")
+            self._seed(seed + 7 * iter_num)
 
 
 class Trainer(RunLog):
@@ -476,24 +494,12 @@ class Trainer(RunLog):
         # random states last: everything above drew from them
         if ckpt is not None:
             self.sampler.load_state_dict(ckpt["sampler"])
-            states = ckpt.get("rng") or []
-            if len(states) == rt.world_size:
-                ck.set_rng_state(states[rt.rank], rt.device_type)
-            else:
-                self.log(f"note: the checkpoint has random states for {len(states)} process(es), "
-                         f"this run has {rt.world_size}: reseeding")
-                self._seed(cfg.seed + 7 * self.iter_num)
+            self._restore_random(ckpt.get("rng") or [], cfg.seed, self.iter_num)
             self.log(f"resumed from {self.out_dir / 'ckpt.pt'} at iteration {self.iter_num}")
         else:
             self._seed(cfg.seed)
         self.resumed_at = self.iter_num if ckpt is not None else None
         del ckpt
-
-    def _seed(self, seed: int) -> None:
-        s = seed + self.rt.rank
-        torch.manual_seed(s)
-        np.random.seed(s % (2**32))
-        random.seed(s)
 
     # -- evaluation ----------------------------------------------------------
     def _eval_sampler(self, split: str) -> WindowSampler:
