@@ -27,8 +27,9 @@ API in one place:
 
 Speed: the classifier and its cross-entropy are fused (linear_cross_entropy:
 chunks of rows, gradients made during the forward pass, no (tokens x vocab)
-array); RoPE is one complex multiplication; RMSNorm is torch's fused rms_norm;
-attention is scaled_dot_product_attention. With bfloat16 autocast the matmuls
+array); RoPE is one complex multiplication by a rotation made once per pass;
+RMSNorm has a hand-written backward pass (torch's rms_norm under
+torch.compile); attention is scaled_dot_product_attention. With bfloat16 autocast the matmuls
 run in bfloat16 and the softmax of the loss in float32. cpu_has_native_bf16()
 and keep_freed_memory() serve the trainer's CPU settings.
 
@@ -126,19 +127,34 @@ def _compiling() -> bool:
     return bool(fn()) if fn is not None else False
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor):
+    """What the layers get for RoPE: in eager mode the complex rotation cos +
+    i sin (made once per forward pass, shared by every layer), under
+    torch.compile the (cos, sin) pair."""
+    if _compiling():
+        return cos, sin
+    return torch.complex(cos, sin), None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: Optional[torch.Tensor]) -> torch.Tensor:
     """Rotates the pairs (2i, 2i+1) of the last dimension of x (B, T, heads,
     head_size) by the angles of cos/sin: (T, head_size/2), or (B, T,
-    head_size/2) for per-row positions. Computed in float32 (one complex
+    head_size/2) for per-row positions; or, with sin None, by the complex
+    rotation cos (rope_rotation). Computed in float32 (one complex
     multiplication in eager mode; the same products written out for
     torch.compile, which fuses them), returned in x's dtype."""
-    c = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]
-    s = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
     xf = x.float()
-    if not _compiling() and xf.stride(-1) == 1 and all(st % 2 == 0 for st in xf.stride()[:-1]):
+    if sin is None or (not _compiling() and xf.stride(-1) == 1 and
+                       all(st % 2 == 0 for st in xf.stride()[:-1])):
+        rot = cos if sin is None else torch.complex(cos, sin)
+        rot = rot[None, :, None, :] if rot.dim() == 2 else rot[:, :, None, :]
+        if xf.stride(-1) != 1 or any(st % 2 for st in xf.stride()[:-1]):
+            xf = xf.contiguous()
         xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
-        out = torch.view_as_real(xc * torch.complex(c, s)).flatten(-2)
+        out = torch.view_as_real(xc * rot).flatten(-2)
     else:
+        c = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]
+        s = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
         xp = xf.reshape(*x.shape[:-1], -1, 2)
         x0, x1 = xp[..., 0], xp[..., 1]
         out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
@@ -151,6 +167,26 @@ def _plain(*modules: nn.Module) -> bool:
     return all(type(m) is nn.Linear and m.bias is None for m in modules)
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight in float32 with a hand-written
+    backward pass (fewer passes over the activations than autograd's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        n = x * rstd
+        ctx.save_for_backward(n, rstd, weight)
+        return n * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        n, rstd, weight = ctx.saved_tensors
+        gw = g * weight
+        dx = (gw - n * (gw * n).mean(-1, keepdim=True)) * rstd if ctx.needs_input_grad[0] else None
+        dweight = (g * n).sum(dim=tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
+        return dx, dweight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -159,8 +195,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused kernel: x * rsqrt(mean(x^2) + eps) * weight, in float32
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if _compiling():                     # inductor fuses it
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormFn.apply(x, self.weight, self.eps)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)) * self.weight
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -218,9 +257,9 @@ class Attention(nn.Module):
         kc, vc = cache.k[layer], cache.v[layer]
         kc[:, :, start:end] = k.transpose(1, 2).to(kc.dtype)
         vc[:, :, start:end] = v.transpose(1, 2).to(vc.dtype)
-        mask = cache.mask                                                  # (B, 1, T, S)
+        mask = cache.mask                                                  # (B, 1, T, S) or None
         qg = q.reshape(B, T, G, r, hs).permute(0, 2, 3, 1, 4).reshape(B, G, r * T, hs)
-        if r > 1:
+        if r > 1 and mask is not None:
             mask = mask.unsqueeze(2).expand(B, 1, r, T, end).reshape(B, 1, r * T, end)
         out = F.scaled_dot_product_attention(qg.to(kc.dtype), kc[:, :, :end], vc[:, :, :end],
                                              attn_mask=mask)
@@ -578,6 +617,7 @@ class Transformer(nn.Module):
         else:
             pos = cache.begin(T)
             cos, sin = self.freqs_cos[pos], self.freqs_sin[pos]
+        cos, sin = rope_rotation(cos, sin)
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache)
@@ -795,14 +835,18 @@ class KVCache:
         self.mask: Optional[torch.Tensor] = None
 
     def begin(self, T: int) -> torch.Tensor:
-        """Prepares a pass over T new tokens: sets ``mask`` (B, 1, T, pos + T)
-        and returns their positions (B, T) for RoPE."""
+        """Prepares a pass over T new tokens: sets ``mask`` (B, 1, T, pos + T;
+        None when every slot is visible) and returns their positions (B, T)
+        for RoPE."""
         start, end = self.pos, self.pos + T
         if end > self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} positions: cannot add {T} "
                              f"after {self.pos}")
         q = self.slots[start:end]
         k = self.slots[:end]
+        if T == 1 and not self.padded:          # one new token sees every filled slot
+            self.mask = None
+            return (q[None, :] - self.pad).clamp(min=0)
         causal = k[None, :] <= q[:, None]                                   # (T, S)
         if self.padded:
             real = k[None, :] >= self.pad                                   # (B, S)
@@ -847,7 +891,7 @@ class Engine:
         h = self.model.hidden_states(tokens.to(self.device), cache)
         return cache, self.model.output(h[:, -1, :])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  min_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
