@@ -7,6 +7,7 @@
  * is refused with the right status instead of crashing.
  */
 #include "kernels.h"
+#include "test_common.h"
 #include "threadpool.h"
 
 #include <limits.h>
@@ -15,81 +16,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef VERBOSITY
-#define VERBOSITY 0
-#endif
-
-static int failures = 0, checks = 0;
-
-#define CHECK(cond, ...)                                        \
-    do {                                                        \
-        checks++;                                               \
-        if (!(cond)) {                                          \
-            failures++;                                         \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);         \
-            printf(__VA_ARGS__);                                \
-            printf("\n");                                       \
-        } else if (VERBOSITY) {                                 \
-            printf("ok   ");                                    \
-            printf(__VA_ARGS__);                                \
-            printf("\n");                                       \
-        }                                                       \
-    } while (0)
-
 static uint64_t test_rng = 88172645463325252ull;
 static float frand(void) { /* uniform in [-1, 1) */
-    test_rng ^= test_rng << 13;
-    test_rng ^= test_rng >> 7;
-    test_rng ^= test_rng << 17;
-    return (float)((test_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static char tmp_dir[256] = "/tmp";
-static const char *tmp_path(const char *name) {
-    static char buf[512];
-    snprintf(buf, sizeof(buf), "%s/llama2_testc_%s", tmp_dir, name);
-    return buf;
+    return (float)((xorshift64(&test_rng) >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
 }
 
 /* ---- kernels ---- */
 
-/* every kernel table this CPU can run, scalar first; each tier's kernels
- * are checked against the scalar loop bit for bit, on weights packed in that
- * tier's own layout (kernels.h) */
-static const char *const tier_names[] = {"scalar", "avx2", "avx512", "neon-nosdot", "neon-sdot"};
-static const llama2_kernels *kernel_list[8];
-static int n_kernels = 0;
-
-static void find_kernels(void) {
-    char skipped[512] = "";
-    size_t used = 0;
-    for (size_t i = 0; i < sizeof(tier_names) / sizeof(tier_names[0]); i++) {
-        const llama2_kernels *k = llama2_kernels_by_name(tier_names[i]);
-        if (k) {
-            int seen = 0; /* "neon" and "neon-sdot" may be one table */
-            for (int j = 0; j < n_kernels; j++) seen |= kernel_list[j] == k;
-            if (!seen) kernel_list[n_kernels++] = k;
-        } else if (used < sizeof(skipped)) {
-            used += (size_t)snprintf(skipped + used, sizeof(skipped) - used, "\n  skipped %s: %s", tier_names[i],
-                                     llama2_kernels_unavailable(tier_names[i]));
-        }
-    }
+/* each tier's kernels (test_common.h: every tier this CPU runs) are checked
+ * against the scalar loop bit for bit, on weights packed in that tier's own
+ * layout (kernels.h) */
+static void report_kernels(void) {
     printf("kernel tiers tested against the scalar loop on this CPU:");
     for (int i = 0; i < n_kernels; i++) printf(" %s", kernel_list[i]->name);
-    printf("%s\n", skipped);
+    printf("%s\n", kernels_skipped);
 }
 
-/* a dummy transformer that owns packed buffers, in the layout of kernels k */
-static llama2_transformer *owner_for(const llama2_kernels *k) {
-    llama2_transformer *t = (llama2_transformer *)calloc(1, sizeof(llama2_transformer));
-    t->kernels = k;
-    return t;
-}
 static llama2_transformer *owner(void) { return owner_for(NULL); }
-static void free_owner(llama2_transformer *t) {
-    llama2_buffers_free(&t->owned);
-    free(t);
-}
 
 /* Every kernel against the scalar loop, bit for bit, over all rows and over
  * a thread's sub-range. Matrices of 8 MB and more with rows of 1024 and
@@ -944,9 +887,9 @@ static void check_pool(void) {
 }
 
 int main(void) {
-    const char *env = getenv("TMPDIR");
-    if (env && strlen(env) < 200) snprintf(tmp_dir, sizeof(tmp_dir), "%s", env);
+    use_tmpdir_from_env("llama2_testc_");
     find_kernels();
+    report_kernels();
     check_pool();
     check_f32(37, 11);
     check_f32(288, 288);

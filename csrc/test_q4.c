@@ -9,80 +9,23 @@
  * the fp32 w2 of a hidden_dim that is not a multiple of 32, hostile headers.
  */
 #include "kernels.h"
+#include "test_common.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef VERBOSITY
-#define VERBOSITY 0
-#endif
-
-static int failures = 0, checks = 0;
-
-#define CHECK(cond, ...)                                \
-    do {                                                \
-        checks++;                                       \
-        if (!(cond)) {                                  \
-            failures++;                                 \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-            printf(__VA_ARGS__);                        \
-            printf("\n");                               \
-        } else if (VERBOSITY) {                         \
-            printf("ok   ");                            \
-            printf(__VA_ARGS__);                        \
-            printf("\n");                               \
-        }                                               \
-    } while (0)
-
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static uint32_t next_u32(void) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (uint32_t)(rng >> 32);
-}
+static uint32_t next_u32(void) { return (uint32_t)(xorshift64(&rng) >> 32); }
 static float frand(void) { return (float)((next_u32() >> 8) * (1.0 / 16777216.0)) * 2.0f - 1.0f; }
 
-static char tmp_dir[256] = "/tmp";
-static const char *tmp_path(const char *name) {
-    static char buf[512];
-    snprintf(buf, sizeof(buf), "%s/llama2_testq4_%s", tmp_dir, name);
-    return buf;
-}
-
-/* every tier this CPU runs, scalar first */
-static const char *const tier_names[] = {"scalar", "avx2", "avx512", "neon-nosdot", "neon-sdot"};
-static const llama2_kernels *kernel_list[8];
-static const char *kernel_tier[8];
-static int n_kernels = 0;
-
-static void find_kernels(void) {
-    for (size_t i = 0; i < sizeof(tier_names) / sizeof(tier_names[0]); i++) {
-        const llama2_kernels *k = llama2_kernels_by_name(tier_names[i]);
-        int seen = 0;
-        for (int j = 0; j < n_kernels; j++) seen |= kernel_list[j] == k;
-        if (k && !seen) {
-            kernel_tier[n_kernels] = tier_names[i];
-            kernel_list[n_kernels++] = k;
-        }
-    }
+static void report_kernels(void) {
     printf("Q4_0 / batched Q8_0 kernels tested against the portable loops on:");
     for (int i = 0; i < n_kernels; i++)
         printf(" %s%s", kernel_list[i]->name,
                i && !kernel_list[i]->matmul_q4 ? " (no Q4_0 kernel: runs the portable loop)" : "");
     printf("\n");
-}
-
-static llama2_transformer *owner_for(const llama2_kernels *k) {
-    llama2_transformer *t = (llama2_transformer *)calloc(1, sizeof(llama2_transformer));
-    t->kernels = k;
-    return t;
-}
-static void free_owner(llama2_transformer *t) {
-    llama2_buffers_free(&t->owned);
-    free(t);
 }
 
 /* a random fp16 scale: either sign, exponents 2^-14 .. 2^-1, some subnormal, some zero */
@@ -423,9 +366,9 @@ static void test_v5_errors(void) {
 }
 
 int main(void) {
-    const char *env = getenv("TMPDIR");
-    if (env && strlen(env) < 200) snprintf(tmp_dir, sizeof(tmp_dir), "%s", env);
+    use_tmpdir_from_env("llama2_testq4_");
     find_kernels();
+    report_kernels();
     check_q4(32, 1);
     check_q4(64, 7);
     check_q4(96, 13);

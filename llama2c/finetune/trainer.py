@@ -34,7 +34,7 @@ from ..lora_merge import LoraMergedSource, merged_version, parse_targets
 from ..train import checkpoint as ck
 from ..train.peak import peak_flops
 from ..train.progress import fmt_duration
-from ..train.trainer import PTDTYPE, RunLog, get_lr, resolve_dtype, setup_runtime
+from ..train.trainer import RunLog, get_lr, resolve_dtype, setup_runtime
 from . import data as D
 from .base import find_tokenizer, hf_chat_template, open_base, tensors_digest, tokenizer_bin
 from .config import FIELDS, NOT_RESUMED, FinetuneConfig, UsageError
@@ -228,25 +228,7 @@ class Finetuner(RunLog):
             self.best_val_loss = float(state["best_val_loss"])
             self.first_val_loss = state.get("first_val_loss")
 
-        model = raw
-        if cfg.compile:
-            self.log("compiling the model (takes a minute)...")
-            model = torch.compile(model)
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-        self.model = model
-        if self.dtype == "float32":
-            self.autocast = contextlib.nullcontext
-        else:
-            ptd = PTDTYPE[self.dtype]
-            self.autocast = lambda: torch.autocast(device_type=rt.device_type, dtype=ptd)
-
-        gas = cfg.gradient_accumulation_steps
-        if rt.world_size > 1 and gas % rt.world_size == 0:
-            gas //= rt.world_size
-        self.gas = gas
+        self._prepare_model(raw, cfg.compile, rt.distributed, self.dtype, cfg.gradient_accumulation_steps)
 
         if state is not None:
             if state.get("data_digest") != self.data_digest:

@@ -333,6 +333,33 @@ class RunLog:
                      f"this run has {rt.world_size}: reseeding")
             self._seed(seed + 7 * iter_num)
 
+    def _prepare_model(self, raw, compile_model: bool, ddp: bool, dtype: str, accumulation: int) -> None:
+        """self.model (raw, compiled and/or wrapped in DDP), self.autocast for
+        the dtype, and self.gas: the micro-batches each process runs, the
+        accumulation split across processes when it divides (llama2.c)."""
+        rt = self.rt
+        model = raw
+        if compile_model:
+            self.log("compiling the model (takes a minute)...")
+            model = torch.compile(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        self.model = model
+        if dtype == "float32":
+            self.autocast = contextlib.nullcontext
+        else:
+            ptd = PTDTYPE[dtype]
+            self.autocast = lambda: torch.autocast(device_type=rt.device_type, dtype=ptd)
+        gas = accumulation
+        if rt.world_size > 1 and gas % rt.world_size == 0:
+            gas //= rt.world_size
+        elif rt.world_size > 1:
+            self.log(f"note: gradient_accumulation_steps={gas} is not a multiple of the "
+                     f"{rt.world_size} processes: each process runs {gas} micro-batches")
+        self.gas = gas
+
 
 class Trainer(RunLog):
     def __init__(self, cfg: TrainConfig, log: Optional[Callable[[str], None]] = None):
@@ -454,31 +481,9 @@ class Trainer(RunLog):
             self.iter_num = int(ckpt["iter_num"])
             self.best_val_loss = float(ckpt["best_val_loss"])
 
-        model = raw
-        if cfg.compile:
-            self.log("compiling the model (takes a minute)...")
-            model = torch.compile(model)
-        if rt.distributed and not cfg.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-        self.model = model
-
-        if self.dtype == "float32":
-            self.autocast = contextlib.nullcontext
-        else:
-            ptd = PTDTYPE[self.dtype]
-            self.autocast = lambda: torch.autocast(device_type=rt.device_type, dtype=ptd)
-
-        # gradient accumulation is split across processes when it divides (llama2.c)
-        gas = cfg.gradient_accumulation_steps
-        if rt.world_size > 1 and gas % rt.world_size == 0:
-            gas //= rt.world_size
-        elif rt.world_size > 1:
-            self.log(f"note: gradient_accumulation_steps={gas} is not a multiple of the "
-                     f"{rt.world_size} processes: each process runs {gas} micro-batches")
-        self.gas = gas
-        self.tokens_per_iter = gas * rt.world_size * cfg.batch_size * cfg.max_seq_len
+        self._prepare_model(raw, cfg.compile, rt.distributed and not cfg.fsdp, self.dtype,
+                            cfg.gradient_accumulation_steps)
+        self.tokens_per_iter = self.gas * rt.world_size * cfg.batch_size * cfg.max_seq_len
 
         self.train_shards = load_split(self.data_dir, "train")
         self.val_shards = load_split(self.data_dir, "val")
