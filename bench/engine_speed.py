@@ -11,9 +11,14 @@ vocabulary 32000, context 256; random weights) in float32. Row b of a batch
 starts from a prompt of 1 + b % 8 tokens (BOS, then random ones; rows of
 different lengths are left-padded) and decodes --new tokens greedily; a row
 that outgrows the context is cropped to its last 256 tokens and recomputed,
-in both loops (llama2.c's cropping). The two loops alternate, --reps
-times each; the report gives the median wall time, new tokens per second (all
-rows) and the speed-up, and checks that both loops produced the same tokens.
+in both loops (llama2.c's cropping). The loops alternate (the order flipped
+every repetition), --reps times each; the report gives the median wall time,
+new tokens per second (all rows) and the speed-up, and checks that every loop
+produced the same tokens. With one row and more than one thread the engine
+picks its thread count step by step (Engine's adaptive_threads); it is also
+run with torch's setting fixed ("cached, fixed threads"), for comparison.
+The first line names the CPU, torch and the threads; the load average is
+printed before and after each batch size (the machine may be shared).
 """
 from __future__ import annotations
 
@@ -25,6 +30,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count (from /proc/cpuinfo where there is one)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
+def load() -> str:
+    import os
+
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
 
 
 def main(argv=None) -> int:
@@ -39,7 +67,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from llama2c.model import ModelArgs, Transformer
+    from llama2c.model import Engine, ModelArgs, Transformer
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -59,7 +87,7 @@ def main(argv=None) -> int:
 
     print(f"model: dim {P.dim}, {P.n_layers} layers, {P.n_heads} heads, vocab {P.vocab_size}, "
           f"context {P.max_seq_len}; {model.get_num_params():,} parameters, float32, {a.device}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}; CPU: {cpu_name()}")
     for B in [int(x) for x in a.batches.split(",") if x.strip()]:
         g = torch.Generator().manual_seed(B)
         rows = [[1] + torch.randint(2, P.vocab_size, (b % 8,), generator=g).tolist() for b in range(B)]
@@ -70,25 +98,41 @@ def main(argv=None) -> int:
             idx[b, T - len(r):] = torch.tensor(r)
             mask[b, T - len(r):] = 1
         idx, mask = idx.to(a.device), mask.to(a.device)
-        times = {"cached": [], "uncached": []}
+
+        def run(name):
+            if name == "uncached":
+                if B == 1:      # one row needs no mask: llama2.c's plain loop
+                    return model.generate(idx[:, mask[0].bool()], new, temperature=0.0, use_cache=False)
+                return model.generate(idx, new, temperature=0.0, attention_mask=mask, use_cache=False)
+            if name == "cached":
+                return model.generate(idx, new, temperature=0.0, attention_mask=mask)
+            got = Engine(model, adaptive_threads=False).generate(rows, new, temperature=0.0)
+            return torch.tensor(got)
+
+        names = ["uncached", "cached"]
+        if B == 1 and torch.get_num_threads() > 1 and not str(a.device).startswith("cuda"):
+            names.append("cached, fixed threads")
+        times = {n: [] for n in names}
         outs = {}
-        for _ in range(a.reps):
-            for name, cache in (("uncached", False), ("cached", True)):
+        load0 = load()
+        for rep in range(a.reps):
+            for name in (names if rep % 2 == 0 else names[::-1]):
                 sync()
                 t0 = time.perf_counter()
-                if cache or B == 1:     # one row needs no mask: llama2.c's plain loop
-                    out = model.generate(idx if cache else idx[:, mask[0].bool()], new, temperature=0.0,
-                                         attention_mask=mask if cache else None, use_cache=cache)
-                else:
-                    out = model.generate(idx, new, temperature=0.0, attention_mask=mask, use_cache=False)
+                out = run(name)
                 sync()
                 times[name].append(time.perf_counter() - t0)
                 outs[name] = out[:, -new:].cpu()
-        same = torch.equal(outs["cached"], outs["uncached"])
-        c, u = statistics.median(times["cached"]), statistics.median(times["uncached"])
-        print(f"batch {B}: {new} new tokens per row; uncached {u:.2f} s ({B * new / u:,.1f} tok/s), "
-              f"cached {c:.2f} s ({B * new / c:,.1f} tok/s): {u / c:.1f}x; "
-              f"same tokens: {'yes' if same else 'NO'}")
+        same = all(torch.equal(o, outs["uncached"]) for o in outs.values())
+        u = statistics.median(times["uncached"])
+        parts = []
+        for name in names:
+            t = statistics.median(times[name])
+            ratio = "" if name == "uncached" else f": {u / t:.1f}x"
+            parts.append(f"{name} {t:.2f} s ({B * new / t:,.1f} tok/s){ratio} "
+                         f"[{' '.join(f'{x:.2f}' for x in times[name])}]")
+        print(f"batch {B}: {new} new tokens per row; " + "; ".join(parts) +
+              f"; same tokens: {'yes' if same else 'NO'}; load average {load0} -> {load()}")
     return 0
 
 

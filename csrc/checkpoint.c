@@ -149,6 +149,17 @@ static int parse_header(const unsigned char *p, int64_t size, llama2_config *c, 
         } else if (c->version >= 3) { /* 3: fp32, 4: bf16, 5: Q4_0, all with rope_theta and norm_eps */
             c->rope_theta = read_f32(p + 40);
             c->norm_eps = read_f32(p + 44);
+            /* rope scaling (zero padding in older files: none), checked by rope.c */
+            c->rope_scaling = p[48];
+            if (c->rope_scaling != LLAMA2_ROPE_NONE) {
+                c->rope_factor = read_f32(p + 52);
+                c->rope_low_freq_factor = read_f32(p + 56);
+                c->rope_high_freq_factor = read_f32(p + 60);
+                c->rope_original_ctx = read_i32(p + 64);
+            }
+            if (c->rope_scaling == LLAMA2_ROPE_FACTORS)
+                return llama2_fail(err, LLAMA2_ERR_FORMAT,
+                                   "rope scaling type 3 (per-frequency factors) exists only in GGUF files");
         }
         *header_bytes = HEADER_BYTES;
     } else {
@@ -620,6 +631,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
         t->config.file_size = size;
         t->config.n_params = count_params(&t->config);
         rc = map_weights(t, (const unsigned char *)data + header_bytes, err);
+        if (!rc) rc = llama2_rope_setup(t, NULL, err);
     }
     if (!rc) rc = check_finite(t, err);
     /* Q8_0 and Q4_0 models are quantized already */

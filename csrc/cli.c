@@ -194,6 +194,8 @@ int llama2_cli_main(int argc, char *argv[], const llama2_cli_program *prog) {
     llama2_transformer *t;
     if (llama2_transformer_open(&t, checkpoint, program->open_flags, &err)) die(&err);
     const llama2_config *c = llama2_transformer_config(t);
+    const char *notice = llama2_transformer_notice(t); /* e.g. GGUF tensors dequantized at load */
+    if (notice) fprintf(stderr, "note: %s\n", notice);
     /* default: tokenizer.bin, or a GGUF model's own vocabulary */
     if (!tokenizer_path) tokenizer_path = c->version == LLAMA2_VERSION_GGUF ? checkpoint : "tokenizer.bin";
     llama2_tokenizer *tk;

@@ -71,13 +71,16 @@ static void prepare(llama2_activation *a, const float *x, int n, int8_t *q_rows,
 /* The rotation angles' cos and sin of positions up to `end`, tabled once as
  * positions are first reached, with exactly the expressions llama2.c
  * evaluates per token (so the same floats):
- * freq = 1 / theta^(head_dim / head_size), val = pos * freq. */
+ * freq = 1 / theta^(head_dim / head_size), val = pos * freq; a model with
+ * rope scaling divides freq by its divisor for that pair (rope.c). */
 static void rope_extend(llama2_context *cx, int end) {
     const llama2_config *c = &cx->t->config;
+    const float *div = cx->t->rope_div;
     if (end <= cx->rope_ready) return;
     float *cs = cx->rope_cs;
     for (int i = 0; i < c->head_size; i += 2) {
         float freq = 1.0f / powf(c->rope_theta, i / (float)c->head_size);
+        if (div) freq /= div[i / 2];
         for (int pos = cx->rope_ready; pos < end; pos++) {
             float val = pos * freq;
             cs[(size_t)pos * c->head_size + i] = cosf(val);

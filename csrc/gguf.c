@@ -5,8 +5,9 @@
  * docs/SECURITY.md), the weights pointed into the mapping where the engine
  * runs their type as it is (F32, BF16, Q4_0) and converted exactly where it
  * does not (F16 widened to F32, Q8_0 blocks split into int8 values and fp32
- * scales), and the vocabulary turned into a
- * tokenizer.bin image for tokenizer.c.
+ * scales), the legacy and K-quant types (Q4_1 ... Q6_K, IQ4_NL/XS, TQ1_0/2_0)
+ * dequantized at load to bf16 matrices (a notice says so), and the
+ * vocabulary turned into a tokenizer.bin image for tokenizer.c.
  */
 #include "kernels.h"
 
@@ -99,10 +100,17 @@ static int key_is(const char *key, uint64_t len, const char *want) {
 
 /* ---- ggml tensor types ---- */
 
+/* One block of a type the engine dequantizes at load: its `block` values as
+ * fp32 into y. Written from the block layouts (ggml's ggml-common.h, stated
+ * in docs/FORMAT.md); fp32 arithmetic in ggml's order, so each value is
+ * exactly the one llama.cpp's dequantizer gives. */
+typedef void (*block_to_f32)(const unsigned char *b, float *y);
+
 typedef struct {
     const char *name;
     int block;      /* values per block */
     int bytes;      /* bytes per block */
+    block_to_f32 dequant; /* a type dequantized at load, or NULL (run as stored, or refused) */
 } ggml_type_info;
 
 #define GGML_F32 0
@@ -110,31 +118,251 @@ typedef struct {
 #define GGML_Q4_0 2
 #define GGML_Q8_0 8
 #define GGML_BF16 30
+#define GGML_TYPES 64 /* type numbers below this are counted in a load's notice */
 
-static ggml_type_info type_info(uint32_t type) {
-    switch (type) {
-    case 0: return (ggml_type_info){"F32", 1, 4};
-    case 1: return (ggml_type_info){"F16", 1, 2};
-    case 2: return (ggml_type_info){"Q4_0", 32, 18};
-    case 3: return (ggml_type_info){"Q4_1", 32, 20};
-    case 6: return (ggml_type_info){"Q5_0", 32, 22};
-    case 7: return (ggml_type_info){"Q5_1", 32, 24};
-    case 8: return (ggml_type_info){"Q8_0", 32, 34};
-    case 9: return (ggml_type_info){"Q8_1", 32, 36};
-    case 10: return (ggml_type_info){"Q2_K", 256, 84};
-    case 11: return (ggml_type_info){"Q3_K", 256, 110};
-    case 12: return (ggml_type_info){"Q4_K", 256, 144};
-    case 13: return (ggml_type_info){"Q5_K", 256, 176};
-    case 14: return (ggml_type_info){"Q6_K", 256, 210};
-    case 15: return (ggml_type_info){"Q8_K", 256, 292};
-    case 30: return (ggml_type_info){"BF16", 1, 2};
-    default: return (ggml_type_info){NULL, 0, 0};
+static float half_at(const unsigned char *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return llama2_f16_to_f32(v);
+}
+
+/* Q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes of nibbles (low nibbles values
+ * 0-15, high ones 16-31); x = q d + m */
+static void q4_1_block(const unsigned char *b, float *y) {
+    const float d = half_at(b), m = half_at(b + 2);
+    for (int j = 0; j < 16; j++) {
+        y[j] = (float)(b[4 + j] & 0x0f) * d + m;
+        y[j + 16] = (float)(b[4 + j] >> 4) * d + m;
     }
 }
 
-static int runs_type(uint32_t type) {
+/* Q5_0 (22 bytes): fp16 d, a u32 of fifth bits (bit j for value j), 16 bytes
+ * of nibbles as Q4_1's; x = (q - 16) d */
+static void q5_0_block(const unsigned char *b, float *y) {
+    const float d = half_at(b);
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    for (int j = 0; j < 16; j++) {
+        const int lo = (b[6 + j] & 0x0f) | (int)((qh >> j) & 1) << 4;
+        const int hi = (b[6 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+        y[j] = (float)(lo - 16) * d;
+        y[j + 16] = (float)(hi - 16) * d;
+    }
+}
+
+/* Q5_1 (24 bytes): fp16 d, fp16 m, then Q5_0's fifth bits and nibbles; x = q d + m */
+static void q5_1_block(const unsigned char *b, float *y) {
+    const float d = half_at(b), m = half_at(b + 2);
+    uint32_t qh;
+    memcpy(&qh, b + 4, 4);
+    for (int j = 0; j < 16; j++) {
+        const int lo = (b[8 + j] & 0x0f) | (int)((qh >> j) & 1) << 4;
+        const int hi = (b[8 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+        y[j] = (float)lo * d + m;
+        y[j + 16] = (float)hi * d + m;
+    }
+}
+
+/* Q2_K (84 bytes, 256 values): 16 bytes of 4-bit scale / 4-bit min per
+ * 16 values, 64 bytes of 2-bit values, fp16 d, fp16 dmin. Each half of 128
+ * values reads 32 bytes four times (bit pairs 0-1, 2-3, 4-5, 6-7), 16 bytes
+ * per sub-block; x = d sc q - dmin mn */
+static void q2_k_block(const unsigned char *b, float *y) {
+    const unsigned char *sc = b, *q = b + 16;
+    const float d = half_at(b + 80), dmin = half_at(b + 82);
+    int is = 0;
+    for (int n = 0; n < 2; n++, q += 32)
+        for (int shift = 0; shift < 8; shift += 2)
+            for (int h = 0; h < 2; h++, is++) {
+                const float dl = d * (float)(sc[is] & 0x0f), ml = dmin * (float)(sc[is] >> 4);
+                for (int l = 0; l < 16; l++) *y++ = dl * (float)((q[16 * h + l] >> shift) & 3) - ml;
+            }
+}
+
+/* Q3_K (110 bytes): 32 bytes of high bits (bit k of byte l for the k-th pass),
+ * 64 bytes of 2-bit values (Q2_K's order), 12 bytes of 16 6-bit scales (low
+ * nibbles in bytes 0-7, then their high nibbles; top two bits in bytes 8-11),
+ * fp16 d; x = d (sc - 32) (q - (high bit ? 0 : 4)) */
+static void q3_k_block(const unsigned char *b, float *y) {
+    const unsigned char *hm = b, *q = b + 32, *s = b + 96;
+    const float d = half_at(b + 108);
+    int is = 0;
+    unsigned m = 1;
+    for (int n = 0; n < 2; n++, q += 32)
+        for (int shift = 0; shift < 8; shift += 2, m <<= 1)
+            for (int h = 0; h < 2; h++, is++) {
+                const int lo = is < 8 ? s[is] & 0x0f : s[is - 8] >> 4;
+                const float dl = d * (float)((lo | ((s[8 + is % 4] >> (2 * (is / 4))) & 3) << 4) - 32);
+                for (int l = 0; l < 16; l++) {
+                    const int k = 16 * h + l;
+                    *y++ = dl * (float)(((q[k] >> shift) & 3) - ((hm[k] & m) ? 0 : 4));
+                }
+            }
+}
+
+/* the 6-bit scale and min of sub-block j (0-7) from a Q4_K / Q5_K block's 12 scale bytes */
+static void scale_min_k4(int j, const unsigned char *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | (s[j - 4] >> 6) << 4;
+        *mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+/* Q4_K (144 bytes): fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of nibbles;
+ * each 64 values are 32 bytes' low nibbles then their high ones, sub-blocks
+ * of 32; x = d sc q - dmin mn */
+static void q4_k_block(const unsigned char *b, float *y) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    const unsigned char *q = b + 16;
+    for (int j = 0; j < 8; j += 2, q += 32) {
+        int sc, mn;
+        scale_min_k4(j, b + 4, &sc, &mn);
+        const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+        scale_min_k4(j + 1, b + 4, &sc, &mn);
+        const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+        for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0x0f) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
+    }
+}
+
+/* Q5_K (176 bytes): Q4_K's d, dmin and scales, 32 bytes of fifth bits (bit j
+ * of byte l for sub-block j), then Q4_K's 128 bytes of nibbles */
+static void q5_k_block(const unsigned char *b, float *y) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    const unsigned char *qh = b + 16, *q = b + 48;
+    for (int j = 0; j < 8; j += 2, q += 32) {
+        int sc, mn;
+        scale_min_k4(j, b + 4, &sc, &mn);
+        const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+        scale_min_k4(j + 1, b + 4, &sc, &mn);
+        const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+        for (int l = 0; l < 32; l++) *y++ = d1 * (float)((q[l] & 0x0f) + ((qh[l] >> j) & 1) * 16) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * (float)((q[l] >> 4) + ((qh[l] >> (j + 1)) & 1) * 16) - m2;
+    }
+}
+
+/* Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16
+ * int8 scales (one per 16 values), fp16 d. Per half of 128 values: 64 low
+ * bytes, 32 high bytes, 8 scales; x = d sc (q - 32) */
+static void q6_k_block(const unsigned char *b, float *y) {
+    const float d = half_at(b + 208);
+    const unsigned char *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    for (int n = 0; n < 2; n++, y += 128, ql += 64, qh += 32, sc += 8)
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            const int q1 = ((ql[l] & 0x0f) | ((qh[l] >> 0) & 3) << 4) - 32;
+            const int q2 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2) & 3) << 4) - 32;
+            const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+            const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+            y[l] = d * (float)sc[is] * (float)q1;
+            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+        }
+}
+
+/* IQ4_NL / IQ4_XS: 4-bit indices into this fixed table */
+static const int8_t iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* IQ4_NL (18 bytes): Q4_0's layout, the nibble an index; x = d value */
+static void iq4_nl_block(const unsigned char *b, float *y) {
+    const float d = half_at(b);
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)iq4_values[b[2 + j] & 0x0f];
+        y[j + 16] = d * (float)iq4_values[b[2 + j] >> 4];
+    }
+}
+
+/* IQ4_XS (136 bytes): fp16 d, u16 of scale high bits (2 per sub-block of 32),
+ * 4 bytes of scale low nibbles, then per sub-block 16 bytes as IQ4_NL's;
+ * x = d (sc - 32) value */
+static void iq4_xs_block(const unsigned char *b, float *y) {
+    const float d = half_at(b);
+    uint16_t sh;
+    memcpy(&sh, b + 2, 2);
+    const unsigned char *q = b + 8;
+    for (int ib = 0; ib < 8; ib++, y += 32, q += 16) {
+        const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0f) | ((sh >> (2 * ib)) & 3) << 4;
+        const float dl = d * (float)(ls - 32);
+        for (int j = 0; j < 16; j++) {
+            y[j] = dl * (float)iq4_values[q[j] & 0x0f];
+            y[j + 16] = dl * (float)iq4_values[q[j] >> 4];
+        }
+    }
+}
+
+/* one ternary digit of TQ1_0: byte q holds 5 (or 4) digits as a fraction
+ * of 243; digit n is the integer part of 3 (q 3^n mod 256) / 256 */
+static float tq1_digit(unsigned q, int n, float d) {
+    static const unsigned pow3[5] = {1, 3, 9, 27, 81};
+    const unsigned v = (q * pow3[n]) & 0xff;
+    return (float)((int)((v * 3) >> 8) - 1) * d;
+}
+
+/* TQ1_0 (54 bytes): 48 bytes of 5 ternary digits (32 bytes x 5 digits, then
+ * 16 x 5), 4 bytes of 4 digits, fp16 d; x = (t - 1) d */
+static void tq1_0_block(const unsigned char *b, float *y) {
+    const float d = half_at(b + 52);
+    for (int n = 0; n < 5; n++)
+        for (int m = 0; m < 32; m++) *y++ = tq1_digit(b[m], n, d);
+    for (int n = 0; n < 5; n++)
+        for (int m = 0; m < 16; m++) *y++ = tq1_digit(b[32 + m], n, d);
+    for (int n = 0; n < 4; n++)
+        for (int m = 0; m < 4; m++) *y++ = tq1_digit(b[48 + m], n, d);
+}
+
+/* TQ2_0 (66 bytes): 64 bytes of 2-bit values (each 32 bytes four times, bit
+ * pairs 0-1 first), fp16 d; x = (q - 1) d */
+static void tq2_0_block(const unsigned char *b, float *y) {
+    const float d = half_at(b + 64);
+    for (int j = 0; j < 64; j += 32)
+        for (int shift = 0; shift < 8; shift += 2)
+            for (int m = 0; m < 32; m++) *y++ = (float)((int)((b[j + m] >> shift) & 3) - 1) * d;
+}
+
+static ggml_type_info type_info(uint32_t type) {
+    switch (type) {
+    case 0: return (ggml_type_info){"F32", 1, 4, NULL};
+    case 1: return (ggml_type_info){"F16", 1, 2, NULL};
+    case 2: return (ggml_type_info){"Q4_0", 32, 18, NULL};
+    case 3: return (ggml_type_info){"Q4_1", 32, 20, q4_1_block};
+    case 6: return (ggml_type_info){"Q5_0", 32, 22, q5_0_block};
+    case 7: return (ggml_type_info){"Q5_1", 32, 24, q5_1_block};
+    case 8: return (ggml_type_info){"Q8_0", 32, 34, NULL};
+    case 9: return (ggml_type_info){"Q8_1", 32, 36, NULL};
+    case 10: return (ggml_type_info){"Q2_K", 256, 84, q2_k_block};
+    case 11: return (ggml_type_info){"Q3_K", 256, 110, q3_k_block};
+    case 12: return (ggml_type_info){"Q4_K", 256, 144, q4_k_block};
+    case 13: return (ggml_type_info){"Q5_K", 256, 176, q5_k_block};
+    case 14: return (ggml_type_info){"Q6_K", 256, 210, q6_k_block};
+    case 15: return (ggml_type_info){"Q8_K", 256, 292, NULL};
+    case 16: return (ggml_type_info){"IQ2_XXS", 256, 66, NULL};
+    case 17: return (ggml_type_info){"IQ2_XS", 256, 74, NULL};
+    case 18: return (ggml_type_info){"IQ3_XXS", 256, 98, NULL};
+    case 19: return (ggml_type_info){"IQ1_S", 256, 50, NULL};
+    case 20: return (ggml_type_info){"IQ4_NL", 32, 18, iq4_nl_block};
+    case 21: return (ggml_type_info){"IQ3_S", 256, 110, NULL};
+    case 22: return (ggml_type_info){"IQ2_S", 256, 82, NULL};
+    case 23: return (ggml_type_info){"IQ4_XS", 256, 136, iq4_xs_block};
+    case 29: return (ggml_type_info){"IQ1_M", 256, 56, NULL};
+    case 30: return (ggml_type_info){"BF16", 1, 2, NULL};
+    case 34: return (ggml_type_info){"TQ1_0", 256, 54, tq1_0_block};
+    case 35: return (ggml_type_info){"TQ2_0", 256, 66, tq2_0_block};
+    default: return (ggml_type_info){NULL, 0, 0, NULL};
+    }
+}
+
+/* run as stored (or widened exactly, F16) */
+static int native_type(uint32_t type) {
     return type == GGML_F32 || type == GGML_F16 || type == GGML_BF16 || type == GGML_Q8_0 || type == GGML_Q4_0;
 }
+
+/* run at all: natively, or dequantized at load */
+static int runs_type(uint32_t type) { return native_type(type) || type_info(type).dequant != NULL; }
 
 /* ---- the parsed file ---- */
 
@@ -152,6 +380,7 @@ typedef struct {
     double hp[9]; /* hyperparameters by HP_* index, NAN when absent */
     const char *rope_scaling;
     uint64_t rope_scaling_len;
+    double rope_factor; /* llama.rope.scaling.factor, NAN when absent */
     const char *chat_template;
     uint64_t chat_template_len;
     const char *tok_model;
@@ -204,6 +433,8 @@ static int read_kv(reader *r, gguf_file *g, llama2_error *err, uint64_t index) {
                 return FAIL("GGUF metadata %.*s is not a number", (int)klen, key);
         if (key_is(key + 6, klen - 6, "rope.scaling.type") && type == T_STRING)
             take_string(&v, &g->rope_scaling, &g->rope_scaling_len);
+        if (key_is(key + 6, klen - 6, "rope.scaling.factor") && !read_number(&v, type, &g->rope_factor))
+            return FAIL("GGUF metadata %.*s is not a number", (int)klen, key);
         return LLAMA2_OK;
     }
     if (key_is(key, klen, "tokenizer.chat_template") && type == T_STRING) {
@@ -243,6 +474,7 @@ static int gguf_parse(const unsigned char *d, int64_t size, gguf_file *g, llama2
     memset(g, 0, sizeof(*g));
     for (int i = 0; i < 9; i++) g->hp[i] = NAN;
     g->bos = g->eos = NAN;
+    g->rope_factor = NAN;
     g->alignment = 32;
     reader r = {d, d + size};
     uint64_t n_tensors, n_kv;
@@ -325,7 +557,8 @@ static const gguf_tensor *find(const gguf_file *g, const char *name) {
 
 static uint16_t u16_at(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-/* n values of a tensor as fp32 (every type the engine reads), into out */
+/* n values of a tensor as fp32 (every type the engine reads), into out;
+ * n is whole blocks (a row is, gguf_parse checked) */
 static void to_f32(const gguf_tensor *t, float *out, int64_t n) {
     const unsigned char *p = t->data;
     switch (t->type) {
@@ -349,7 +582,21 @@ static void to_f32(const gguf_tensor *t, float *out, int64_t n) {
             }
         }
         break;
+    default: { /* a type dequantized at load (need() let only those through) */
+        const ggml_type_info ti = type_info(t->type);
+        for (int64_t b = 0; b < n / ti.block; b++) ti.dequant(p + (size_t)b * (size_t)ti.bytes, out + b * ti.block);
+        break;
     }
+    }
+}
+
+/* fp32 -> bf16, rounded to nearest even; NaN stays NaN (quiet), so the
+ * non-finite check at load refuses it */
+static uint16_t f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
 /* ---- the model ---- */
@@ -379,7 +626,7 @@ static int vector_into(const gguf_file *g, const char *name, int64_t n, float *o
     const gguf_tensor *t;
     int rc = need(g, name, n, 1, &t, err);
     if (rc) return rc;
-    if (t->type == GGML_Q8_0 || t->type == GGML_Q4_0) return FAIL("GGUF tensor %s: a norm must not be quantized", name);
+    if (type_info(t->type).block > 1) return FAIL("GGUF tensor %s: a norm must not be quantized", name);
     to_f32(t, out, n);
     return LLAMA2_OK;
 }
@@ -388,8 +635,13 @@ static int vector_into(const gguf_file *g, const char *name, int64_t n, float *o
  * point into the file (tensor data is 32-byte aligned; Q4_0 blocks are
  * llama.cpp's, which the Q4_0 engine reads as they are, kernels_q4.c);
  * Q8_0 blocks are split into the engine's int8 values and fp32 scales
- * (group size 32); F16 is widened to fp32. All exact. */
-static int matrix_from(llama2_transformer *t, const gguf_tensor *src, llama2_matrix *m, llama2_error *err) {
+ * (group size 32); F16 is widened to fp32. All exact. Every other type
+ * (Q4_1, Q5_0, Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0) is
+ * dequantized block by block and rounded to bf16 (nearest even: 2^-9
+ * relative, far below the quantization's own error; half fp32's memory and
+ * the bf16 kernels), counted in converted[type] for the load's notice. */
+static int matrix_from(llama2_transformer *t, const gguf_tensor *src, llama2_matrix *m, int *converted,
+                       llama2_error *err) {
     memset(m, 0, sizeof(*m));
     m->rows = (int)src->ne[1];
     m->cols = (int)src->ne[0];
@@ -415,6 +667,18 @@ static int matrix_from(llama2_transformer *t, const gguf_tensor *src, llama2_mat
         m->type = LLAMA2_WEIGHTS_Q8_0;
         m->q = q;
         m->s = s;
+    } else if (!native_type(src->type)) {
+        const ggml_type_info ti = type_info(src->type);
+        uint16_t *h = (uint16_t *)llama2_own(t, (size_t)n * 2);
+        if (!h) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory reading %s", src->name);
+        float y[256]; /* the largest block */
+        for (int64_t b = 0; b < n / ti.block; b++) {
+            ti.dequant(src->data + (size_t)b * (size_t)ti.bytes, y);
+            for (int i = 0; i < ti.block; i++) h[b * ti.block + i] = f32_to_bf16(y[i]);
+        }
+        if (converted) converted[src->type]++;
+        m->type = LLAMA2_WEIGHTS_BF16;
+        m->h = h;
     } else {
         float *f = (float *)llama2_own(t, (size_t)n * 4);
         if (!f) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory reading %s", src->name);
@@ -424,6 +688,33 @@ static int matrix_from(llama2_transformer *t, const gguf_tensor *src, llama2_mat
     }
     return LLAMA2_OK;
 }
+
+/* The one-line notice of a load that dequantized tensors (NULL when none):
+ * "GGUF tensors of type Q4_K (10 tensors), Q6_K (3 tensors) were dequantized
+ * to bf16 at load", plus " (the token embedding to fp32)" when it was one
+ * of them. The library prints nothing: run/runq and Python show it. */
+static int set_notice(llama2_transformer *t, const int *converted, int embedding, llama2_error *err) {
+    char line[512] = "GGUF tensors of type ";
+    size_t at = strlen(line);
+    int types = 0;
+    for (int type = 0; type < GGML_TYPES; type++) {
+        if (!converted[type]) continue;
+        const int n = snprintf(line + at, sizeof(line) - at, "%s%s (%d tensor%s)", types ? ", " : "",
+                               type_info((uint32_t)type).name, converted[type], converted[type] == 1 ? "" : "s");
+        if (n > 0 && (size_t)n < sizeof(line) - at) at += (size_t)n;
+        types++;
+    }
+    if (!types) return LLAMA2_OK;
+    snprintf(line + at, sizeof(line) - at, " were dequantized to bf16 at load%s",
+             embedding ? " (the token embedding to fp32)" : "");
+    char *notice = (char *)llama2_own(t, strlen(line) + 1);
+    if (!notice) return llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory");
+    memcpy(notice, line, strlen(line) + 1);
+    t->notice = notice;
+    return LLAMA2_OK;
+}
+
+const char *llama2_transformer_notice(const llama2_transformer *t) { return t ? t->notice : NULL; }
 
 static int hp_int(const gguf_file *g, int i, int fallback, int *out, llama2_error *err) {
     double v = g->hp[i];
@@ -445,9 +736,14 @@ int llama2_gguf_load(llama2_transformer *t, llama2_error *err) {
         rc = FAIL("GGUF architecture \"%s\" is not supported (llama2c runs \"llama\")", g.arch[0] ? g.arch : "(none)");
         goto done;
     }
-    if (g.rope_scaling && !(g.rope_scaling_len == 4 && memcmp(g.rope_scaling, "none", 4) == 0)) {
-        rc = FAIL("GGUF rope scaling \"%.*s\" is not supported", (int)(g.rope_scaling_len > 20 ? 20 : g.rope_scaling_len),
-                  g.rope_scaling);
+    const int linear = g.rope_scaling && g.rope_scaling_len == 6 && memcmp(g.rope_scaling, "linear", 6) == 0;
+    if (g.rope_scaling && !linear && !(g.rope_scaling_len == 4 && memcmp(g.rope_scaling, "none", 4) == 0)) {
+        rc = FAIL("GGUF rope scaling \"%.*s\" is not supported (llama2c runs none, linear, and llama3's rope_freqs)",
+                  (int)(g.rope_scaling_len > 20 ? 20 : g.rope_scaling_len), g.rope_scaling);
+        goto done;
+    }
+    if (linear && !(g.rope_factor > 0 && isfinite(g.rope_factor))) {
+        rc = FAIL("GGUF linear rope scaling needs llama.rope.scaling.factor, finite and positive");
         goto done;
     }
     if ((rc = hp_int(&g, HP_DIM, -1, &c->dim, err)) || (rc = hp_int(&g, HP_LAYERS, -1, &c->n_layers, err)) ||
@@ -475,6 +771,18 @@ int llama2_gguf_load(llama2_transformer *t, llama2_error *err) {
                   (double)c->norm_eps);
         goto done;
     }
+    /* rope scaling: linear (a factor) and/or rope_freqs, the per-frequency
+     * divisors llama.cpp's converter writes for llama3 rope scaling (rope.c) */
+    c->rope_scaling = linear ? LLAMA2_ROPE_LINEAR : LLAMA2_ROPE_NONE;
+    c->rope_factor = linear ? (float)g.rope_factor : 0.0f;
+    float *rope_freqs = NULL;
+    if (find(&g, "rope_freqs.weight")) {
+        rope_freqs = (float *)llama2_own(t, (size_t)(c->head_size / 2) * 4);
+        if (!rope_freqs) { rc = llama2_fail(err, LLAMA2_ERR_NOMEM, "out of memory"); goto done; }
+        if ((rc = vector_into(&g, "rope_freqs.weight", c->head_size / 2, rope_freqs, err))) goto done;
+        c->rope_scaling = LLAMA2_ROPE_FACTORS;
+    }
+    if ((rc = llama2_rope_setup(t, rope_freqs, err))) goto done;
     const gguf_tensor *emb = find(&g, "token_embd.weight");
     if (!emb) { rc = FAIL("GGUF file has no tensor token_embd.weight"); goto done; }
     if (emb->ne[1] > (1 << 22)) { rc = FAIL("GGUF vocabulary of %lld tokens is implausible", (long long)emb->ne[1]); goto done; }
@@ -493,6 +801,8 @@ int llama2_gguf_load(llama2_transformer *t, llama2_error *err) {
     t->rms_ffn = norms + (size_t)L * d;
     t->rms_final = norms + (size_t)2 * L * d;
     to_f32(emb, e, (int64_t)c->vocab_size * d); /* looked up row by row */
+    int converted[GGML_TYPES] = {0}; /* tensors dequantized at load, by ggml type */
+    if (!native_type(emb->type)) converted[emb->type]++;
     t->token_embedding = e;
     if ((rc = vector_into(&g, "output_norm.weight", d, norms + (size_t)2 * L * d, err))) goto done;
     static const char *names[7] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up"};
@@ -507,19 +817,20 @@ int llama2_gguf_load(llama2_transformer *t, llama2_error *err) {
             const gguf_tensor *src;
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, names[k]);
             if (!(rc = need(&g, name, shape[k][0], shape[k][1], &src, err)))
-                rc = matrix_from(t, src, &t->matrices[k * L + l], err);
+                rc = matrix_from(t, src, &t->matrices[k * L + l], converted, err);
         }
     }
     if (rc) goto done;
     if (out) {
         if ((rc = need(&g, "output.weight", d, c->vocab_size, &out, err))) goto done;
-        rc = matrix_from(t, out, &t->wcls, err);
+        rc = matrix_from(t, out, &t->wcls, converted, err);
     } else if (emb->type == GGML_F32 || emb->type == GGML_F16) {
         t->wcls = (llama2_matrix){.rows = c->vocab_size, .cols = d, .type = LLAMA2_WEIGHTS_F32, .f = e};
     } else {
-        rc = matrix_from(t, emb, &t->wcls, err);
+        rc = matrix_from(t, emb, &t->wcls, NULL, err); /* counted once, as the embedding */
     }
     if (rc) goto done;
+    if ((rc = set_notice(t, converted, !native_type(emb->type), err))) goto done;
     /* Q8_0 or Q4_0 anywhere: activations are quantized in blocks of 32, as llama.cpp does */
     t->gs = 0;
     for (int i = 0; i <= 7 * L; i++) {
@@ -551,8 +862,9 @@ int llama2_gguf_tokenizer_bin(const unsigned char *data, size_t size, unsigned c
     if (rc) { gguf_free(&g); return rc; }
     if (!g.tokens || g.n_tokens < 3) { rc = FAIL("GGUF file has no vocabulary (tokenizer.ggml.tokens)"); goto done; }
     if (!(g.tok_model && g.tok_model_len == 5 && memcmp(g.tok_model, "llama", 5) == 0)) {
-        rc = FAIL("GGUF tokenizer model \"%.*s\" is not SentencePiece (\"llama\"): give a tokenizer for it, "
-                  "e.g. its tokenizer.json through Python", (int)(g.tok_model ? (g.tok_model_len > 20 ? 20 : g.tok_model_len) : 6),
+        rc = FAIL("GGUF tokenizer model \"%.*s\" is not SentencePiece (\"llama\"): the C tokenizer cannot read it; "
+                  "run the file from Python (llama2c generate --model FILE, llama2c.Llama), which reads \"gpt2\" "
+                  "vocabularies (pip install \"llama2c[hf]\")", (int)(g.tok_model ? (g.tok_model_len > 20 ? 20 : g.tok_model_len) : 6),
                   g.tok_model ? g.tok_model : "(none)");
         goto done;
     }

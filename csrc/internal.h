@@ -104,6 +104,8 @@ struct llama2_transformer {
     /* the context llama2_forward and llama2_session_new use, made on first use */
     llama2_context *ctx;
     const char *chat_template; /* a GGUF file's tokenizer.chat_template (owned), or NULL */
+    const char *notice;        /* what a GGUF load converted (owned; llama2_transformer_notice), or NULL */
+    const float *rope_div; /* per pair of a head (head_size / 2): its RoPE frequency divisor (owned), or NULL */
 };
 
 /* ---- a context: one sequence's KV cache and the buffers a pass works in ---- */
@@ -150,6 +152,10 @@ int llama2_is_gguf(const void *data, int64_t size);
 int llama2_gguf_load(llama2_transformer *t, llama2_error *err);
 int llama2_gguf_tokenizer_bin(const unsigned char *data, size_t size, unsigned char **bin, size_t *bin_size,
                               llama2_error *err);
+
+/* rope.c: t->rope_div from t->config's rope scaling (checked); factors: a GGUF
+ * file's rope_freqs (head_size / 2 divisors) or NULL. Nothing for NONE. */
+int llama2_rope_setup(llama2_transformer *t, const float *factors, llama2_error *err);
 
 /* files.c: opens path for reading if it is a regular file, without
  * blocking; *size gets its size. POSIX: *fd is the open descriptor, the

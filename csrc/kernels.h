@@ -186,5 +186,20 @@ void llama2_matmul_q8_batch_avx2(float *out, size_t out_stride, const llama2_act
 void llama2_matmul_q8_batch_avx512(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
                                    const llama2_matrix *w, int gs, int r0, int r1);
 #endif
+#if defined(LLAMA2_HAVE_NEON_KERNELS)
+/* kernels_q4_neon.c: NEON with widening multiplies (_mull) and with SDOT (_sdot), over AVX2's layouts */
+void llama2_matmul_q4_neon_mull(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w, int r0, int r1);
+void llama2_matmul_q4_batch_neon_mull(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                                      const llama2_matrix *w, int r0, int r1);
+void llama2_matmul_q8_batch_neon_mull(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                                      const llama2_matrix *w, int gs, int r0, int r1);
+#if defined(LLAMA2_HAVE_NEON_SDOT_KERNELS)
+void llama2_matmul_q4_neon_sdot(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w, int r0, int r1);
+void llama2_matmul_q4_batch_neon_sdot(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                                      const llama2_matrix *w, int r0, int r1);
+void llama2_matmul_q8_batch_neon_sdot(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                                      const llama2_matrix *w, int gs, int r0, int r1);
+#endif
+#endif
 
 #endif

@@ -4,7 +4,8 @@
  * (the dot product extension: Armv8.2 and later, Apple M1 on, Graviton 2 on,
  * Raspberry Pi 5; chosen at run time from getauxval's HWCAP_ASIMDDP on Linux)
  * and with widening multiplies for the CPUs without it (Raspberry Pi 3 and 4).
- * Other architectures compile this file to nothing.
+ * The two tables below also list the Q4_0 and batched Q8_0 kernels of
+ * kernels_q4_neon.c. Other architectures compile this file to nothing.
  *
  * The same rule as every tier: each lane is one output row (or one attention
  * position, or one output dimension) and adds its terms in the scalar loop's
@@ -302,6 +303,9 @@ const llama2_kernels llama2_kernels_neon = {
     .matmul_bf16 = matmul_bf16_neon,
     .matmul_bf16_batch = matmul_bf16_batch_neon,
     .matmul_q8 = matmul_q8_mull,
+    .matmul_q8_batch = llama2_matmul_q8_batch_neon_mull, /* kernels_q4_neon.c */
+    .matmul_q4 = llama2_matmul_q4_neon_mull,
+    .matmul_q4_batch = llama2_matmul_q4_batch_neon_mull,
     .attn_scores = attn_scores_neon,
     .attn_values = attn_values_neon,
 };
@@ -318,6 +322,9 @@ const llama2_kernels llama2_kernels_neon_sdot = {
     .matmul_bf16 = matmul_bf16_neon,
     .matmul_bf16_batch = matmul_bf16_batch_neon,
     .matmul_q8 = matmul_q8_sdot,
+    .matmul_q8_batch = llama2_matmul_q8_batch_neon_sdot, /* kernels_q4_neon.c */
+    .matmul_q4 = llama2_matmul_q4_neon_sdot,
+    .matmul_q4_batch = llama2_matmul_q4_batch_neon_sdot,
     .attn_scores = attn_scores_neon,
     .attn_values = attn_values_neon,
 };

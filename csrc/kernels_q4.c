@@ -3,7 +3,7 @@
  * loop (the reference), the regrouped layout the SIMD kernels read, and the
  * AVX2 and AVX-512 (VNNI) kernels for one token and for a batch of tokens.
  * Also the batched Q8_0 kernels (several tokens per weight load) for the
- * same two tiers.
+ * same two tiers. The NEON ones are in kernels_q4_neon.c.
  *
  * Q4_0 (docs/FORMAT.md): each row is cut into blocks of 32 values, each
  * block 18 bytes: an fp16 scale d, then 16 bytes whose byte j holds value j
@@ -25,8 +25,8 @@
  * (`make testcc`, test_q4.c, checks every tier this CPU runs).
  *
  * Regrouped layout (made at load for the tier's kernels, pack_rows R = 8
- * for AVX2 and 16 for AVX-512; the last block of rows padded with zero
- * scales): for row block rb (rows R*rb ..) and 32-column block b, the
+ * for AVX2 and NEON, 16 for AVX-512; the last block of rows padded with
+ * zero scales): for row block rb (rows R*rb ..) and 32-column block b, the
  * nibbles take R * 16 bytes, four vectors v = 0..3 of R * 4 bytes, where
  *     pq4[((rb * nb + b) * 4 + v) * 4R + 4r + i]
  *         = nibble(row R*rb + r, column 32b + 8v + i)
@@ -35,7 +35,7 @@
  * every row as unsigned bytes, which multiply 4 activation bytes broadcast
  * to every lane (AVX2 maddubs + madd, AVX-512 vpdpbusd) into one int32 per
  * row. The scales: ps4[(rb * nb + b) * R + r] = fp16 d of that row's block
- * b, widened exactly by vcvtph2ps (F16C). The nibbles are unsigned
+ * b, widened exactly by vcvtph2ps (F16C; NEON: FCVTL). The nibbles are unsigned
  * (0..15): each row's int32 starts at -8 * (sum of the block's activation
  * bytes), so that it ends at exactly sum((nibble - 8) * xq).
  */

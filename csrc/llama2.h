@@ -66,7 +66,19 @@ typedef struct {
     float norm_eps;        /* 1e-5 unless the file says otherwise (v3) */
     int64_t file_size;     /* bytes */
     int64_t n_params;      /* number of weights (embedding counted once if shared) */
+    /* RoPE frequency scaling (docs/FORMAT.md, docs/LLAMA3.md): LLAMA2_ROPE_* */
+    int rope_scaling;
+    float rope_factor;           /* linear / llama3: frequencies divided by it (0 otherwise) */
+    float rope_low_freq_factor;  /* llama3 */
+    float rope_high_freq_factor; /* llama3 */
+    int rope_original_ctx;       /* llama3: original_max_position_embeddings */
 } llama2_config;
+
+/* llama2_config.rope_scaling */
+#define LLAMA2_ROPE_NONE 0
+#define LLAMA2_ROPE_LINEAR 1  /* every frequency divided by rope_factor */
+#define LLAMA2_ROPE_LLAMA3 2  /* Llama 3.1's per-frequency divisors */
+#define LLAMA2_ROPE_FACTORS 3 /* a GGUF file's rope_freqs tensor (per-frequency divisors) */
 
 typedef struct llama2_transformer llama2_transformer;
 
@@ -79,6 +91,10 @@ LLAMA2_API void llama2_transformer_free(llama2_transformer *t);
 LLAMA2_API const llama2_config *llama2_transformer_config(const llama2_transformer *t);
 /* A GGUF file's chat template (tokenizer.chat_template), or NULL. */
 LLAMA2_API const char *llama2_transformer_chat_template(const llama2_transformer *t);
+/* A one-line notice of what loading converted, or NULL: e.g. "GGUF tensors
+ * of type Q6_K (1 tensor) were dequantized to bf16 at load". The library
+ * prints nothing; run/runq print it to stderr, Python warns. */
+LLAMA2_API const char *llama2_transformer_notice(const llama2_transformer *t);
 /* n <= 0: as many as the machine has; more than 256 counts as 256. Takes
  * effect on each context's next pass; not while a pass runs. */
 LLAMA2_API void llama2_transformer_set_threads(llama2_transformer *t, int n);

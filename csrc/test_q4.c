@@ -1,6 +1,7 @@
 /*
- * test_q4.c - C tests of kernels_q4.c (`make testcc` runs them after
- * test_llama2.c): every Q4_0 kernel of every tier this CPU runs against
+ * test_q4.c - C tests of kernels_q4.c and kernels_q4_neon.c (`make testcc`
+ * runs them after test_llama2.c, `make test-neon` under qemu for aarch64,
+ * with and without SDOT): every Q4_0 kernel of every tier this CPU runs against
  * the portable loop, bit for bit (one token and batches of 1..64 tokens,
  * odd row counts, calls that start and end halfway through a row block),
  * the portable loop against double-precision math on the dequantized

@@ -217,8 +217,22 @@ def raw_entry(piece: bytes, score: float = 0.0, length: int | None = None) -> by
 # ---------------------------------------------------------------------------
 
 GG_F32, GG_F16, GG_Q4_0, GG_Q8_0, GG_BF16 = 0, 1, 2, 8, 30
+GG_Q4_1, GG_Q5_0, GG_Q5_1, GG_Q2_K, GG_Q3_K, GG_Q4_K, GG_Q5_K, GG_Q6_K = 3, 6, 7, 10, 11, 12, 13, 14
+GG_IQ4_NL, GG_IQ4_XS, GG_TQ1_0, GG_TQ2_0, GG_IQ2_XXS = 20, 23, 34, 35, 16
 GG_TYPE_BLOCK = {GG_F32: (1, 4), GG_F16: (1, 2), GG_Q4_0: (32, 18), GG_Q8_0: (32, 34), GG_BF16: (1, 2),
-                 12: (256, 144)}
+                 GG_IQ2_XXS: (256, 66)}
+# the types the engine dequantizes at load: (values, bytes) per block and its
+# fp16 scales as (byte offset, magnitude giving values of about 0.05); every
+# other byte of a block may hold anything
+GG_DEQUANT = {
+    GG_Q4_1: (32, 20, ((0, 4e-3), (2, 3e-2))), GG_Q5_0: (32, 22, ((0, 3e-3),)),
+    GG_Q5_1: (32, 24, ((0, 2e-3), (2, 3e-2))), GG_Q2_K: (256, 84, ((80, 1e-3), (82, 1e-3))),
+    GG_Q3_K: (256, 110, ((108, 5e-4),)), GG_Q4_K: (256, 144, ((0, 1e-4), (2, 5e-4))),
+    GG_Q5_K: (256, 176, ((0, 5e-5), (2, 5e-4))), GG_Q6_K: (256, 210, ((208, 2e-5),)),
+    GG_IQ4_NL: (32, 18, ((0, 5e-4),)), GG_IQ4_XS: (256, 136, ((0, 2e-5),)),
+    GG_TQ1_0: (256, 54, ((52, 5e-2),)), GG_TQ2_0: (256, 66, ((64, 5e-2),)),
+}
+GG_TYPE_BLOCK.update({t: (block, size) for t, (block, size, _) in GG_DEQUANT.items()})
 GG_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
             "w2": "ffn_down", "w3": "ffn_up"}
 
@@ -252,14 +266,25 @@ def gg_tensor_bytes(a: np.ndarray, gtype: int) -> bytes:
         q = np.clip(np.round(blocks * inv[:, None]) + 8, 0, 15).astype("u1")
         packed = q[:, :16] | (q[:, 16:] << 4)
         return b"".join(d[i].tobytes() + packed[i].tobytes() for i in range(len(blocks)))
+    if gtype in GG_DEQUANT:  # random blocks with finite scales of either sign
+        block, size, scales = GG_DEQUANT[gtype]
+        n = a.size // block
+        rng = np.random.default_rng(a.size * 64 + gtype)
+        b = rng.integers(0, 256, (n, size), dtype=np.uint8)
+        for at, mag in scales:
+            s = rng.uniform(0.5, 1.5, n) * rng.choice([-mag, mag], n)
+            b[:, at:at + 2] = s.astype("<f2").view(np.uint8).reshape(n, 2)
+        return b.tobytes()
     block, size = GG_TYPE_BLOCK[gtype]
-    return bytes(a.size // block * size)  # an unsupported type: zero bytes of its size
+    return bytes(a.size // block * size)  # a type the engine refuses: zero bytes of its size
 
 
 def gguf_bytes(c: Cfg, w: dict, mtype: int = GG_F32, pieces=None, arch: str = "llama", version: int = 3,
-               drop=(), extra_kv: bytes = b"", n_kv_extra: int = 0, template: str | None = None) -> bytes:
+               drop=(), extra_kv: bytes = b"", n_kv_extra: int = 0, template: str | None = None,
+               types: dict | None = None) -> bytes:
     """A GGUF model of weights w (as weights() makes them): matrices in mtype,
-    norms F32, with a vocabulary (tokens, scores, types) when pieces are given."""
+    norms F32, with a vocabulary (tokens, scores, types) when pieces are given;
+    types: tensor name -> ggml type, overriding those."""
     kvs = [gg_kv("general.architecture", 8, gg_str(arch))]
     for key, value in [("context_length", c.seq_len), ("embedding_length", c.dim), ("block_count", c.n_layers),
                        ("feed_forward_length", c.hidden_dim), ("attention.head_count", c.n_heads),
@@ -285,11 +310,11 @@ def gguf_bytes(c: Cfg, w: dict, mtype: int = GG_F32, pieces=None, arch: str = "l
             tensors.append((f"blk.{layer}.{gname}.weight", w[k][layer], mtype))
     if "wcls" in w:
         tensors.append(("output.weight", w["wcls"], mtype))
-    tensors = [t for t in tensors if t[0] not in drop]
+    tensors = [(n, a, (types or {}).get(n, t)) for n, a, t in tensors if n not in drop]
     infos, data = [], b""
     for name, a, gtype in tensors:
         a = np.asarray(a)
-        gtype = gtype if (gtype in (GG_F32, GG_F16, GG_BF16) or a.shape[-1] % 32 == 0) else GG_F32
+        gtype = gtype if a.shape[-1] % GG_TYPE_BLOCK[gtype][0] == 0 else GG_F32
         dims = list(reversed(a.shape))
         infos.append(gg_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
                      + struct.pack("<IQ", gtype, len(data)))
@@ -625,6 +650,15 @@ def seeds() -> dict[str, bytes]:
     ggufs = {f"{n}-{tag}": gguf_bytes(g32, ww, t, pieces)
              for n, t in [("f32", GG_F32), ("f16", GG_F16), ("bf16", GG_BF16), ("q8", GG_Q8_0), ("q4", GG_Q4_0)]
              for tag, ww in [("shared", wg), ("unshared", wg_un)]}
+    # the types dequantized at load (to bf16): blocks of 32 in g32, of 256 in g256
+    g256 = Cfg(256, 256, 1, 4, 4, 300, 8)
+    w256, w256_un = weights(g256, 79), weights(g256, 80, shared=False)
+    for n, t in [("q4_1", GG_Q4_1), ("q5_0", GG_Q5_0), ("q5_1", GG_Q5_1), ("iq4nl", GG_IQ4_NL)]:
+        ggufs[f"{n}-{'unshared' if t in (GG_Q4_1, GG_Q5_1) else 'shared'}"] = \
+            gguf_bytes(g32, wg_un if t in (GG_Q4_1, GG_Q5_1) else wg, t, pieces)
+    for n, t in [("q2k", GG_Q2_K), ("q3k", GG_Q3_K), ("q4k", GG_Q4_K), ("q5k", GG_Q5_K), ("q6k", GG_Q6_K),
+                 ("iq4xs", GG_IQ4_XS), ("tq1", GG_TQ1_0), ("tq2", GG_TQ2_0)]:
+        ggufs[n] = gguf_bytes(g256, w256_un if t in (GG_Q3_K, GG_Q5_K, GG_TQ1_0) else w256, t, pieces)
     good = ggufs["q8-shared"]
     ggufs.update({
         "v2": gguf_bytes(g32, wg, GG_F32, pieces, version=2),
@@ -632,7 +666,13 @@ def seeds() -> dict[str, bytes]:
         "gpt2-arch": gguf_bytes(g32, wg, GG_F32, pieces, arch="gpt2"),
         "no-vocab": gguf_bytes(g32, wg, GG_F32, None),
         "missing-tensor": gguf_bytes(g32, wg, GG_F32, pieces, drop=("blk.1.ffn_up.weight",)),
-        "q4k": gguf_bytes(Cfg(256, 256, 1, 4, 4, 300, 8), weights(Cfg(256, 256, 1, 4, 4, 300, 8), 79), 12, pieces),
+        "iq2xxs": gguf_bytes(g256, w256, GG_IQ2_XXS, pieces),  # refused: no dequantizer
+        # llama.cpp's Q4_0 file: Q6_K classifier; a Q4_K_M-like mix; broken K-quant blocks
+        "q4-q6k-out": gguf_bytes(g256, w256_un, GG_Q4_0, pieces, types={"output.weight": GG_Q6_K}),
+        "kmix": gguf_bytes(g256, w256_un, GG_Q4_K, pieces, types={"output.weight": GG_Q6_K,
+                                                                   "blk.0.attn_v.weight": GG_Q6_K}),
+        "q6k-norm": gguf_bytes(g256, w256, GG_Q4_0, pieces, types={"blk.0.ffn_norm.weight": GG_Q6_K}),
+        "q6k-nan-scale": poke(gguf_bytes(g256, w256, GG_Q6_K, pieces), -2, "<H", 0x7E00),
         "template": gguf_bytes(g32, wg, GG_F32, pieces, template="{{ messages[0].content }}"),
         "nested-array": gguf_bytes(g32, wg, GG_F32, pieces, n_kv_extra=1,
                                    extra_kv=gg_kv("x.nested", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 2) + bytes(8))),
@@ -647,7 +687,8 @@ def seeds() -> dict[str, bytes]:
     for name, data in ggufs.items():
         out[f"gguf-model-{name}"] = model_input(data)
         out[f"gguf-tok-{name}"] = tok_input(data, texts["ascii"], 1, 300)
-    for name in ("f32-shared", "q8-unshared", "q4-shared", "bf16-unshared", "f16-shared", "template"):
+    for name in ("f32-shared", "q8-unshared", "q4-shared", "bf16-unshared", "f16-shared", "template",
+                 "q5_0-shared", "q4_1-unshared", "q4-q6k-out", "kmix", "q6k"):
         out[f"gguf-full-{name}"] = full_input(ggufs[name], ggufs[name], prompt, temp=1)
         out[f"gguf-full-{name}-quantize"] = full_input(ggufs[name], ggufs[name], prompt, sel=QUANTIZE)
     out["gguf-full-q8-chat"] = full_input(ggufs["q8-shared"], ggufs["q8-shared"], b"hi", chat=True, run=True)

@@ -2,8 +2,8 @@
 
 Inference needs only numpy and cffi; importing llama2c never imports torch.
 """
-from .errors import (ContextLengthError, FormatError, InvalidArgumentError, Llama2Error, Llama2IOError,
-                     Llama2MemoryError, StateError)
+from .errors import (ContextLengthError, ConversionWarning, FormatError, InvalidArgumentError, Llama2Error,
+                     Llama2IOError, Llama2MemoryError, StateError)
 from .chat_template import ChatTemplate
 from .generate import ChatSession, Llama, ModelConfig, generate
 from .context import Context
@@ -14,7 +14,7 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChatSession", "ChatTemplate", "Context", "ContextLengthError", "FormatError", "InvalidArgumentError", "Llama", "Llama2Error", "Llama2IOError",
+    "ChatSession", "ChatTemplate", "Context", "ContextLengthError", "ConversionWarning", "FormatError", "InvalidArgumentError", "Llama", "Llama2Error", "Llama2IOError",
     "Llama2MemoryError", "ModelConfig", "Sampler", "SamplingParams", "Session", "StateError", "Tokenizer", "generate",
     "random_f32", "random_u32", "__version__",
 ]

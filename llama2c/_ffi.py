@@ -30,6 +30,11 @@ typedef struct {
     float norm_eps;
     int64_t file_size;
     int64_t n_params;
+    int rope_scaling;
+    float rope_factor;
+    float rope_low_freq_factor;
+    float rope_high_freq_factor;
+    int rope_original_ctx;
 } llama2_config;
 
 typedef struct llama2_transformer llama2_transformer;
@@ -37,6 +42,7 @@ int llama2_transformer_open(llama2_transformer **out, const char *path, unsigned
 void llama2_transformer_free(llama2_transformer *t);
 const llama2_config *llama2_transformer_config(const llama2_transformer *t);
 const char *llama2_transformer_chat_template(const llama2_transformer *t);
+const char *llama2_transformer_notice(const llama2_transformer *t);
 void llama2_transformer_set_threads(llama2_transformer *t, int n);
 typedef struct llama2_context llama2_context;
 int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err);
@@ -105,6 +111,7 @@ MODE_GENERATE, MODE_CHAT, MODE_CONVERSATION = 0, 1, 2
 STEP_TOKEN, STEP_DONE, STEP_NEED_INPUT, STEP_ERROR = 0, 1, 2, -1
 WEIGHTS_F32, WEIGHTS_Q8_0, WEIGHTS_BF16, WEIGHTS_Q4_0 = 0, 1, 2, 3
 VERSION_GGUF = 100
+ROPE_NONE, ROPE_LINEAR, ROPE_LLAMA3, ROPE_FACTORS = 0, 1, 2, 3
 
 ffi = FFI()
 ffi.cdef(CDEF)

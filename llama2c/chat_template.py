@@ -371,6 +371,9 @@ class ChatTemplate:
         space. legacy=False (LlamaTokenizer(legacy=False), the fast
         tokenizer, transformers 5's default): only text at the very start
         does."""
+        own = getattr(tokenizer, "tokenize_chat", None)
+        if own is not None:  # a BPE tokenizer (hf_tokenizer.py): its own BOS / EOS text and special tokens
+            return own(self, messages, add_generation_prompt)
         text = self.render(messages, add_generation_prompt)
         ids: list[int] = []
         for k, part in enumerate(_SPECIAL_SPLIT.split(text)):

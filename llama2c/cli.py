@@ -25,14 +25,29 @@ from .cliargs import Parser
 from .errors import Llama2Error
 
 
-def _load(model, tokenizer, n_threads=None, quantize=False, n_ctx=None):
+def _open(model, **kw):
+    """Llama(model, **kw) with its load notice (e.g. GGUF tensors dequantized
+    at load) kept as llm.notice instead of a Python warning."""
+    import warnings
+
+    from .errors import ConversionWarning
     from .generate import Llama
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        return Llama(model, **kw)
+
+
+def _load(model, tokenizer, n_threads=None, quantize=False, n_ctx=None):
     from .bundled import bundled_model
 
     if model is None:
         model, default_tok = bundled_model()
         tokenizer = tokenizer or default_tok
-    return Llama(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize, n_ctx=n_ctx)
+    llm = _open(model, tokenizer=tokenizer, n_threads=n_threads, quantize=quantize, n_ctx=n_ctx)
+    if llm.notice:
+        print(f"llama2c: note: {llm.notice}", file=sys.stderr)
+    return llm
 
 
 def _sampling(args):
@@ -142,8 +157,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .generate import Llama
-
     if args.cpu:
         from .cpu import format_kernel_info
 
@@ -152,7 +165,8 @@ def cmd_info(args) -> int:
             return 0
     if args.model is None:
         raise ValueError("info needs a MODEL (or --cpu)")
-    c = Llama(args.model).config
+    llm = _open(args.model)
+    c = llm.config
     kinds = {0: "version 0 (legacy llama2.c, fp32)", 1: "version 1 (fp32)", 2: "version 2 (int8 Q8_0)",
              3: "version 3 (fp32 + rope_theta/norm_eps)", 4: "version 4 (bf16 + rope_theta/norm_eps)",
              5: "version 5 (4-bit Q4_0 + rope_theta/norm_eps)",
@@ -166,8 +180,17 @@ def cmd_info(args) -> int:
     print(f"vocab:       {c.vocab_size} ({'shared' if c.shared_classifier else 'separate'} classifier)")
     print(f"seq_len:     {c.seq_len}")
     print(f"rope_theta:  {c.rope_theta:g}, norm_eps: {c.norm_eps:g}")
+    if c.rope_scaling is not None:
+        r = c.rope_scaling
+        extra = (f", low_freq_factor {r.low_freq_factor:g}, high_freq_factor {r.high_freq_factor:g}, original "
+                 f"context {r.original_max_position_embeddings}") if r.type == "llama3" else ""
+        print(f"rope scaling: {r.type}, factor {r.factor:g}{extra}")
+    elif c.rope_scaling_type == "factors":
+        print("rope scaling: per-frequency factors (the GGUF file's rope_freqs)")
     print(f"parameters:  {c.n_params:,} ({c.n_params / 1e6:.2f} M)")
     print(f"file size:   {c.file_size:,} bytes ({c.file_size / 2**20:.2f} MiB)")
+    if llm.notice:
+        print(f"note:        {llm.notice}")
     return 0
 
 
@@ -238,7 +261,8 @@ def build_parser() -> Parser:
 
     def sampling(sp):
         sp.add_argument("--model", "-m", default=None, help="model: .bin, .gguf or a Hugging Face folder (default: the bundled model)")
-        sp.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
+        sp.add_argument("--tokenizer", "-z", default=None,
+                        help="tokenizer.bin or a BPE tokenizer.json (default: the model's own)")
         sp.add_argument("--temperature", "-t", type=float, default=1.0, metavar="TEMP",
                         help="0 = greedy (default 1.0)")
         sp.add_argument("--top-p", "-p", type=float, default=0.9, metavar="P",
@@ -286,7 +310,8 @@ def build_parser() -> Parser:
     x = sub.add_parser("perplexity", help="perplexity of a text file under a model (sliding window)")
     x.add_argument("file", help="text file (UTF-8; - reads stdin)")
     x.add_argument("--model", "-m", default=None, help="model: .bin, .gguf or a Hugging Face folder (default: the bundled model)")
-    x.add_argument("--tokenizer", "-z", default=None, help="tokenizer.bin (default: beside the model)")
+    x.add_argument("--tokenizer", "-z", default=None,
+                   help="tokenizer.bin or a BPE tokenizer.json (default: the model's own)")
     x.add_argument("--ctx", "-c", type=int, default=None, metavar="N",
                    help="window in tokens (default: the model's seq_len)")
     x.add_argument("--stride", type=int, default=None, metavar="N",

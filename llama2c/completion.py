@@ -46,10 +46,12 @@ def top_alternatives(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(i, float(logprobs[i])) for i in order]
 
 
-def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int | None, truncate: str | None) -> list[int]:
+def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int | None, truncate: str | None, bos: int = BOS
+               ) -> list[int]:
     """ids if they leave room for at least one new token in n_ctx positions;
     otherwise a ContextLengthError, or with truncate="left" the prompt's end
-    (BOS kept in front) in at most n_ctx - min(max_tokens, n_ctx // 2) tokens."""
+    (BOS kept in front: bos, the model's BOS id) in at most
+    n_ctx - min(max_tokens, n_ctx // 2) tokens."""
     if truncate not in TRUNCATE_MODES:
         raise InvalidArgumentError(f"truncate must be None or 'left' (got {truncate!r})")
     if len(ids) < n_ctx:
@@ -60,7 +62,7 @@ def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int | None, truncate: str
             f"(at most {n_ctx - 1}): pass truncate='left' to keep the end of the prompt, or a larger n_ctx")
     room = min(max_tokens if max_tokens and max_tokens > 0 else n_ctx // 2, n_ctx // 2)
     keep = max(n_ctx - max(room, 1), 1)
-    head = [BOS] if ids and ids[0] == BOS else []
+    head = [bos] if ids and ids[0] == bos else []
     return head + ids[len(ids) - (keep - len(head)):] if keep > len(head) else ids[-keep:]
 
 
@@ -199,11 +201,13 @@ class TokenLoop:
 
     def __init__(self, llama, ids: list[int], n_ctx: int, *, max_tokens: int | None, sampling: SamplingParams,
                  stop=None, logprobs: int | None = None, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, stop_tokens=(EOS, BOS), printable: bool = False,
+                 frequency_penalty: float = 0.0, stop_tokens=None, printable: bool = False,
                  reply: bool = False):
         """New tokens after ids (which must fit: see fit_prompt) until a stop
         token (not emitted), a stop string (cut, not emitted), max_tokens
         (None or <= 0: until the context is full) or the end of the context.
+        stop_tokens None: the tokenizer's stop_ids (a BPE tokenizer: EOS,
+        <|eot_id|>, ...), else EOS and BOS.
         printable: the text goes through the engine's output filter (chat:
         control bytes and broken UTF-8 dropped, as `run` prints); reply: the
         first token's leading space goes (a chat reply after its prompt)."""
@@ -219,6 +223,8 @@ class TokenLoop:
             self.sampler.accept(t)
         self.k = logprobs
         self.penalties = (presence_penalty, frequency_penalty)
+        if stop_tokens is None:
+            stop_tokens = getattr(self.tok, "stop_ids", (EOS, BOS))
         self.stop_tokens = tuple(stop_tokens)
         self.counts: dict[int, int] = {}
         self.decoder = PrintableText() if printable else codecs.getincrementaldecoder("utf-8")(errors="replace")

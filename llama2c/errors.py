@@ -37,6 +37,12 @@ class StateError(Llama2Error, RuntimeError):
     """A call that is not valid in the object's current state."""
 
 
+class ConversionWarning(UserWarning):
+    """Loading converted the model (a GGUF file's tensors of a type the engine
+    does not run, such as Q4_K or Q6_K, dequantized to bf16): it runs, with
+    more memory than the file. `Llama.notice` holds the same line."""
+
+
 def raise_for(code: int, err, path: str | None = None) -> None:
     """Raises the exception matching a non-zero status code."""
     if code == 0:

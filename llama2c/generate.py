@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -22,7 +22,7 @@ from .chat import ChatSession
 from .completion import Completer
 from .context import Context
 from .model_args import ArgsView, ModelArgs
-from .errors import InvalidArgumentError, new_error, raise_for
+from .errors import ConversionWarning, InvalidArgumentError, new_error, raise_for
 from .sampler import SamplingParams
 from .scoring import Score, embed_ids, fit_for_embedding, score_ids
 from .session import Session
@@ -42,6 +42,7 @@ class ModelConfig(ArgsView):
     group_size: int
     file_size: int
     n_params: int
+    rope_scaling_type: str = "none"  # "linear", "llama3" or "factors" (a GGUF file's rope_freqs)
 
 
 class _Count(int):
@@ -64,15 +65,29 @@ def check_llama_cpp_options(options: dict) -> None:
         raise TypeError(f"Llama() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
+def _rope_scaling_of(c):
+    """linear / llama3 as a RopeScaling (a GGUF file's rope_freqs factors have none)."""
+    from .rope_scaling import RopeScaling
+
+    if c.rope_scaling == _ffi.ROPE_LINEAR:
+        return RopeScaling("linear", float(c.rope_factor))
+    if c.rope_scaling == _ffi.ROPE_LLAMA3:
+        return RopeScaling("llama3", float(c.rope_factor), float(c.rope_low_freq_factor),
+                           float(c.rope_high_freq_factor), int(c.rope_original_ctx))
+    return None
+
+
 def _config_from(c) -> ModelConfig:
     args = ModelArgs(dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
                      n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, max_seq_len=c.seq_len,
                      rope_theta=float(c.rope_theta), norm_eps=float(c.norm_eps),
-                     tie_embeddings=bool(c.shared_classifier))
+                     tie_embeddings=bool(c.shared_classifier), rope_scaling=_rope_scaling_of(c))
     return ModelConfig(args=args, version=c.version,
                        weights={_ffi.WEIGHTS_Q8_0: "q8_0", _ffi.WEIGHTS_BF16: "bf16",
                                 _ffi.WEIGHTS_Q4_0: "q4_0"}.get(c.weights, "f32"),
-                       group_size=c.group_size, file_size=int(c.file_size), n_params=int(c.n_params))
+                       group_size=c.group_size, file_size=int(c.file_size), n_params=int(c.n_params),
+                       rope_scaling_type={_ffi.ROPE_LINEAR: "linear", _ffi.ROPE_LLAMA3: "llama3",
+                                          _ffi.ROPE_FACTORS: "factors"}.get(c.rope_scaling, "none"))
 
 
 class Llama:
@@ -119,6 +134,11 @@ class Llama:
                 os.unlink(merged)
         self._ptr = ffi.gc(out[0], lib.llama2_transformer_free)
         self.config = _config_from(lib.llama2_transformer_config(self._ptr))
+        notice = lib.llama2_transformer_notice(self._ptr)
+        # what loading converted (GGUF tensors dequantized to bf16), or None
+        self.notice: str | None = ffi.string(notice).decode("utf-8", "replace") if notice != ffi.NULL else None
+        if self.notice:
+            warnings.warn(self.notice, ConversionWarning, stacklevel=2)
         if n_ctx is not None and n_ctx > self.config.seq_len:
             raise InvalidArgumentError(f"n_ctx {n_ctx} is larger than the model's seq_len {self.config.seq_len}")
         self.n_ctx: int = _Count(n_ctx or self.config.seq_len)
@@ -150,24 +170,27 @@ class Llama:
 
     @property
     def tokenizer(self) -> Tokenizer:
+        """The C tokenizer (tokenizer.bin, a GGUF SentencePiece vocabulary)
+        or, for byte-level BPE vocabularies (tokenizer.json, a GGUF "gpt2"
+        one), a BPETokenizer (hf_tokenizer.py); chosen by tokenizer_choice.py."""
         if self._tokenizer is None:
-            path = self._tokenizer_path
-            if path is None and self.config.version == _ffi.VERSION_GGUF:
-                path = self.model_path  # a GGUF file carries its vocabulary
-            if path is None:
-                path = os.fspath(Path(self.model_path).resolve().parent / "tokenizer.bin")
-                if not os.path.exists(path):
-                    raise FileNotFoundError(
-                        2, f"no tokenizer given and none beside the model ({path}); pass tokenizer=", path)
-            self._tokenizer = Tokenizer(path, vocab_size=self.config.vocab_size)
+            from .tokenizer_choice import open_tokenizer
+
+            self._tokenizer = open_tokenizer(self._tokenizer_path, self.model_path,
+                                             self.config.version == _ffi.VERSION_GGUF, self.config.vocab_size)
         return self._tokenizer
 
     # ---- tokens ----
     def tokenize(self, text: str | bytes, bos: bool = True, eos: bool = False, *, add_bos: bool | None = None,
                  special: bool = False) -> list[int]:
         """Token ids of text (str, or UTF-8 bytes as llama-cpp-python takes);
-        add_bos is llama-cpp-python's name for bos."""
-        return self.tokenizer.encode(text, bos=bos if add_bos is None else add_bos, eos=eos)
+        add_bos is llama-cpp-python's name for bos. special (BPE tokenizers):
+        text such as "<|eot_id|>" is that special token, as
+        llama-cpp-python's special=True."""
+        bos = bos if add_bos is None else add_bos
+        if getattr(self.tokenizer, "kind", "c") == "bpe":
+            return self.tokenizer.encode(text, bos=bos, eos=eos, special=special)
+        return self.tokenizer.encode(text, bos=bos, eos=eos)
 
     def n_vocab(self) -> int:
         return self.config.vocab_size
@@ -175,11 +198,19 @@ class Llama:
     def n_embd(self) -> int:
         return self.config.dim
 
+    def _special_id(self, name: str, default: int) -> int:
+        try:
+            tok = self.tokenizer
+        except FileNotFoundError:  # no tokenizer: the Llama 2 ids
+            return default
+        value = getattr(tok, name, default)
+        return -1 if value is None else value  # a BPE vocabulary without one: -1, as llama-cpp-python
+
     def token_bos(self) -> int:
-        return BOS
+        return self._special_id("bos_id", BOS)
 
     def token_eos(self) -> int:
-        return EOS
+        return self._special_id("eos_id", EOS)
 
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode(ids)
@@ -272,8 +303,16 @@ class Llama:
             from .chat_template import ChatTemplate
 
             embedded = lib.llama2_transformer_chat_template(self._ptr)
+            own = None
+            if self.chat_format is None and embedded == ffi.NULL:  # a BPE tokenizer's (tokenizer_config.json)
+                try:
+                    own = getattr(self.tokenizer, "chat_template", None)
+                except FileNotFoundError:
+                    own = None
             if self.chat_format is None and embedded != ffi.NULL:  # a GGUF file's own template
                 self._chat_template = ChatTemplate.from_jinja(ffi.string(embedded).decode("utf-8", "replace"))
+            elif own is not None:
+                self._chat_template = ChatTemplate.from_jinja(own)
             else:
                 self._chat_template = ChatTemplate.get(self.chat_format)
         return self._chat_template

@@ -19,9 +19,15 @@ once into a .bin the engine maps, in a cache folder, and reused from there:
   any of them converts again; delete the folder to reclaim the space. Every
   file is written atomically (llama2c/outputs.py), so an interrupted
   conversion leaves nothing a later run would take for finished.
-- tokenizer: the folder's tokenizer.model becomes tokenizer.bin (needs
-  sentencepiece) unless the caller passes a tokenizer of its own; a folder
-  without one gets none (forward() works, text needs tokenizer=).
+- tokenizer: a byte-level BPE tokenizer.json (Llama 3 style, or any
+  tokenizer.json without a tokenizer.model beside it) is used as it is,
+  through the `tokenizers` library (hf_tokenizer.py, the `hf` extra);
+  otherwise the folder's tokenizer.model becomes tokenizer.bin (needs
+  sentencepiece). A tokenizer the caller passes wins; a folder without
+  one gets none (forward() works, text needs tokenizer=).
+- rope scaling: config.json's rope_scaling / rope_parameters of type
+  "linear" or "llama3" goes into the .bin header (docs/FORMAT.md); int8
+  (version 2) cannot hold it and is refused.
 
 Safetensors are read in numpy (export/safetensors_np.py); only a folder of
 pytorch_model*.bin files needs torch. numpy only otherwise.
@@ -115,20 +121,48 @@ def _tokenizer_bin(folder: Path, out: Path) -> Path | None:
     return export_tokenizer(model, out, force=True)
 
 
+def bpe_tokenizer_json(folder: Path) -> Path | None:
+    """The folder's tokenizer.json when it is the tokenizer to use: a
+    byte-level BPE one (Llama 3 style), or any when there is no
+    tokenizer.model (SentencePiece, run by the C tokenizer) beside it."""
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    if not (folder / "tokenizer.model").is_file():
+        return tj
+    from .hf_tokenizer import is_byte_level
+
+    try:
+        spec = json.loads(tj.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{tj}: not valid JSON ({e})") from None
+    return tj if isinstance(spec, dict) and is_byte_level(spec) else None
+
+
 def resolve_hf_folder(folder, dtype: str | None = None, cache_dir=None, *,
                       need_tokenizer: bool = True, quiet: bool = False) -> tuple[Path, Path | None]:
-    """(model.bin, tokenizer.bin or None) for a Hugging Face Llama folder,
-    converted on first use into the cache (see the module docstring).
-    need_tokenizer=False: the caller has a tokenizer; the folder's is not
-    converted."""
+    """(model.bin, tokenizer or None) for a Hugging Face Llama folder,
+    converted on first use into the cache (see the module docstring). The
+    tokenizer is the folder's own tokenizer.json for byte-level BPE
+    vocabularies (read by hf_tokenizer.py, not converted), else tokenizer.bin
+    converted from tokenizer.model. need_tokenizer=False: the caller has a
+    tokenizer; the folder's is not looked at."""
     folder = Path(folder)
     cfg = _config(folder)
     dt = choose_dtype(dtype, cfg)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key_dir = root / cache_key(folder, dt)
     key_dir.mkdir(parents=True, exist_ok=True)
-    # the tokenizer first: a missing sentencepiece fails before minutes of conversion
-    tok = _tokenizer_bin(folder, key_dir / "tokenizer.bin") if need_tokenizer else None
+    # the tokenizer first: a missing sentencepiece / tokenizers fails before minutes of conversion
+    tok = bpe_tokenizer_json(folder) if need_tokenizer else None
+    if tok is not None:
+        from .export.sources import inside_folder
+        from .hf_tokenizer import require_tokenizers
+
+        inside_folder(folder, tok.name, str(folder))
+        require_tokenizers()
+    elif need_tokenizer:
+        tok = _tokenizer_bin(folder, key_dir / "tokenizer.bin")
     model = key_dir / "model.bin"
     if not model.is_file():
         _convert(folder, model, dt, quiet)
@@ -143,11 +177,12 @@ def _convert(folder: Path, model: Path, dt: str, quiet: bool) -> None:
     try:
         with HFSource(folder) as src:
             a = src.args
-            if DTYPES[dt] == 2 and warn_lossy(a, 2):
+            if DTYPES[dt] == 2 and (warn_lossy(a, 2) or a.rope_scaling is not None):
+                what = f"{a.rope_scaling.type} rope scaling" if a.rope_scaling is not None else \
+                    f"rope_theta {a.rope_theta:g} / norm_eps {a.norm_eps:g}"
                 raise InvalidArgumentError(
-                    f"dtype='int8' stores a version 2 file, which cannot hold this model's rope_theta "
-                    f"{a.rope_theta:g} / norm_eps {a.norm_eps:g}; use dtype='fp32' or 'bf16' with "
-                    "quantize=True to run it with the int8 engine")
+                    f"dtype='int8' stores a version 2 file, which cannot hold this model's {what}; use "
+                    "dtype='fp32' or 'bf16' with quantize=True to run it with the int8 engine")
             if not quiet:
                 print(f"llama2c: converting {folder} to {dt} in {model.parent} (once; reused from the cache "
                       "next time)", file=sys.stderr, flush=True)

@@ -25,13 +25,19 @@ API in one place:
     out = model.generate(idx, 100, attention_mask=mask)  # rows of different lengths, padded
     new = Engine(model).generate([[1, 5, 9], [1]], 100, temperature=0.0)    # lists of ids
 
-Speed: the classifier and its cross-entropy are fused (linear_cross_entropy:
+Speed (training): the classifier and its cross-entropy are fused (linear_cross_entropy:
 chunks of rows, gradients made during the forward pass, no (tokens x vocab)
 array); RoPE is one complex multiplication by a rotation made once per pass;
 RMSNorm has a hand-written backward pass (torch's rms_norm under
 torch.compile); attention is scaled_dot_product_attention. With bfloat16 autocast the matmuls
 run in bfloat16 and the softmax of the loss in float32. cpu_has_native_bf16()
 and keep_freed_memory() serve the trainer's CPU settings.
+
+Speed (generation, Engine): the one-token steps of a plain float32 model run
+a lean copy of the forward pass (_Decoder: no module calls, one matmul for
+q/k/v and one for w1/w3, about half the tensor operations); greedy picks use numpy's
+argmax on a CPU; one sequence on a CPU runs each step on torch's thread
+count or on one thread, whichever recent steps ran faster (_StepThreads).
 
 This module imports torch; ``import llama2c`` never imports it.
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -187,6 +194,12 @@ class _RMSNormFn(torch.autograd.Function):
         return dx, dweight, None
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 without autograd (F.rms_norm is slower on a CPU: it
+    copies its input)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -199,7 +212,7 @@ class RMSNorm(nn.Module):
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return _RMSNormFn.apply(x, self.weight, self.eps)
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)) * self.weight
+            return _rms_norm(x, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -484,6 +497,10 @@ class Transformer(nn.Module):
 
     def __init__(self, params: ModelArgs):
         super().__init__()
+        if params.rope_scaling is not None:  # never drop it silently (docs/LLAMA3.md)
+            raise ValueError(f"this model has {params.rope_scaling.type} rope scaling, which the PyTorch model "
+                             "does not implement: run it with the C engine (llama2c.Llama); training, "
+                             "fine-tuning and loading it into llama2c.model are not supported")
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -774,6 +791,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, *, top_k: Option
     default one when None)."""
     logits = logits.float()
     if not temperature or temperature <= 0:
+        if logits.device.type == "cpu" and logits.dim() == 2:
+            # numpy's argmax (also the first maximum) is 10-25x faster than torch's on a CPU
+            return torch.from_numpy(logits.detach().numpy().argmax(-1)).long()
         return torch.argmax(logits, dim=-1)
     probs = F.softmax(logits / float(temperature), dim=-1)
     V = probs.shape[-1]
@@ -817,22 +837,28 @@ def _unpad(idx: torch.Tensor, attention_mask: Optional[torch.Tensor]):
 
 class KVCache:
     """Keys and values of B sequences for every layer: ``k``, ``v`` (layers, B,
-    kv_heads, capacity, head_size). Sequence b starts ``pad[b]`` slots in (its
+    kv_heads, capacity, head_size), two halves of one tensor ``kv`` (layers, B,
+    2 * kv_heads, capacity, head_size), so a decoding step writes a token's
+    keys and values with one copy. Sequence b starts ``pad[b]`` slots in (its
     prompt left-padded), so every sequence's next token goes to the same slot
     ``pos``; slot j of sequence b holds position j - pad[b]. Pad slots are
     masked out as keys (a pad query sees only itself, so nothing is NaN)."""
 
     def __init__(self, params: ModelArgs, batch: int, capacity: int, pad=None, *,
                  dtype=torch.float32, device="cpu"):
-        shape = (params.n_layers, batch, params.n_kv_heads, capacity, params.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        G = params.n_kv_heads
+        self.kv = torch.zeros((params.n_layers, batch, 2 * G, capacity, params.head_size),
+                              dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, :, :G], self.kv[:, :, G:]
         self.capacity, self.batch, self.pos = int(capacity), int(batch), 0
         pad = torch.zeros(batch, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.pad = pad.to(device).view(batch, 1)
         self.padded = bool((pad > 0).any())
         self.slots = torch.arange(capacity, device=device)
         self.mask: Optional[torch.Tensor] = None
+        # a decoding step's key mask, (B, 1, 1, capacity): the real slots (a
+        # token past the prompt is never a pad slot, so it sees itself)
+        self.step_mask = (self.slots[None, :] >= self.pad)[:, None, None, :] if self.padded else None
 
     def begin(self, T: int) -> torch.Tensor:
         """Prepares a pass over T new tokens: sets ``mask`` (B, 1, T, pos + T;
@@ -860,6 +886,166 @@ class KVCache:
         self.pos += T
 
 
+# wq/wk/wv and w1/w3 are concatenated for decoding (one matmul each instead of
+# three and two) when the copies take at most this many bytes: small models,
+# whose decoding steps are bound by the number of operations
+DECODE_CONCAT_MAX_BYTES = 64 << 20
+
+
+class _Decoder:
+    """One-token decoding steps of a plain float32 Transformer (every linear a
+    bias-free nn.Linear, the norms RMSNorm, no active dropout), written out
+    with the weights read directly: no module calls, the residual stream
+    kept as (B, dim), q/k/v and w1/w3 each from one matmul (weights
+    concatenated per call, up to DECODE_CONCAT_MAX_BYTES), RoPE on q and k at
+    once in place, keys and values written to the cache with one copy, the
+    residual additions fused into the wo and w2 matmuls (addmm), no mask or
+    position tensors built unless a row is padded. For the 15M shape that is
+    226 aten calls a step instead of 409. The arithmetic is the model's
+    (RMSNorm, RoPE as one complex multiplication, attention by
+    scaled_dot_product_attention over the cache); logits agree with
+    hidden_states + output to float32 rounding."""
+
+    def __init__(self, model: "Transformer"):
+        P = model.params
+        self.n_heads, self.n_kv_heads, self.head_size = P.n_heads, P.n_kv_heads, P.head_size
+        self.dim, self.hidden = P.dim, P.hidden_dim
+        self.emb = model.tok_embeddings.weight
+        self.out = model.output.weight
+        self.norm = model.norm.weight
+        self.eps = [(blk.attention_norm.eps, blk.ffn_norm.eps) for blk in model.layers]
+        self.final_eps = model.norm.eps
+        self.rot = torch.complex(model.freqs_cos, model.freqs_sin)     # (max_seq_len, head_size/2)
+        mats = [m.weight for blk in model.layers
+                for m in (blk.attention.wq, blk.attention.wk, blk.attention.wv,
+                          blk.feed_forward.w1, blk.feed_forward.w3)]
+        concat = sum(w.numel() * w.element_size() for w in mats) <= DECODE_CONCAT_MAX_BYTES
+        self.layers = []
+        for blk in model.layers:
+            a, f = blk.attention, blk.feed_forward
+            if concat:
+                qkv = (torch.cat((a.wq.weight, a.wk.weight, a.wv.weight)),)
+                w13 = (torch.cat((f.w1.weight, f.w3.weight)),)
+            else:
+                qkv = (a.wq.weight, a.wk.weight, a.wv.weight)
+                w13 = (f.w1.weight, f.w3.weight)
+            self.layers.append((blk.attention_norm.weight, qkv, a.wo.weight.t(),
+                                blk.ffn_norm.weight, w13, f.w2.weight.t()))
+
+    @staticmethod
+    def usable(model: "Transformer") -> bool:
+        for blk in model.layers:
+            a, f = blk.attention, blk.feed_forward
+            if not _plain(a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3) or \
+                    type(blk.attention_norm) is not RMSNorm or type(blk.ffn_norm) is not RMSNorm:
+                return False
+        if not _plain(model.output) or type(model.norm) is not RMSNorm:
+            return False
+        if model.training and model.params.dropout > 0:
+            return False
+        return all(p.dtype == torch.float32 for p in model.parameters())
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The logits (B, vocab) of tokens (B,) at the cache's next slot (the
+        cache advances by one)."""
+        pos = cache.pos
+        if pos >= cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions: cannot add 1 "
+                             f"after {pos}")
+        H, G, hs, d = self.n_heads, self.n_kv_heads, self.head_size, self.dim
+        HG, B, end = H + G, tokens.shape[0], pos + 1
+        if cache.padded:
+            rot = self.rot[(pos - cache.pad).clamp_(min=0)]                  # (B, 1, hs/2)
+            mask = cache.step_mask[..., :end]
+        else:
+            rot, mask = self.rot[pos], None                                   # (hs/2,)
+        x = F.embedding(tokens, self.emb)                                     # (B, d)
+        for (an, wqkv, wo_t, fn, w13, w2_t), (eps1, eps2), kv in zip(self.layers, self.eps, cache.kv):
+            h = _rms_norm(x, an, eps1)
+            if len(wqkv) == 1:
+                qkv = F.linear(h, wqkv[0])
+            else:
+                qkv = torch.cat([F.linear(h, w) for w in wqkv], dim=-1)
+            qkv = qkv.view(B, HG + G, hs)
+            torch.view_as_complex(qkv[:, :HG].unflatten(-1, (-1, 2))).mul_(rot)   # RoPE on q and k
+            kv[:, :, pos] = qkv[:, H:]
+            att = F.scaled_dot_product_attention(qkv[:, :H].view(B, G, H // G, hs),
+                                                 kv[:, :G, :end], kv[:, G:, :end], attn_mask=mask)
+            x = torch.addmm(x, att.reshape(B, H * hs), wo_t)
+            h = _rms_norm(x, fn, eps2)
+            if len(w13) == 1:
+                ab = F.linear(h, w13[0])
+                a, b = ab[:, :self.hidden], ab[:, self.hidden:]
+            else:
+                a, b = F.linear(h, w13[0]), F.linear(h, w13[1])
+            x = torch.addmm(x, F.silu(a).mul_(b), w2_t)
+        cache.advance(1)
+        return F.linear(_rms_norm(x, self.norm, self.final_eps), self.out)
+
+
+class _StepThreads:
+    """The thread count of one-sequence decoding steps on a CPU: torch's own
+    (``n``) or one, whichever the recent steps ran faster with. A step of a
+    small model is a few dozen operations of microseconds each: with several
+    threads it reads the weights with more memory bandwidth, but every
+    operation hands work to the other threads and waits for them, and when
+    other processes keep the cores busy a descheduled thread stalls each of
+    those hand-offs (on 2 shared cores, steps 2-5x slower than on one
+    thread). Which wins depends on the load of the moment, so the steps are
+    timed: the first ones alternate, then the faster count runs and the
+    other is retried for one step now and then (after 16 steps, the wait
+    doubling each time the retry loses, back to 16 when it wins). One row's
+    logits came out the same with 1 and 2 threads here (each output is one
+    dot product, computed by one thread), so its tokens do not depend on
+    the choice; batches keep torch's setting (their matmuls are split
+    differently with more threads). torch's thread count is process-wide:
+    while a step runs on one thread, so do other threads' torch calls."""
+
+    PROBES, RETRY, WINDOW, EXPLORE, EXPLORE_MAX = 2, 1, 5, 16, 128
+
+    def __init__(self, n: int):
+        from collections import deque
+
+        self.choices = (int(n), 1)
+        self.times = {c: deque(maxlen=self.WINDOW) for c in self.choices}
+        self.best, self.explore, self.wait = int(n), self.EXPLORE, self.EXPLORE
+        self.count, self.retrying = 0, 0
+
+    def _median(self, c: int) -> float:
+        t = sorted(self.times[c])
+        return t[len(t) // 2] if t else float("inf")
+
+    def _other(self) -> int:
+        return self.choices[1] if self.best == self.choices[0] else self.choices[0]
+
+    def next(self) -> int:
+        """The thread count for the next step."""
+        i, self.count = self.count, self.count + 1
+        if i < 2 * self.PROBES:
+            return self.choices[i % 2]
+        if not self.retrying:
+            self.wait -= 1
+            if self.wait > 0:
+                return self.best
+            self.times[self._other()].clear()        # its old times may be stale
+            self.retrying = self.RETRY
+        return self._other()
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The time of the step that ran with ``threads``."""
+        self.times[threads].append(seconds)
+        if self.count < 2 * self.PROBES:
+            return
+        if self.retrying:
+            self.retrying -= 1
+            if self.retrying:
+                return
+            won = self._median(self._other()) < self._median(self.best)
+            self.explore = self.EXPLORE if won else min(2 * self.explore, self.EXPLORE_MAX)
+            self.wait = self.explore
+        self.best = min(self.choices, key=self._median)
+
+
 class Engine:
     """KV-cached generation with a Transformer (in PyTorch, on the model's
     device: CPU or CUDA), for a batch of prompts of different lengths.
@@ -870,13 +1056,35 @@ class Engine:
     The prompts are left-padded into one batch; the first pass runs every
     prompt token at once (prefill), then one token per sequence per pass.
     When a sequence outgrows max_seq_len, its context is cropped to the last
-    max_seq_len tokens and recomputed (llama2.c's cropping)."""
+    max_seq_len tokens and recomputed (llama2.c's cropping).
 
-    def __init__(self, model: Transformer):
+    The one-token steps of a plain float32 model run a lean version of the
+    forward pass (_Decoder). With one sequence on a CPU, ``adaptive_threads``
+    lets each step run on torch's thread count or on one thread, whichever
+    recent steps ran faster (_StepThreads); torch's setting is restored on
+    return. ``adaptive_threads=False`` keeps torch's setting throughout."""
+
+    def __init__(self, model: Transformer, *, adaptive_threads: bool = True):
         self.model = model
+        self.adaptive_threads = bool(adaptive_threads)
         self.params = model.params
         w = model.tok_embeddings.weight
         self.device, self.dtype = w.device, w.dtype
+
+    def _step(self, decoder: Optional[_Decoder], tokens: torch.Tensor, cache: KVCache,
+              threads: Optional[_StepThreads] = None) -> torch.Tensor:
+        """The logits (B, vocab) of one more token (B,) per sequence."""
+        if decoder is not None:
+            if threads is None:
+                return decoder.step(tokens, cache)
+            n = threads.next()
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            logits = decoder.step(tokens, cache)
+            threads.record(n, time.perf_counter() - t0)
+            return logits
+        h = self.model.hidden_states(tokens[:, None], cache)
+        return self.model.output(h[:, -1, :])
 
     def _prefill(self, contexts: List[List[int]], room: int):
         """A cache holding the contexts (left-padded), with room for ``room``
@@ -913,8 +1121,24 @@ class Engine:
         if n <= 0:
             return out
         stops = set(int(t) for t in stop_tokens)
-        done = [False] * len(seqs)
         cache, logits = self._prefill([p[-S:] for p in seqs], n if use_cache else 0)
+        # the weights as the steps read them, taken now (the model may change between calls)
+        decoder = _Decoder(self.model) if use_cache and n > 1 and _Decoder.usable(self.model) else None
+        n_threads = torch.get_num_threads()
+        threads = _StepThreads(n_threads) if decoder is not None and len(seqs) == 1 and \
+            self.device.type == "cpu" and n_threads > 1 and self.adaptive_threads else None
+        try:
+            self._loop(seqs, out, n, cache, logits, decoder, threads, temperature, top_k, top_p, min_p,
+                       stops, generator, use_cache)
+        finally:
+            if torch.get_num_threads() != n_threads:
+                torch.set_num_threads(n_threads)
+        return out
+
+    def _loop(self, seqs, out, n, cache, logits, decoder, threads, temperature, top_k, top_p, min_p,
+              stops, generator, use_cache) -> None:
+        S = self.params.max_seq_len
+        done = [False] * len(seqs)
         for step in range(n):
             nxt = sample_next(logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               generator=generator)
@@ -927,8 +1151,8 @@ class Engine:
             if all(done) or step == n - 1:
                 break
             if use_cache and cache.pos < cache.capacity:
-                h = self.model.hidden_states(nxt[:, None].to(self.device), cache)
-                logits = self.model.output(h[:, -1, :])
+                logits = self._step(decoder, nxt.to(self.device), cache, threads)
             else:        # no cache, or the context outgrew max_seq_len: recompute the cropped context
+                if threads is not None:
+                    torch.set_num_threads(threads.choices[0])
                 cache, logits = self._prefill([p[-S:] for p in seqs], n - step - 1 if use_cache else 0)
-        return out

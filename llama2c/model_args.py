@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import Optional
 
+from .rope_scaling import RopeScaling
+
 __all__ = ["ArgsView", "ModelArgs", "ffn_hidden_dim"]
 
 
@@ -32,6 +34,7 @@ class ModelArgs:
     dropout: float = 0.0
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    rope_scaling: Optional[RopeScaling] = None  # linear / llama3 (rope_scaling.py); None: plain RoPE
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -50,6 +53,10 @@ class ModelArgs:
             raise ValueError(f"rope_theta must be finite and positive, got {self.rope_theta}")
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be finite and positive, got {self.norm_eps}")
+        if isinstance(self.rope_scaling, dict):  # from to_dict() / a checkpoint's model_args
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
 
     @property
     def head_size(self) -> int:
@@ -90,4 +97,5 @@ class ArgsView:
     shared = shared_classifier
     rope_theta = property(lambda self: self.args.rope_theta)
     norm_eps = property(lambda self: self.args.norm_eps)
+    rope_scaling = property(lambda self: self.args.rope_scaling)
 

@@ -57,8 +57,8 @@ def check_logprobs(logprobs) -> int | None:
 
 def prompt_ids(llama, prompt) -> tuple[list[int], str]:
     """A str prompt (tokenized with BOS) or a list of token ids; and its text."""
-    if isinstance(prompt, str):
-        return llama.tokenize(prompt), prompt
+    if isinstance(prompt, str):  # special tokens parsed, as llama-cpp-python's completions (BPE tokenizers)
+        return llama.tokenize(prompt, special=True), prompt
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         vocab = llama.config.vocab_size
         for t in prompt:
@@ -120,7 +120,7 @@ def create_completion(llama, prompt, suffix=None, max_tokens: int | None = 16, t
     max_tokens, k = check_max_tokens(max_tokens), check_logprobs(logprobs)
     penalties = (as_float("presence_penalty", presence_penalty), as_float("frequency_penalty", frequency_penalty))
     given, prompt_text = prompt_ids(llama, prompt)
-    ids = fit_prompt(given, llama.n_ctx, max_tokens, truncate)
+    ids = fit_prompt(given, llama.n_ctx, max_tokens, truncate, bos=llama.token_bos())
     if len(ids) != len(given):  # truncated: the text that went in
         prompt_text = llama.detokenize(ids)
     cid, created = _now_id("cmpl")
@@ -131,7 +131,7 @@ def create_completion(llama, prompt, suffix=None, max_tokens: int | None = 16, t
         shape.add_prompt(ids, completer.prompt_logprobs(ids, k))
     steps = (runner or completer.run)(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=k,
                           presence_penalty=penalties[0], frequency_penalty=penalties[1])
-    return shape.chunks(steps) if stream else shape.whole(steps)
+    return ChunkStream(shape, steps) if stream else shape.whole(steps)
 
 
 class _CompletionShape:
@@ -143,6 +143,7 @@ class _CompletionShape:
         self.logprobs = CompletionLogprobs(llama, offset) if k is not None else None
         self.text = ""
         self.n_completion = 0
+        self.seen = 0  # logprobs entries already sent in a chunk
 
     def add_prompt(self, ids, scored) -> None:
         """The echoed prompt's tokens and their (logprob, top) pairs (the
@@ -175,16 +176,65 @@ class _CompletionShape:
                          "total_tokens": self.n_prompt + self.n_completion}
         return body
 
-    def chunks(self, steps) -> Iterator[dict]:
-        seen = 0
-        if self.echo_text:
-            lp = self.logprobs.as_dict() if self.logprobs else None
-            seen = len(self.logprobs.tokens) if self.logprobs else 0
-            yield self._body(self.echo_text, lp, None)
-        for step in steps:
-            self._record(step)
-            lp = None
-            if self.logprobs is not None:
-                lp, seen = self.logprobs.as_dict(seen), len(self.logprobs.tokens)
-            if step.text or step.finish_reason or (lp and lp["tokens"]):
-                yield self._body(step.text, lp, step.finish_reason)
+    def first_chunks(self) -> list[dict]:
+        """The chunks before any step: the echoed prompt, if asked for."""
+        if not self.echo_text:
+            return []
+        lp = self.logprobs.as_dict() if self.logprobs else None
+        self.seen = len(self.logprobs.tokens) if self.logprobs else 0
+        return [self._body(self.echo_text, lp, None)]
+
+    def step_chunks(self, step: Step) -> list[dict]:
+        """The chunks of one step (none while a stop string's start is held back)."""
+        self._record(step)
+        lp = None
+        if self.logprobs is not None:
+            lp, self.seen = self.logprobs.as_dict(self.seen), len(self.logprobs.tokens)
+        if step.text or step.finish_reason or (lp and lp["tokens"]):
+            return [self._body(step.text, lp, step.finish_reason)]
+        return []
+
+
+class ChunkStream:
+    """A streamed result (stream=True): an iterator of chunk dicts that
+    pulls its runner's steps as it goes. A caller that gets the steps some
+    other way (the server, whose engine pushes them) asks for the chunks
+    step by step instead (`first`, then `chunks_of` each step), or for the
+    whole, non-streamed result of all the steps (`whole`): one of the three
+    ways per stream. close() ends the steps (and frees what they hold)."""
+
+    def __init__(self, shape, steps):
+        self.shape, self.steps = shape, steps
+        self._pulled: Iterator[dict] | None = None
+
+    def __iter__(self) -> "ChunkStream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._pulled is None:
+            self._pulled = _pull(self.shape, self.steps)  # (not a method: no cycle through self)
+        return next(self._pulled)
+
+    def first(self) -> list[dict]:
+        return self.shape.first_chunks()
+
+    def chunks_of(self, step: Step) -> list[dict]:
+        return self.shape.step_chunks(step)
+
+    def whole(self, steps) -> dict:
+        return self.shape.whole(steps)
+
+    def close(self) -> None:
+        if self._pulled is not None:
+            self._pulled.close()
+        close = getattr(self.steps, "close", None)
+        if close is not None:
+            close()
+
+
+def _pull(shape, steps) -> Iterator[dict]:
+    """A ChunkStream's chunks, pulling its steps: dropped, it closes the
+    steps at once (a Completer's releases its context)."""
+    yield from shape.first_chunks()
+    for step in steps:
+        yield from shape.step_chunks(step)

@@ -7,12 +7,10 @@ truncate="left" the oldest turns go (a system message stays) until it fits.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 from .chat_template import ChatTemplate
 from .completion import fit_prompt
 from .errors import ContextLengthError
-from .openai_api import _now_id, check_max_tokens, refuse_unsupported, sampling_of
+from .openai_api import ChunkStream, _now_id, check_max_tokens, refuse_unsupported, sampling_of
 from .sampler import as_float
 from .validate import check_int
 
@@ -68,7 +66,7 @@ def create_chat_completion(llama, messages: list[dict], functions=None, function
                                    frequency_penalty=as_float("frequency_penalty", frequency_penalty))
     cid, created = _now_id("chatcmpl")
     shape = _ChatShape(llama, cid, created, model or llama.model_path, len(ids), k)
-    return shape.chunks(steps) if stream else shape.whole(steps)
+    return ChunkStream(shape, steps) if stream else shape.whole(steps)
 
 
 class _ChatShape:
@@ -114,12 +112,15 @@ class _ChatShape:
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
         return body
 
-    def chunks(self, steps) -> Iterator[dict]:
-        yield self._chunk({"role": "assistant"}, None, None)
-        for step in steps:
-            entry = self._entry(step)
-            logprobs = {"content": [entry]} if entry is not None else None
-            if step.text or entry is not None:
-                yield self._chunk({"content": step.text}, logprobs, None)
-            if step.finish_reason:
-                yield self._chunk({}, None, step.finish_reason)
+    def first_chunks(self) -> list[dict]:
+        return [self._chunk({"role": "assistant"}, None, None)]
+
+    def step_chunks(self, step) -> list[dict]:
+        out = []
+        entry = self._entry(step)
+        logprobs = {"content": [entry]} if entry is not None else None
+        if step.text or entry is not None:
+            out.append(self._chunk({"content": step.text}, logprobs, None))
+        if step.finish_reason:
+            out.append(self._chunk({}, None, step.finish_reason))
+        return out

@@ -54,6 +54,11 @@ class Session(Context):
         super().__init__(llama._ptr, llama.n_ctx if n_ctx is None else n_ctx, llama.config.vocab_size, owner=llama)
         self.llama = llama
 
+    def _python_tokenizer(self) -> bool:
+        """The model's tokenizer is a Python one (BPE): session.c cannot
+        run it; generate / stream go through text_loop.py (docs/LLAMA3.md)."""
+        return getattr(self.llama.tokenizer, "kind", "c") == "bpe"
+
     def _steps(self, prompt: str, steps: int, max_tokens: int | None) -> int:
         """run's step count for these settings: steps as given (positions,
         prompt included, 0 = n_ctx) or, with max_tokens, enough for that many
@@ -103,6 +108,8 @@ class Session(Context):
         repetition penalty, stop strings and stop_at_eos are extensions, off
         by default so outputs stay comparable with llama2.c."""
         sampling = SamplingParams.of(sampling, **settings)
+        if self._python_tokenizer():  # a BPE tokenizer: the completion loop (text_loop.py)
+            return "".join(self.stream(prompt, steps=steps, max_tokens=max_tokens, stop=stop, sampling=sampling))
         steps = self._steps(prompt, steps, max_tokens)
         self._enter()
         try:
@@ -123,6 +130,11 @@ class Session(Context):
                sampling: SamplingParams | None = None, **settings) -> Iterator[str]:
         """Yields the same text as generate(), piece by piece as it is made."""
         sampling = SamplingParams.of(sampling, **settings)
+        if self._python_tokenizer():
+            from .text_loop import python_stream
+
+            yield from python_stream(self, prompt, steps=steps, max_tokens=max_tokens, stop=stop, sampling=sampling)
+            return
         steps = self._steps(prompt, steps, max_tokens)
         self._enter()
         try:

@@ -5,6 +5,8 @@
   the `shared_data` fixture skips a test when they are absent.
 - cli: the ./run and ./runq binaries, built with `make run` when missing.
 - make_model: tiny random models written with tests/reference.py.
+- torch / transformers: torch on one thread (transformers' reference
+  logits, deterministic and quick) and transformers, skipped when not installed.
 """
 from __future__ import annotations
 
@@ -67,3 +69,18 @@ def unshared_model(make_model) -> ModelFile:
     return make_model(MHA, version=1, shared=False, seed=2)
 
 
+
+
+@pytest.fixture(scope="module")
+def torch():
+    """torch with one intra-op thread for the module's tests (restored after)."""
+    t = pytest.importorskip("torch")
+    n = t.get_num_threads()
+    t.set_num_threads(1)
+    yield t
+    t.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def transformers(torch):
+    return pytest.importorskip("transformers")

@@ -228,3 +228,65 @@ def greedy_continuation(llm, ids, n: int) -> list:
         logits = cx.forward(t, pos)
         pos += 1
     return out
+
+
+# ---------------------------------------------------------------------------
+# GGUF files with tensors of any ggml type, and llama.cpp's logits
+# ---------------------------------------------------------------------------
+
+
+def write_gguf(m: ModelFile, path, raw=None, drop=(), arch: str = "llama", meta=None) -> Path:
+    """m's model as a GGUF file through llama2c's writer (every tensor F32,
+    m's tokenizer as the vocabulary), except where raw(name, array) gives a
+    tensor's bytes instead: (uint8 array of rows x bytes per row, ggml type);
+    None keeps it F32. Tensors named in drop are left out; arch names the
+    architecture, meta adds string metadata. Needs gguf."""
+    import gguf
+
+    from llama2c.export import gguf as ex
+    from llama2c.export.binmodel import read_model
+    from llama2c.export.vocab import load_vocab
+
+    path = Path(path)
+    src = read_model(m.path)
+    w = gguf.GGUFWriter(str(path), arch)
+    ex._add_metadata(w, gguf, src, "f32", path.stem)
+    ex._add_vocab(w, load_vocab(str(m.tokenizer), src.vocab_size, m.path))
+    for key, value in (meta or {}).items():
+        w.add_string(key, value)
+    real_add = w.add_tensor
+
+    def add(name, data, **kw):
+        if name in drop:
+            return None
+        got = raw(name, data) if raw is not None else None
+        if got is None:
+            return real_add(name, data, **kw)
+        q, qtype = got
+        return real_add(name, q, raw_shape=q.shape, raw_dtype=qtype)
+
+    w.add_tensor = add
+    ex._add_tensors(w, gguf, src, "f32", False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llama_cpp_logits(path, tokens, n_ctx: int) -> np.ndarray:
+    """llama.cpp's logits (float64, one row per token) for tokens at
+    positions 0.. of a GGUF file, through llama-cpp-python (skips the test
+    when it is not installed); fp32 KV cache, one thread."""
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
+                          n_threads_batch=1, logits_all=True, type_k=0, type_v=0, verbose=False)
+    try:
+        llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        close = getattr(llm, "close", None)
+        if close:
+            close()

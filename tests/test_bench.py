@@ -13,7 +13,7 @@ import llama2c
 from llama2c import bench
 from llama2c import gguf_export as ge
 
-from helpers import GQA, MHA, R, c_logits, random_tokens
+from helpers import GQA, MHA, R, c_logits, llama_cpp_logits, random_tokens
 
 # dim and hidden_dim multiples of 32 (Q8_0 blocks), GQA, vocab > 259 (synthetic vocab)
 Q8CFG = R.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, seq_len=32)
@@ -328,17 +328,7 @@ def test_bench_bad_arguments(capsys):
 # ---------------------------------------------------------------------------
 
 
-def _llama_cpp_logits(path, tokens, n_ctx):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
-                          n_threads_batch=1, logits_all=True, type_k=0, type_v=0, verbose=False)
-    try:
-        llm.eval(list(tokens))
-        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        close = getattr(llm, "close", None)
-        if close:
-            close()
+_llama_cpp_logits = llama_cpp_logits  # (tests/helpers.py, shared with test_gguf_quant_types.py)
 
 
 def test_llama_cpp_f32_matches_ours(make_model, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import llama2c
+import helpers as H
 import reference as R
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (the [gguf] extra)")
@@ -130,36 +131,15 @@ def write_broken(tmp_path, m, name, *, arch="llama", drop=(), retype=None, meta=
     """A GGUF of m's weights with something wrong: another architecture,
     tensors left out, a tensor stored as another ggml type (raw bytes of the
     right size), extra metadata."""
-    src = read_model(m.path)
-    from llama2c.export import gguf as ex
-    from llama2c.export.vocab import load_vocab
 
-    out = tmp_path / name
-    w = gguf.GGUFWriter(str(out), arch)
-    ex._add_metadata(w, gguf, src, "f32", "t")
-    ex._add_vocab(w, load_vocab(str(m.tokenizer), src.vocab_size, m.path))
-    for key, value in (meta or {}).items():
-        w.add_string(key, value)
-    real_add = w.add_tensor
+    def raw(tname, data):
+        if not retype or tname != retype[0]:
+            return None
+        block, size = gguf.GGML_QUANT_SIZES[retype[1]]
+        rows, cols = data.shape
+        return np.zeros((rows, cols // block * size), np.uint8), retype[1]
 
-    def add(tname, data, **kw):
-        if tname in drop:
-            return
-        if retype and tname == retype[0]:
-            qtype = retype[1]
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            rows, cols = data.shape
-            raw = np.zeros((rows, cols // block * size), np.uint8)
-            return real_add(tname, raw, raw_shape=raw.shape, raw_dtype=qtype)
-        return real_add(tname, data, **kw)
-
-    w.add_tensor = add
-    ex._add_tensors(w, gguf, src, "f32", False)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    return H.write_gguf(m, tmp_path / name, raw=raw, drop=drop, arch=arch, meta=meta)
 
 
 def test_unsupported_files_are_clear_errors(models, tmp_path, make_model):
@@ -171,8 +151,8 @@ def test_unsupported_files_are_clear_errors(models, tmp_path, make_model):
     ]
     big = make_model(R.Config(dim=256, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=300,
                               seq_len=16), version=1, seed=47)
-    cases.append((write_broken(tmp_path, big, "k.gguf", retype=("blk.0.attn_q.weight", gguf.GGMLQuantizationType.Q4_K)),
-                  "is Q4_K, which llama2c does not run"))
+    cases.append((write_broken(tmp_path, big, "k.gguf", retype=("blk.0.attn_q.weight", gguf.GGMLQuantizationType.IQ2_XXS)),
+                  "is IQ2_XXS, which llama2c does not run"))  # (K-quants run: test_gguf_quant_types.py)
     for path, words in cases:
         with pytest.raises(llama2c.FormatError, match=words.replace("(", r"\(")):
             llama2c.Llama(path)

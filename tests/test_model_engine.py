@@ -107,6 +107,107 @@ def test_cached_logits_equal_the_full_forward(make_model):
             model.hidden_states(torch.zeros((2, 5), dtype=torch.long), cache)
 
 
+@pytest.mark.parametrize("cfg", [GQA, MQA], ids=["gqa", "mqa"])
+def test_decoder_steps_equal_the_full_forward(make_model, cfg):
+    """The lean one-token steps (_Decoder, what Engine runs) give the logits of
+    the whole sequence at once, with and without left padding."""
+    from llama2c.model import _Decoder
+
+    m = make_model(cfg, version=1, seed=28)
+    model = Transformer.from_bin(m.path).eval()
+    assert _Decoder.usable(model)
+    seqs = [random_tokens(cfg, 16, seed=3), random_tokens(cfg, 16, seed=4)]
+    with torch.inference_mode():
+        full = model(torch.tensor(seqs))
+        for pad in ([0, 0], [0, 5]):
+            cache = KVCache(model.params, 2, 16, pad=pad)
+            first = torch.tensor([[0] * pad[b] + seqs[b][:8 - pad[b]] for b in range(2)])
+            model.hidden_states(first, cache)
+            dec = _Decoder(model)
+            for i in range(8 - pad[1] - 1):
+                tok = torch.tensor([seqs[0][8 + i], seqs[1][8 - pad[1] + i]])
+                step = dec.step(tok, cache)
+                np.testing.assert_allclose(step[0].numpy(), full[0, 8 + i].numpy(), atol=2e-5)
+                np.testing.assert_allclose(step[1].numpy(), full[1, 8 - pad[1] + i].numpy(), atol=2e-5)
+
+
+def test_models_the_decoder_does_not_run_still_generate(make_model):
+    """A wrapped linear (as LoRA's), dropout in training mode or bfloat16
+    weights take the modules' forward pass, with the same tokens."""
+    from llama2c.model import _Decoder
+
+    m = make_model(GQA, version=1, seed=29)
+    model = Transformer.from_bin(m.path).eval()
+    prompts = [random_tokens(GQA, 4, seed=9)]
+    want = Engine(model).generate(prompts, 8, temperature=0.0)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    attn = model.layers[1].attention
+    attn.wv = Wrapped(attn.wv)
+    assert not _Decoder.usable(model)
+    assert Engine(model).generate(prompts, 8, temperature=0.0) == want
+    attn.wv = attn.wv.base
+    assert _Decoder.usable(model)
+    model.params.dropout = 0.1
+    assert not _Decoder.usable(model.train()) and _Decoder.usable(model.eval())
+    model.params.dropout = 0.0
+    assert not _Decoder.usable(model.to(torch.bfloat16))
+
+
+def test_step_threads_pick_the_faster_count():
+    from llama2c.model import _StepThreads
+
+    def run(cost, steps):
+        st, used = _StepThreads(4), []
+        for _ in range(steps):
+            n = st.next()
+            used.append(n)
+            st.record(n, cost[n])
+        return used
+
+    used = run({4: 1.0, 1: 3.0}, 100)          # a quiet machine: more threads win
+    assert used[:4] == [4, 1, 4, 1] and 1 <= used[4:].count(1) <= 3
+    used = run({4: 5.0, 1: 1.0}, 300)          # busy cores: one thread wins, 4 retried ever more rarely
+    assert 2 <= used[4:].count(4) <= 6 and used[-1] == 1
+
+    def changing(first, then, steps=300, at=100):
+        st, used = _StepThreads(2), []
+        for i in range(steps):
+            n = st.next()
+            used.append(n)
+            st.record(n, (first if i < at else then)[n])
+        return used
+
+    # the load changes: the engine follows, from its own steps or from a retry of the other count
+    used = changing({2: 1.0, 1: 2.0}, {2: 4.0, 1: 2.0})
+    assert used[90:100].count(2) >= 8 and used[-20:].count(1) == 20
+    used = changing({2: 4.0, 1: 1.0}, {2: 0.5, 1: 1.0})
+    assert used[90:100].count(1) >= 8 and used[-20:].count(2) == 20
+
+
+def test_adaptive_threads_keep_the_tokens_and_torch_setting(make_model):
+    m = make_model(MHA, version=1, seed=30)
+    model = Transformer.from_bin(m.path).eval()
+    prompt = [random_tokens(MHA, 3, seed=11)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fixed = Engine(model, adaptive_threads=False).generate(prompt, 40, temperature=0.0)
+        adaptive = Engine(model).generate(prompt, 40, temperature=0.0)
+        assert torch.get_num_threads() == 2
+        assert adaptive == fixed == model.generate(torch.tensor(prompt), 40, temperature=0.0,
+                                                   use_cache=False)[:, 3:].tolist()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_past_max_seq_len_crops_like_the_uncached_loop(make_model):
     m = make_model(MQA, version=1, seed=24)
     model = Transformer.from_bin(m.path).eval()

@@ -370,3 +370,23 @@ def test_no_broken_character_at_the_end(model):
         pytest.skip("this vocabulary has no <0xE2> byte token")
     r = llm("hello", max_tokens=1, temperature=0.0, logit_bias={byte_tokens[0]: 100.0})
     assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 1
+
+
+def test_an_abandoned_stream_frees_its_context_at_once(llm):
+    """A stream left mid-way (a `break` out of the loop) lets go of the
+    context when dropped, without waiting for the cycle collector."""
+    import gc
+
+    gc.disable()
+    try:
+        for _ in range(2):
+            stream = llm.create_completion("once upon", max_tokens=8, temperature=0, stream=True)
+            next(stream)
+            del stream
+        assert llm.create_completion("once upon", max_tokens=3, temperature=0)["choices"][0]["finish_reason"]
+        stream = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=8, stream=True)
+        next(stream), next(stream)
+        del stream
+        assert llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)["choices"]
+    finally:
+        gc.enable()

@@ -168,10 +168,14 @@ def legacy_freq_cis(head_size: int, seq_len: int, theta: float = 10000.0) -> tup
 
 
 def pack_header(version: int, params: tuple[int, ...], shared: bool, group_size: int | None = None,
-                rope_theta: float = 10000.0, norm_eps: float = 1e-5) -> bytes:
+                rope_theta: float = 10000.0, norm_eps: float = 1e-5, rope_scaling=None) -> bytes:
     """The header of a model file. params = (dim, hidden_dim, n_layers,
-    n_heads, n_kv_heads, vocab_size, seq_len) with vocab_size positive."""
+    n_heads, n_kv_heads, vocab_size, seq_len) with vocab_size positive;
+    rope_scaling (a RopeScaling, versions 3-5 only) goes at bytes 48-67."""
     dim, hidden, L, H, KV, V, S = (int(v) for v in params)
+    if rope_scaling is not None and version not in (3, 4, 5):
+        raise ValueError(f"version {version} files cannot carry rope scaling ({rope_scaling.type}): "
+                         "use version 3, 4 or 5")
     if version == 0:
         return struct.pack("<7i", dim, hidden, L, H, KV, V if shared else -V, S)
     h = struct.pack("<Ii7iB", MAGIC, version, dim, hidden, L, H, KV, V, S, 1 if shared else 0)
@@ -179,6 +183,8 @@ def pack_header(version: int, params: tuple[int, ...], shared: bool, group_size:
         h += struct.pack("<i", int(group_size))
     elif version in (3, 4, 5):
         h += b"\0\0\0" + struct.pack("<ff", rope_theta, norm_eps)
+        if rope_scaling is not None:
+            h += rope_scaling.pack()
     elif version != 1:
         raise ValueError(f"unknown model file version {version}")
     return h + b"\0" * (HEADER_BYTES - len(h))

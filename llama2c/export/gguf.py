@@ -14,7 +14,10 @@ What is written (architecture "llama"):
     the matrices are F32, F16 or Q8_0 (32 values per block, fp16 scale max|w|/127).
   - the hyperparameters llama.cpp reads: context_length, embedding_length,
     block_count, feed_forward_length, attention.head_count(_kv),
-    rope.dimension_count, attention.layer_norm_rms_epsilon, rope.freq_base.
+    rope.dimension_count, attention.layer_norm_rms_epsilon, rope.freq_base; rope
+    scaling as llama.cpp's converter writes it: rope.scaling.type linear +
+    rope.scaling.factor, or (llama3) a rope_freqs.weight tensor of per-frequency
+    divisors.
   - a Llama 2 (SentencePiece) vocabulary (export/vocab.py): tokens, scores and
     token types from a tokenizer.model, a tokenizer.bin, or a synthetic
     vocabulary for random weights.
@@ -167,6 +170,9 @@ def _add_metadata(w, gguf, m: BinModel, ftype: str, name: str) -> None:
     w.add_rope_dimension_count(m.head_size)
     w.add_layer_norm_rms_eps(float(m.norm_eps))
     w.add_rope_freq_base(float(m.rope_theta))
+    if m.rope_scaling is not None and m.rope_scaling.type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(m.rope_scaling.factor))
     w.add_vocab_size(m.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -208,6 +214,9 @@ def _add_tensors(w, gguf, m: BinModel, ftype: str, hf_layout: bool) -> None:
         w.add_tensor(tname, np.ascontiguousarray(a, dtype=np.float32))
 
     wt = m.weights
+    if m.rope_scaling is not None and m.rope_scaling.type == "llama3":  # as llama.cpp's converter writes it
+        w.add_tensor("rope_freqs.weight", np.asarray(m.rope_scaling.divisors(m.head_size, m.rope_theta),
+                                                     dtype=np.float32))
     matrix("token_embd.weight", wt["token_embedding"])
     for layer in range(m.n_layers):
         pre = f"blk.{layer}."

@@ -30,7 +30,7 @@ The header is parsed here, not with ``gguf.GGUFReader``: every count, length,
 dimension and offset is checked against the file before it is used (the
 package's reader loops for as long as an array's claimed length, so a
 hostile 100-byte file can hang it). Anything this engine cannot express
-(another architecture, rope scaling, mixture of experts, partial rotary,
+(another architecture, rope scaling other than linear, mixture of experts, partial rotary,
 biases or other extra tensors, missing tensors) is a FormatError naming it.
 numpy only; ``gguf`` is imported only to dequantize quantized types.
 """
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
+from ..rope_scaling import RopeScaling
 from ..validate import regular_file
 from . import binfmt
 from .source_base import Source, _resolved_args
@@ -285,11 +286,14 @@ class GGUFSource(Source):
         if arch != "llama":
             raise FormatError(f"{where}: GGUF architecture {arch!r} is not supported (llama2c reads 'llama')")
         scaling = f.get("llama.rope.scaling.type")
-        if scaling not in (None, "none"):
+        if scaling not in (None, "none", "linear"):
             raise FormatError(f"{where}: GGUF rope scaling {scaling!r} is not supported")
-        if "rope_freqs.weight" in g.tensors:
-            raise FormatError(f"{where}: GGUF tensor rope_freqs.weight (Llama 3.1-style rope scaling) is not "
-                              "supported")
+        rope_scaling = None
+        if scaling == "linear":
+            rope_scaling = RopeScaling("linear", _number(f, "llama.rope.scaling.factor", where, integer=False))
+        if "rope_freqs.weight" in g.tensors:  # the engine runs the file itself (csrc/gguf.c)
+            raise FormatError(f"{where}: GGUF tensor rope_freqs.weight (llama3 rope scaling as per-frequency "
+                              "factors) has no .bin equivalent: run the GGUF file directly (Llama(path), ./run)")
         experts = f.get("llama.expert_count")
         if experts not in (None, 0):
             raise FormatError(f"{where}: GGUF llama.expert_count {experts!r}: mixture-of-experts models are "
@@ -323,7 +327,7 @@ class GGUFSource(Source):
             raise FormatError(str(e)) from None
         self.args = _resolved_args(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
                                    n_kv_heads=n_kv, vocab_size=vocab, max_seq_len=seq, rope_theta=theta,
-                                   norm_eps=eps, tie_embeddings=tied)
+                                   norm_eps=eps, tie_embeddings=tied, rope_scaling=rope_scaling)
         wanted = {gguf_name(k) for k in self.keys()}
         missing = [gguf_name(k) for k in self.keys() if gguf_name(k) not in g.tensors]
         if missing:

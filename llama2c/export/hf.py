@@ -8,6 +8,8 @@ import struct
 
 import numpy as np
 
+from ..rope_scaling import RopeScaling
+
 # canonical (llama2.c) per-layer key -> Hugging Face per-layer key
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -77,7 +79,7 @@ def config_json(args) -> dict:
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": float(args.norm_eps),
         "rope_theta": float(args.rope_theta),
-        "rope_scaling": None,
+        "rope_scaling": args.rope_scaling.to_hf() if args.rope_scaling is not None else None,
         "tie_word_embeddings": bool(args.tie_embeddings),
         "hidden_act": "silu",
         "attention_bias": False,
@@ -144,17 +146,19 @@ def args_from_config(cfg: dict, where: str = "config.json") -> dict:
         raise ValueError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim} "
                          "is not supported")
     # rope: transformers 4 writes rope_theta (+ rope_scaling), 5 writes rope_parameters
-    theta = cfg.get("rope_theta")
+    theta, scaling = cfg.get("rope_theta"), None
     for extra in ("rope_parameters", "rope_scaling"):
         rp = cfg.get(extra)
         if not rp:
             continue
-        kind = rp.get("rope_type", rp.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{where}: rope scaling {kind!r} is not supported")
+        if not isinstance(rp, dict):
+            raise ValueError(f"{where}: {extra} must be an object")
+        found = RopeScaling.from_hf(rp, where)  # linear / llama3; others refused
+        scaling = scaling or found
         if theta is None and rp.get("rope_theta") is not None:
             theta = rp["rope_theta"]
     args["rope_theta"] = float(theta if theta is not None else 10000.0)
+    args["rope_scaling"] = scaling
     args["tie_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return args
 

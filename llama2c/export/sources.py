@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import FormatError
 from ..validate import regular_file
 from ..model_args import ModelArgs
+from ..rope_scaling import RopeScaling
 from . import binfmt, hf
 from .source_base import Source, _resolved_args, _to_numpy, canonical_keys, expected_shape  # noqa: F401
 
@@ -55,7 +56,7 @@ class BinSource(Source):
         if len(head) < binfmt.LEGACY_HEADER_BYTES:
             raise FormatError(f"{path}: file too short for a model header ({size} bytes)")
         magic = struct.unpack_from("<I", head, 0)[0]
-        theta, eps, gs = 10000.0, 1e-5, None
+        theta, eps, gs, scaling = 10000.0, 1e-5, None, None
         if magic == binfmt.MAGIC:
             if len(head) < binfmt.HEADER_BYTES:
                 raise FormatError(f"{path}: truncated header ({size} bytes)")
@@ -68,6 +69,10 @@ class BinSource(Source):
                 gs = struct.unpack_from("<i", head, 37)[0]
             if version in (3, 4, 5):
                 theta, eps = (float(v) for v in struct.unpack_from("<ff", head, 40))
+                try:
+                    scaling = RopeScaling.unpack(head, str(path))
+                except ValueError as e:
+                    raise FormatError(str(e)) from None
             body = binfmt.HEADER_BYTES
         else:
             version = 0
@@ -89,7 +94,7 @@ class BinSource(Source):
         self.version, self.group_size = version, gs
         self.args = _resolved_args(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=H, n_kv_heads=KV,
                                    vocab_size=V, max_seq_len=S, rope_theta=theta, norm_eps=eps,
-                                   tie_embeddings=shared)
+                                   tie_embeddings=shared, rope_scaling=scaling)
         self._layout, end = self._plan(body)
         if end != size:
             what = "truncated" if size < end else "trailing bytes"

@@ -77,6 +77,9 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
     a = src.args
     if version not in binfmt.VERSIONS:
         raise ValueError(f"unknown model file version {version} (choose 0, 1, 2, 3, 4 or 5)")
+    if a.rope_scaling is not None and version not in (3, 4, 5):  # never dropped silently
+        raise ValueError(f"version {version} files cannot carry this model's {a.rope_scaling.type} rope scaling: "
+                         "use version 3, 4 or 5")
     msg = warn_lossy(a, version)
     if msg and warn is not None:
         warn(msg)
@@ -106,7 +109,7 @@ def write_bin(source, path, version: int, group_size: int | None = None, progres
         gs = binfmt.default_group_size(a.dim, 64 if group_size is None else group_size)
         if group_size is not None and gs != group_size and warn is not None:
             warn(f"group size {group_size} does not divide dim {a.dim}; using {gs}")
-    header = binfmt.pack_header(version, params, shared, gs, a.rope_theta, a.norm_eps)
+    header = binfmt.pack_header(version, params, shared, gs, a.rope_theta, a.norm_eps, a.rope_scaling)
     q8_keys = set() if version != 2 else {k for k in order if not k.endswith("norm.weight")}
     bf16_keys = set() if version != 4 else {k for k in order if not k.endswith("norm.weight")}
     q4_keys = set() if version != 5 else {
