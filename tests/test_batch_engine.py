@@ -15,7 +15,7 @@ import reference as R
 from llama2c import openai_api
 from llama2c._ffi import ffi, lib
 from llama2c.errors import new_error, raise_for
-from llama2c.server.engine import BatchEngine, QueueFull
+from llama2c.server.engine import ENDED, BatchEngine, QueueFull
 
 CFG = R.Config(dim=64, hidden_dim=172, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=384, seq_len=128)
 PROMPTS = ["hello there", "a b a b a", "one", "the quick brown fox jumps over", "x y", "more words here please"]
@@ -91,9 +91,10 @@ def concurrently(fn, args):
     return [out[i] for i in range(len(args))]
 
 
-@pytest.mark.parametrize("parallel,chunk", [(2, 4), (4, 64), (8, 1)])
-def test_results_do_not_depend_on_what_else_runs(llm, parallel, chunk):
-    engine = BatchEngine(llm, parallel=parallel, prefill_chunk=chunk)
+# prompt chunks in the decoding pass (fuse >= chunk) or in passes of their own (fuse 0)
+@pytest.mark.parametrize("parallel,chunk,fuse", [(2, 4, 16), (4, 64, 16), (8, 1, 0), (4, 64, 0)])
+def test_results_do_not_depend_on_what_else_runs(llm, parallel, chunk, fuse):
+    engine = BatchEngine(llm, parallel=parallel, prefill_chunk=chunk, fuse_chunk=fuse)
     try:
         settings = [dict(prompt=p, max_tokens=20, temperature=0.0) for p in PROMPTS] + \
                    [dict(prompt=p, max_tokens=15, temperature=0.9, seed=7 + i, logprobs=2) for i, p in enumerate(PROMPTS)]
@@ -196,4 +197,83 @@ def test_cancel_from_another_thread_while_waiting_for_a_slot(long_llm):
             time.sleep(0.01)
         assert engine.stats()["active"] == 0
     finally:
+        engine.close()
+
+
+class CountingWaker:
+    """A waker shared by several requests (the server's Hub is one): counts its wake-ups."""
+
+    def __init__(self):
+        self.wakes = 0
+        self.event = threading.Event()
+
+    def wake(self) -> None:
+        self.wakes += 1
+        self.event.set()
+
+
+def test_a_shared_waker_is_woken_once_per_step_for_all_requests(llm):
+    """The server's path: requests queued with one waker; the engine wakes it
+    once per turn whatever the number of requests, and take() hands out each
+    request's steps without waiting, the same steps a thread iterating gets."""
+    sampling = llama2c.SamplingParams(temperature=0.0)
+    engine = BatchEngine(llm, parallel=4)
+    try:
+        ids = [llm.tokenize(p) for p in PROMPTS[:4]]
+        want = [[(s.token, s.text, s.finish_reason) for s in engine.run(i, max_tokens=12, sampling=sampling)]
+                for i in ids]
+        waker = CountingWaker()
+        pushed = [engine.run(i, waker=waker, max_tokens=12, sampling=sampling) for i in ids]
+        with pytest.raises(TypeError, match="take"):
+            next(pushed[0])  # pushed steps are taken, not waited for
+        got, ends = [[] for _ in ids], [None] * len(ids)
+        deadline = time.time() + 30
+        while any(e is None for e in ends):
+            assert time.time() < deadline, "the requests did not end"
+            waker.event.wait(1)
+            waker.event.clear()
+            for k, steps in enumerate(pushed):
+                new, end = steps.take()
+                got[k] += [(s.token, s.text, s.finish_reason) for s in new]
+                ends[k] = end
+        assert got == want
+        assert all(e is ENDED for e in ends)
+        assert pushed[0].take() == ([], ENDED)  # the end stays
+        n_steps = sum(len(g) for g in got)
+        # 4 requests of 13 steps each in about 13 decoding turns (+ 4 prefills): never a wake-up per step
+        assert waker.wakes <= n_steps // 2, (waker.wakes, n_steps)
+        assert engine.stats()["active"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_failure_reaches_the_pushed_requests_after_their_steps(long_llm, monkeypatch):
+    llm = long_llm
+    sampling = llama2c.SamplingParams(temperature=0.0)
+    engine = BatchEngine(llm, parallel=2)
+    try:
+        waker = CountingWaker()
+        steps = engine.run(llm.tokenize("hello"), waker=waker, max_tokens=None, sampling=sampling, stop_tokens=())
+        deadline = time.time() + 10
+        first: list = []
+        while len(first) < 3:
+            assert time.time() < deadline
+            waker.event.wait(1)
+            waker.event.clear()
+            first += steps.take()[0]
+
+        def broken(*a):
+            raise RuntimeError("decode failed")
+        monkeypatch.setattr(engine, "_decode", broken)
+        while True:
+            assert time.time() < deadline
+            waker.event.wait(1)
+            waker.event.clear()
+            new, end = steps.take()
+            if end is not None:
+                break
+        assert isinstance(end, RuntimeError) and str(end) == "decode failed"
+        assert engine.stats()["active"] == 0
+    finally:
+        monkeypatch.undo()
         engine.close()

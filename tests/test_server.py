@@ -148,20 +148,30 @@ class FailingEngine:
         self.parallel, self.max_waiting = engine.parallel, engine.max_waiting
 
     def run(self, ids, **settings):
-        steps = self.engine.run(ids, **settings)
-
-        def fail():
-            try:
-                for i, step in enumerate(steps):
-                    if i == self.after:
-                        raise RuntimeError("secret internal detail /etc/llama2c")
-                    yield step
-            finally:
-                steps.close()
-        return fail()
+        return FailingSteps(self.engine.run(ids, **settings), self.after)
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+class FailingSteps:
+    """A request's steps (the server take()s them) that fail after `after` steps."""
+
+    def __init__(self, steps, after: int):
+        self.steps, self.after, self.seen = steps, after, 0
+
+    def take(self):
+        steps, end = self.steps.take()
+        if self.seen + len(steps) > self.after:
+            steps = steps[:self.after - self.seen]
+            self.seen += len(steps)
+            self.steps.close()
+            return steps, RuntimeError("secret internal detail /etc/llama2c")
+        self.seen += len(steps)
+        return steps, end
+
+    def close(self) -> None:
+        self.steps.close()
 
 
 def serve(llama, engine=None, **config) -> ServerThread:

@@ -16,6 +16,7 @@ driver.py, access decided in guard.py.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -39,7 +40,7 @@ from . import driver, params
 from .bodies import DEFAULT_MAX_BODY, dumps, read_json
 from .errors import APIError, bad_request, from_exception
 from .guard import Guard
-from .limits import SMALL_JOBS, Line, generation_limiter
+from .limits import BUILDERS, SMALL_JOBS, Line
 
 log = logging.getLogger("llama2c.server")
 
@@ -82,11 +83,11 @@ class Server:
             self.created = int(os.stat(path).st_mtime)
         except OSError:
             self.created = 0
-        parallel = getattr(engine, "parallel", 1)
         waiting = config.max_waiting if config.max_waiting is not None else getattr(engine, "max_waiting", 64)
-        self.generation = generation_limiter(parallel, waiting)
+        self.generation = anyio.CapacityLimiter(BUILDERS)
         self.embeddings = Line(1, waiting, "embedding")
         self.small = anyio.CapacityLimiter(SMALL_JOBS)
+        self._hub: driver.Hub | None = None
         llama.tokenizer  # noqa: B018 -- load it now, not in the first requests' threads at once
         self.page, self.page_csp = _page()
 
@@ -98,25 +99,37 @@ class Server:
         params.check_model(body, self.model_names)
 
     # ---- generation ----
+    def hub(self) -> driver.Hub:
+        """The engine's waker for the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._hub is None or self._hub.loop is not loop:
+            self._hub = driver.Hub(loop)
+        return self._hub
+
     async def generate(self, request: Request, req: params.Request, build, prompt_param: str) -> Response:
-        tracked = driver.Tracked(self.engine.run)
-        kwargs = dict(req.kwargs, model=self.model_id, runner=tracked)
-        if not req.stream:
-            try:
-                result = await driver.call(lambda: build(self.llama, **kwargs), request.receive, tracked,
-                                           self.generation)
-            except driver.Cancelled:
-                return Response(status_code=499)  # nobody is listening
-            except Exception as e:  # noqa: BLE001
-                return self.fail(e, prompt_param)
-            return JSON(result)
+        """The builder (in a worker thread: tokenizing, checks) queues the
+        request in the engine; its steps then come to the loop (driver.py),
+        streamed as events or collected into the whole result. The builder
+        always makes a stream: its ChunkStream gives the whole result too."""
+        runner = driver.Runner(self.engine, self.hub())
+        kwargs = dict(req.kwargs, model=self.model_id, runner=runner, stream=True)
         try:
-            chunks = await anyio.to_thread.run_sync(lambda: build(self.llama, stream=True, **kwargs),
-                                                    limiter=self.generation)
-        except Exception as e:  # noqa: BLE001
-            tracked.close()
+            stream = await anyio.to_thread.run_sync(lambda: build(self.llama, **kwargs), limiter=self.generation)
+        except BaseException as e:
+            runner.cancel()
+            if not isinstance(e, Exception):
+                raise
             return self.fail(e, prompt_param)
-        return driver.EventStream(chunks, tracked, self.generation, req.include_usage)
+        gen = driver.Generation(stream, runner, stream_events=req.stream)
+        if req.stream:
+            return driver.EventStream(gen, req.include_usage)
+        try:
+            result = await driver.whole(gen, request.receive)
+        except Exception as e:  # noqa: BLE001
+            return self.fail(e, prompt_param)
+        if result is None:
+            return Response(status_code=499)  # nobody is listening
+        return JSON(result)
 
     def fail(self, exc: BaseException, prompt_param: str | None = None) -> Response:
         err = from_exception(exc, prompt_param)

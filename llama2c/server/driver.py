@@ -1,124 +1,80 @@
-"""Runs the builders' blocking calls and iterators off the event loop, and
-stops them when the client goes away.
+"""Generation requests on the event loop, fed by the engine thread.
 
-create_completion / create_chat_completion block (they wait for a slot and
-then for every token), so each request's work runs in worker threads, one
-call at a time: `call` for a whole result, `EventStream` for a stream (one
-thread hop per chunk, so the engine's steps are pulled only as fast as the
-client reads them). Both watch the connection: when the client disconnects
-the request's `Tracked` runner is cancelled, which closes the engine's
-iterator at once (the engine frees the slot); a stream is closed by the
-thread that iterated it, never while it runs.
+The engine makes every request's steps in its own thread. After each of
+its turns it wakes a `Hub` (one per event loop), which schedules one call
+into the loop for all requests at once (one call_soon_threadsafe per
+engine turn, not per token or per stream); that call `pump`s each
+registered `Generation`: its new steps become chunks (the builder's
+ChunkStream, so the Python API and the server shape them the same way),
+serialized as server-sent events, and its response task is woken to send
+them in one write. No thread per request, no thread hop per token, and the
+engine never waits for the loop.
 
-Pure ASGI plus anyio (starlette's own dependency); no starlette import.
+Each request is watched: when its client disconnects, the engine request
+is cancelled at once (its slot freed at the engine's next turn), and it is
+cancelled in any case when the response ends. The builder's own work
+(tokenizing, checks) runs in a worker thread once per request, before the
+request is queued.
+
+Pure ASGI plus anyio and asyncio (what uvicorn runs); no starlette import.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import anyio
-import anyio.to_thread
 
 from .bodies import dumps
+from .engine import ENDED
 from .errors import from_exception
 
 log = logging.getLogger("llama2c.server")
 
-_END = object()
+
+class Hub:
+    """The engine's waker for the requests of one event loop: wake() (the
+    engine thread, once per turn with news) schedules one call on the loop
+    that pumps every registered generation."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pumps: set[Callable[[], None]] = set()
+        self._scheduled = False
+
+    def wake(self) -> None:
+        if self._scheduled:  # a call is on its way: it will see these steps too
+            return
+        self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._pump_all)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _pump_all(self) -> None:
+        self._scheduled = False
+        for pump in list(self.pumps):
+            pump()
 
 
-class Cancelled(Exception):
-    """The client went away: the request stops at its next step."""
+class Runner:
+    """The builder's runner for one request: queues it in the engine with
+    the hub as its waker and keeps its steps and prompt length."""
 
-
-class Tracked:
-    """An engine's `run`, wrapped for one request: the builder calls it like
-    Completer.run. It counts the prompt's and the completion's tokens (a
-    stream's usage) and stops the steps when `cancel` is set; `close()`
-    closes the engine's iterator (idempotent), so the slot is freed even when
-    the request ends before its first step."""
-
-    def __init__(self, run: Callable[..., Iterator]):
-        self._run = run
-        self.cancel = threading.Event()
+    def __init__(self, engine, hub: Hub):
+        self.engine, self.hub = engine, hub
+        self.steps = None
         self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self._steps = None
-        self._watched = None
 
     def __call__(self, ids, **settings):
         self.prompt_tokens = len(ids)
-        self._steps = self._run(ids, **settings)  # QueueFull here: before any thread waits
-        self._watched = self._watch(self._steps)
-        return self._watched
+        self.steps = self.engine.run(ids, waker=self.hub, **settings)  # QueueFull here: before anything waits
+        return self.steps
 
-    def _watch(self, steps):
-        try:
-            for step in steps:
-                if self.cancel.is_set():
-                    raise Cancelled("the client disconnected")
-                if step.token is not None:
-                    self.completion_tokens += 1
-                yield step
-        finally:
-            _close(steps)
-
-    def abort(self) -> None:
-        """The client went away: stop at the next step, and at once if the
-        request still waits for a slot (the engine's cancel is thread-safe)."""
-        self.cancel.set()
-        cancel = getattr(self._steps, "cancel", None)
-        if cancel is not None:
-            cancel()
-
-    def close(self) -> None:
-        _close(self._watched)
-        _close(self._steps)
-
-
-def _close(it) -> None:
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
-def _next(it):
-    try:
-        return next(it)
-    except StopIteration:
-        return _END
-
-
-async def _watch_disconnect(receive, on_disconnect: Callable[[], None]) -> None:
-    """Waits for the client to go away (the body has been read already)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            on_disconnect()
-            return
-
-
-async def call(fn: Callable, receive, tracked: Tracked, limiter) -> object:
-    """fn() in a worker thread; if the client disconnects meanwhile, the
-    tracked request is cancelled (fn then ends at its next step with
-    Cancelled) and the engine's iterator is closed in any case."""
-    result = error = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_disconnect, receive, tracked.abort)
-            try:
-                result = await anyio.to_thread.run_sync(fn, limiter=limiter)
-            except Exception as e:  # noqa: BLE001 -- raised below, outside the task group
-                error = e
-            tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(tracked.close, limiter=limiter)
-    if error is not None:
-        raise error
-    return result
+    def cancel(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
 
 
 def sse(data) -> bytes:
@@ -130,32 +86,137 @@ def sse(data) -> bytes:
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
+_CANCELLED = object()
+
+
+class Generation:
+    """One request on the loop: its ChunkStream (the builder's result), its
+    engine steps and the hub. As a stream, each pump turns the new steps
+    into events (`out`); as a whole result, it collects them. `end` is None
+    while the engine works on it, then ENDED (finished), an exception, or
+    _CANCELLED (the client went away)."""
+
+    def __init__(self, stream, runner: Runner, stream_events: bool):
+        self.stream, self.runner, self.hub = stream, runner, runner.hub
+        self.steps = runner.steps
+        self.stream_events = stream_events
+        self.out: list[bytes] = []      # events not sent yet
+        self.collected: list = []       # steps (a whole result)
+        self.last: dict | None = None   # the last chunk (for the usage chunk's head)
+        self.completion_tokens = 0
+        self.end = None
+        self.ready = asyncio.Event()
+
+    def start(self) -> None:
+        if self.stream_events:
+            try:
+                self._add(self.stream.first())
+            except Exception as e:  # noqa: BLE001 -- reported to the client, as a failure in pump
+                self.end = e
+                return
+        self.hub.pumps.add(self.pump)
+        self.pump()  # steps made before it was registered
+
+    def release(self) -> None:
+        """Stops listening and cancels the engine request (idempotent: the
+        slot of a finished request is free already)."""
+        self.hub.pumps.discard(self.pump)
+        self.runner.cancel()
+
+    def abort(self) -> None:
+        """The client went away."""
+        if self.end is None:
+            self.end = _CANCELLED
+            self.ready.set()
+        self.release()
+
+    def _add(self, chunks: list) -> None:
+        for chunk in chunks:
+            self.out.append(sse(chunk))
+            self.last = chunk
+
+    def pump(self) -> None:
+        """The steps the engine made since the last pump (on the loop)."""
+        if self.end is not None:
+            return
+        try:
+            steps, end = self.steps.take()
+            for step in steps:
+                if step.token is not None:
+                    self.completion_tokens += 1
+                if self.stream_events:
+                    self._add(self.stream.chunks_of(step))
+            if not self.stream_events:
+                self.collected.extend(steps)
+        except Exception as e:  # noqa: BLE001 -- ends the request; reported to its client
+            steps, end = (), e
+        if end is not None:
+            self.end = end
+            self.hub.pumps.discard(self.pump)
+        if steps or end is not None:
+            self.ready.set()
+
+    async def next_events(self) -> bytes | None:
+        """The events made since the last call, waiting for some; None when
+        the request has ended and everything was handed out."""
+        while not self.out:
+            if self.end is not None:
+                return None
+            self.ready.clear()
+            await self.ready.wait()
+        body = b"".join(self.out)
+        self.out.clear()
+        return body
+
+    def usage(self) -> dict:
+        prompt, completion = self.runner.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _watch_disconnect(receive, on_disconnect: Callable[[], None]) -> None:
+    """Waits for the client to go away (the body has been read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
+
+
+async def whole(gen: Generation, receive) -> dict | None:
+    """The non-streamed result of a generation, or None when the client went
+    away first (the request is then cancelled); an engine failure raises."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_disconnect, receive, gen.abort)
+            gen.start()
+            while gen.end is None:
+                gen.ready.clear()
+                await gen.ready.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        gen.release()
+    if gen.end is _CANCELLED:
+        return None
+    if gen.end is not ENDED:
+        raise gen.end
+    return gen.stream.whole(gen.collected)
 
 
 class EventStream:
-    """An ASGI response streaming `chunks` (dicts) as server-sent events,
-    ending with `data: [DONE]`; with include_usage, a last chunk with empty
-    choices and the usage first (OpenAI's stream_options). An error after
-    the headers went out is sent as a `data: {"error": ...}` event. The
-    chunks are pulled in worker threads; a client disconnect cancels the
-    request and closes the iterators."""
+    """An ASGI response streaming a generation's chunks as server-sent
+    events, ending with `data: [DONE]`; with include_usage, a last chunk
+    with empty choices and the usage first (OpenAI's stream_options). An
+    error after the headers went out is sent as a `data: {"error": ...}`
+    event. A client disconnect cancels the request."""
 
-    def __init__(self, chunks: Iterator[dict], tracked: Tracked, limiter, include_usage: bool = False):
-        self.chunks, self.tracked, self.limiter, self.include_usage = chunks, tracked, limiter, include_usage
+    def __init__(self, gen: Generation, include_usage: bool = False):
+        self.gen, self.include_usage = gen, include_usage
         self.finished = False  # the last event is being sent: a disconnect now is the response's end
 
-    def _cleanup(self) -> None:
-        try:
-            _close(self.chunks)
-        finally:
-            self.tracked.close()
-
-    def _usage_chunk(self, last: dict | None) -> dict:
+    def _usage_chunk(self) -> dict:
+        last = self.gen.last
         head = {k: last[k] for k in ("id", "object", "created", "model")} if last else {}
-        prompt, completion = self.tracked.prompt_tokens, self.tracked.completion_tokens
-        return {**head, "choices": [],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}}
+        return {**head, "choices": [], "usage": self.gen.usage()}
 
     async def __call__(self, scope, receive, send) -> None:
         gone = False
@@ -165,7 +226,7 @@ class EventStream:
             if self.finished:  # (uvicorn reports a complete response as a disconnect too)
                 return
             gone = True
-            self.tracked.abort()
+            self.gen.abort()
             tg.cancel_scope.cancel()
 
         try:
@@ -173,35 +234,32 @@ class EventStream:
                 tg.start_soon(_watch_disconnect, receive, disconnected)
                 if not await self._pump(send):
                     gone = True
-                    self.tracked.abort()
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._cleanup, limiter=self.limiter)
+            self.gen.release()
         if gone:
             log.info("client disconnected: generation cancelled")
 
     async def _pump(self, send) -> bool:
         """Sends the stream; False when the client went away meanwhile."""
-        last = None
+        gen = self.gen
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            while True:
-                chunk = await anyio.to_thread.run_sync(_next, self.chunks, limiter=self.limiter)
-                if chunk is _END:
-                    break
-                last = chunk
-                await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
-        except (Cancelled, OSError):  # cancelled, or the client went away while we wrote to it
+            gen.start()
+            while (body := await gen.next_events()) is not None:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except OSError:  # the client went away while we wrote to it
             return False
-        except Exception as e:  # noqa: BLE001 -- reported to the client as an error event
-            err = from_exception(e)
+        if gen.end is _CANCELLED:
+            return False
+        if gen.end is not ENDED:
+            err = from_exception(gen.end)
             if err.status >= 500:
-                log.exception("error while streaming")
+                log.error("error while streaming", exc_info=gen.end)
             return await self._send_last(send, sse(err.body()))
         try:
             if self.include_usage:
-                await send({"type": "http.response.body", "body": sse(self._usage_chunk(last)), "more_body": True})
+                await send({"type": "http.response.body", "body": sse(self._usage_chunk()), "more_body": True})
         except OSError:
             return False
         return await self._send_last(send, sse("[DONE]"))

@@ -4,9 +4,12 @@ slots (a context each) of one model.
 One engine thread does all the model work. Each turn of its loop it runs
 one chunk (at most `prefill_chunk` tokens) of one waiting prompt, then one
 decoding step for every slot that is generating, all of them in a single
-pass over the weights (llama2_decode_batch). So a new request starts within
-a chunk's time, running streams are never stalled for a whole long prompt,
-and a finished, cancelled or disconnected request frees its slot at once.
+pass over the weights (llama2_decode_batch). A short chunk (at most
+`fuse_chunk` tokens: a short prompt, or the end of a long one) goes into
+that same pass, as rows of its context at consecutive positions, instead
+of a pass of its own. So a new request starts within a chunk's time,
+running streams are never stalled for a whole long prompt, and a finished,
+cancelled or disconnected request frees its slot at once.
 Each row's arithmetic is that of a single-sequence pass, so a request's
 output does not depend on what else runs beside it.
 
@@ -14,15 +17,21 @@ run(ids, **settings) has Completer.run's signature and yields the same
 Steps (the per-request state is completion.TokenLoop, as in the Python
 API), so the OpenAI-shaped builders (openai_api, openai_chat) take it as
 their `runner`: one code path for the Python API and the server.
+
+A request's steps go into its own deque; after each turn the engine wakes
+each waker that has news once (`waker.wake()`), whatever the number of
+requests and steps. A reader thread iterates its Steps (a semaphore per
+request); the server passes one waker for all its requests
+(server/driver.py's Hub: one call into the event loop per turn), whose
+loop then take()s each request's new steps without blocking. The engine
+thread never waits for a reader.
 """
 from __future__ import annotations
 
 import collections
 import os
-import queue
 import threading
 import weakref
-from typing import Iterator
 
 import numpy as np
 
@@ -41,11 +50,28 @@ def default_parallel() -> int:
     return max(4, min(16, 4 * (os.cpu_count() or 1)))
 
 
+class ThreadWaker:
+    """The waker of one request read by a thread: wake() (the engine, once
+    per turn with news) lets wait() return (at once if woken meanwhile)."""
+
+    def __init__(self):
+        self._sem = threading.Semaphore(0)
+
+    def wake(self) -> None:
+        self._sem.release()
+
+    def wait(self) -> None:
+        self._sem.acquire()
+
+
 class _Request:
-    def __init__(self, ids: list[int], loop: TokenLoop):
+    def __init__(self, ids: list[int], loop: TokenLoop, waker):
         self.ids = ids
         self.loop = loop
-        self.out: queue.Queue = queue.Queue()
+        self.waker = waker
+        # what the engine made for it, in order: lists of Steps (the last step of the
+        # last list has a finish_reason), None (cancelled) or an exception (a failure)
+        self.items: collections.deque = collections.deque()
         self.cancelled = False
         self.pending: list[int] = []  # prompt tokens not run yet
         self.next_token: int | None = None  # decoding: the token to run next
@@ -61,43 +87,91 @@ class _Slot:
         self.request: _Request | None = None
 
 
+ENDED = True  # take()'s `end` when the request finished or was cancelled
+
+
 class Steps:
-    """A request's steps (an iterator of completion.Step). close() from the
-    reading thread, or cancel() from any thread (also while the reader waits
-    for a slot), ends the request and frees its slot."""
+    """A request's steps (completion.Step): iterate them in a thread (each
+    next() waits for the engine), or, when the request was queued with a
+    waker of one's own, take() the new ones each time the waker is woken.
+    close() or cancel(), from any thread (also while the request waits for
+    a slot), ends the request and frees its slot."""
 
     def __init__(self, engine: "BatchEngine", request: _Request):
         self._engine = engine
         self._request = request
-        self._gen = engine._steps(request)
+        self._end = None
+        self._buffered: collections.deque = collections.deque()  # taken, not yet handed out by next()
+
+    def take(self) -> tuple[list[Step], object]:
+        """Without waiting: the steps made since the last call, and the end:
+        None (more to come), ENDED (finished, or cancelled) or the exception
+        that ended the request (after the steps returned with it)."""
+        steps, end, items = [], self._end, self._request.items
+        while end is None and items:
+            item = items.popleft()
+            if item is None:
+                end = ENDED
+            elif isinstance(item, BaseException):
+                end = item
+            else:
+                steps.extend(item)
+                if item and item[-1].finish_reason is not None:
+                    end = ENDED
+        self._end = end
+        return steps, end
 
     def __iter__(self) -> "Steps":
         return self
 
     def __next__(self) -> Step:
-        return next(self._gen)
+        buffered = self._buffered
+        while not buffered:
+            end = self._end
+            if end is not None:
+                self._end = ENDED  # an error is raised once, then the steps are over
+                self.cancel()
+                if end is ENDED:
+                    raise StopIteration
+                raise end
+            steps, _ = self.take()
+            buffered.extend(steps)
+            if not steps and self._end is None:
+                wait = getattr(self._request.waker, "wait", None)
+                if wait is None:
+                    raise TypeError("these steps go to their own waker: take() them")
+                wait()
+        return buffered.popleft()
 
     def close(self) -> None:
-        self._gen.close()
+        self.cancel()
 
     def cancel(self) -> None:
         self._engine.cancel(self._request)
 
 
 class BatchEngine:
-    def __init__(self, llama, parallel: int | None = None, max_waiting: int = 64, prefill_chunk: int = 64):
+    def __init__(self, llama, parallel: int | None = None, max_waiting: int = 64, prefill_chunk: int = 64,
+                 fuse_chunk: int = 16):
         self.llama = llama
         self.parallel = parallel or default_parallel()
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1 (got {self.parallel})")
         self.max_waiting = max_waiting
         self.prefill_chunk = max(1, prefill_chunk)
+        self.fuse_chunk = max(0, min(fuse_chunk, self.prefill_chunk))
         self.n_ctx = int(llama.n_ctx)
         self._slots = [_Slot(llama.create_context()) for _ in range(self.parallel)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
         self._turn = 0  # which prefilling slot runs its chunk next
+        self._woken: dict = {}  # the wakers of the requests that got news this turn (id -> waker)
+        vocab = llama.config.vocab_size
+        rows = self.parallel + self.fuse_chunk  # the most rows of a decoding step
+        self._logits = np.empty((rows, vocab), np.float32)
+        self._batch = (ffi.new("llama2_context *[]", rows), ffi.new("int[]", rows), ffi.new("int[]", rows),
+                       ffi.from_buffer("float[]", self._logits))
         self._thread = threading.Thread(target=self._serve, name="llama2c-engine", daemon=True)
         self._thread.start()
 
@@ -107,11 +181,16 @@ class BatchEngine:
             active = sum(s.request is not None for s in self._slots)
             return {"parallel": self.parallel, "active": active, "waiting": len(self._waiting)}
 
-    def run(self, ids: list[int], **settings) -> Iterator[Step]:
+    def run(self, ids: list[int], *, waker=None, **settings) -> Steps:
         """Queues a request and returns its steps. Bad settings raise here;
         so does QueueFull when every slot is busy and the line is full.
-        Closing (or dropping) the iterator cancels the request."""
-        request = _Request(list(ids), TokenLoop(self.llama, ids, self.n_ctx, **settings))
+        Closing (or dropping) the steps cancels the request. waker: an
+        object whose wake() the engine thread calls after each turn that
+        made steps for the request (shared by many requests, it is called
+        once per turn); the caller then take()s them. Without one, the
+        steps are for iterating."""
+        waker = waker if waker is not None else ThreadWaker()
+        request = _Request(list(ids), TokenLoop(self.llama, ids, self.n_ctx, **settings), waker)
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
@@ -123,20 +202,6 @@ class BatchEngine:
         steps = Steps(self, request)
         weakref.finalize(steps, request.cancel)  # never started, then dropped: still cancelled
         return steps
-
-    def _steps(self, request: _Request) -> Iterator[Step]:
-        try:
-            while True:
-                item = request.out.get()
-                if item is None:  # cancelled
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield from item
-                if item and item[-1].finish_reason is not None:
-                    return
-        finally:
-            self.cancel(request)
 
     def cancel(self, request: _Request) -> None:
         request.cancel()
@@ -156,36 +221,53 @@ class BatchEngine:
                 self._release_cancelled()
                 self._admit()
                 while not self._closed and not any(s.request is not None for s in self._slots):
+                    self._wake()
                     self._cond.wait()
                     self._release_cancelled()
                     self._admit()
                 if self._closed:
                     self._fail_all(QueueFull("the server is shutting down"))
+                    self._wake()
                     return
                 active = [s for s in self._slots if s.request is not None]
             try:
-                self._prefill_one([s for s in active if s.request is not None and s.request.pending])
+                prefill = self._next_chunk([s for s in active if s.request is not None and s.request.pending])
+                if prefill is not None and len(prefill[1]) > self.fuse_chunk:
+                    self._prefill(*prefill)
+                    prefill = None
                 self._decode([s for s in active if s.request is not None and s.request.next_token is not None
-                              and not s.request.cancelled])
+                              and not s.request.cancelled], prefill)
             except Exception as e:  # an engine failure ends the requests it touched, not the server
                 with self._cond:
                     for s in active:
                         if s.request is not None:
-                            s.request.out.put(e)
+                            self._put(s.request, e)
                             s.request = None
                             s.cached = []
+            self._wake()
+
+    def _put(self, request: _Request, item) -> None:
+        request.items.append(item)
+        self._woken[id(request.waker)] = request.waker
+
+    def _wake(self) -> None:
+        """Wakes, once each, the wakers of the requests that got news."""
+        if self._woken:
+            woken, self._woken = self._woken, {}
+            for waker in woken.values():
+                waker.wake()
 
     def _release_cancelled(self) -> None:
         """Frees the slots and places of cancelled requests; their readers,
         if still waiting, get the end of their steps."""
         for s in self._slots:
             if s.request is not None and s.request.cancelled:
-                s.request.out.put(None)
+                self._put(s.request, None)
                 s.request = None
         if any(r.cancelled for r in self._waiting):
             for r in self._waiting:
                 if r.cancelled:
-                    r.out.put(None)
+                    self._put(r, None)
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
 
     def _admit(self) -> None:
@@ -202,42 +284,56 @@ class BatchEngine:
             request.pending = request.ids[same:]
             slot.request = request
 
-    def _prefill_one(self, slots: list[_Slot]) -> None:
-        """One chunk of one prompt (the slots take turns)."""
+    def _next_chunk(self, slots: list[_Slot]) -> tuple[_Slot, list[int]] | None:
+        """The prompt chunk to run this turn (the prefilling slots take turns)."""
         if not slots:
-            return
+            return None
         self._turn = (self._turn + 1) % len(slots)
         slot = slots[self._turn]
-        request = slot.request
-        chunk = request.pending[:self.prefill_chunk]
-        cx, pos = slot.context, len(slot.cached)
-        logits = cx._forward_batch(chunk, pos) if len(chunk) > 1 else cx._forward(chunk[0], pos)
+        return slot, slot.request.pending[:self.prefill_chunk]
+
+    def _prefilled(self, slot: _Slot, chunk: list[int], logits) -> None:
+        """chunk is in slot's cache; logits: its last token's (delivered at the prompt's end)."""
         slot.cached.extend(chunk)
+        request = slot.request
         request.pending = request.pending[len(chunk):]
         if not request.pending:
             self._deliver(slot, logits)
 
-    def _decode(self, slots: list[_Slot]) -> None:
-        """One new token for every generating slot, in one pass."""
-        if not slots:
+    def _prefill(self, slot: _Slot, chunk: list[int]) -> None:
+        """A long chunk in a pass of its own (only the last token's logits)."""
+        cx, pos = slot.context, len(slot.cached)
+        logits = cx._forward_batch(chunk, pos) if len(chunk) > 1 else cx._forward(chunk[0], pos)
+        self._prefilled(slot, chunk, logits)
+
+    def _decode(self, slots: list[_Slot], prefill: tuple[_Slot, list[int]] | None = None) -> None:
+        """One new token for every generating slot and a short prompt chunk
+        (prefill: its slot and tokens, at consecutive positions of its
+        context), in one pass."""
+        chunk = prefill[1] if prefill is not None else []
+        n = len(slots) + len(chunk)
+        if not n:
             return
-        n = len(slots)
-        tokens = [s.request.next_token for s in slots]
-        positions = [len(s.cached) for s in slots]
-        logits = np.empty((n, self.llama.config.vocab_size), np.float32)
+        contexts, tokens, positions, logits = self._batch
+        for i, s in enumerate(slots):
+            contexts[i], tokens[i], positions[i] = s.context._ptr, s.request.next_token, len(s.cached)
+        if chunk:
+            slot, pos = prefill[0], len(prefill[0].cached)
+            for i, token in enumerate(chunk, len(slots)):
+                contexts[i], tokens[i], positions[i] = slot.context._ptr, token, pos + i - len(slots)
         err = new_error()
-        raise_for(lib.llama2_decode_batch(ffi.new("llama2_context *[]", [s.context._ptr for s in slots]),
-                                          ffi.new("int[]", tokens), ffi.new("int[]", positions), n,
-                                          ffi.from_buffer("float[]", logits), err), err)
+        raise_for(lib.llama2_decode_batch(contexts, tokens, positions, n, logits, err), err)
         for i, slot in enumerate(slots):
             slot.cached.append(tokens[i])
-            self._deliver(slot, logits[i])
+            self._deliver(slot, self._logits[i])
+        if chunk:
+            self._prefilled(prefill[0], chunk, self._logits[n - 1])
 
     def _deliver(self, slot: _Slot, logits: np.ndarray) -> None:
         request = slot.request
         steps, token = request.loop.feed(logits)
         request.next_token = token
-        request.out.put(steps)
+        self._put(request, steps)
         if token is None:
             with self._cond:
                 slot.request = None
@@ -246,7 +342,7 @@ class BatchEngine:
     def _fail_all(self, error: Exception) -> None:
         for s in self._slots:
             if s.request is not None:
-                s.request.out.put(error)
+                self._put(s.request, error)
                 s.request = None
         while self._waiting:
-            self._waiting.popleft().out.put(error)
+            self._put(self._waiting.popleft(), error)

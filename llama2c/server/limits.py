@@ -2,10 +2,10 @@
 into an unbounded backlog.
 
 - Generation: the engine holds `parallel` slots and a waiting line of
-  `max_waiting` (QueueFull past it: 429). Each accepted request holds at
-  most one worker thread at a time, so a thread limiter of
-  parallel + max_waiting + SPARE never makes an accepted request wait for a
-  thread, and new requests get their QueueFull at once.
+  `max_waiting` (QueueFull past it: 429). A request holds a worker thread
+  only while its builder checks and tokenizes it and queues it in the
+  engine (then its steps come to the event loop: driver.py); BUILDERS
+  threads do that for all requests (more would only contend for the GIL).
 - Embeddings run one at a time in the model's side context; a `Line` bounds
   how many may wait for it (429 past it).
 - Tokenize/detokenize and other small jobs share a few threads.
@@ -18,12 +18,8 @@ import anyio
 
 from .errors import queue_full
 
-SPARE = 16
+BUILDERS = 4
 SMALL_JOBS = 4
-
-
-def generation_limiter(parallel: int, max_waiting: int) -> anyio.CapacityLimiter:
-    return anyio.CapacityLimiter(parallel + max_waiting + SPARE)
 
 
 class Line:
