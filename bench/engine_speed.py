@@ -16,7 +16,9 @@ every repetition), --reps times each; the report gives the median wall time,
 new tokens per second (all rows) and the speed-up, and checks that every loop
 produced the same tokens. With one row and more than one thread the engine
 picks its thread count step by step (Engine's adaptive_threads); it is also
-run with torch's setting fixed ("cached, fixed threads"), for comparison.
+run with torch's setting fixed ("cached, fixed threads") and on one thread
+("cached, 1 thread"), for comparison. --no-uncached leaves out llama2.c's loop
+(which takes minutes on busy cores) to compare those three alone.
 The first line names the CPU, torch and the threads; the load average is
 printed before and after each batch size (the machine may be shared).
 """
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2, help="runs of each loop (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--no-uncached", action="store_true", help="leave out the uncached loop")
     a = p.parse_args(argv)
 
     import torch
@@ -106,12 +109,18 @@ def main(argv=None) -> int:
                 return model.generate(idx, new, temperature=0.0, attention_mask=mask, use_cache=False)
             if name == "cached":
                 return model.generate(idx, new, temperature=0.0, attention_mask=mask)
-            got = Engine(model, adaptive_threads=False).generate(rows, new, temperature=0.0)
+            n = torch.get_num_threads()
+            if name == "cached, 1 thread":
+                torch.set_num_threads(1)
+            try:
+                got = Engine(model, adaptive_threads=False).generate(rows, new, temperature=0.0)
+            finally:
+                torch.set_num_threads(n)
             return torch.tensor(got)
 
-        names = ["uncached", "cached"]
+        names = ([] if a.no_uncached else ["uncached"]) + ["cached"]
         if B == 1 and torch.get_num_threads() > 1 and not str(a.device).startswith("cuda"):
-            names.append("cached, fixed threads")
+            names += ["cached, fixed threads", "cached, 1 thread"]
         times = {n: [] for n in names}
         outs = {}
         load0 = load()
@@ -123,12 +132,12 @@ def main(argv=None) -> int:
                 sync()
                 times[name].append(time.perf_counter() - t0)
                 outs[name] = out[:, -new:].cpu()
-        same = all(torch.equal(o, outs["uncached"]) for o in outs.values())
-        u = statistics.median(times["uncached"])
+        same = all(torch.equal(o, outs[names[0]]) for o in outs.values())
+        u = statistics.median(times[names[0]])
         parts = []
         for name in names:
             t = statistics.median(times[name])
-            ratio = "" if name == "uncached" else f": {u / t:.1f}x"
+            ratio = f": {u / t:.1f}x" if names[0] == "uncached" and name != names[0] else ""
             parts.append(f"{name} {t:.2f} s ({B * new / t:,.1f} tok/s){ratio} "
                          f"[{' '.join(f'{x:.2f}' for x in times[name])}]")
         print(f"batch {B}: {new} new tokens per row; " + "; ".join(parts) +

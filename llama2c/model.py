@@ -909,7 +909,7 @@ class _Decoder:
     def __init__(self, model: "Transformer"):
         P = model.params
         self.n_heads, self.n_kv_heads, self.head_size = P.n_heads, P.n_kv_heads, P.head_size
-        self.dim, self.hidden = P.dim, P.hidden_dim
+        self.hidden = P.hidden_dim
         self.emb = model.tok_embeddings.weight
         self.out = model.output.weight
         self.norm = model.norm.weight
@@ -952,7 +952,7 @@ class _Decoder:
         if pos >= cache.capacity:
             raise ValueError(f"the KV cache holds {cache.capacity} positions: cannot add 1 "
                              f"after {pos}")
-        H, G, hs, d = self.n_heads, self.n_kv_heads, self.head_size, self.dim
+        H, G, hs = self.n_heads, self.n_kv_heads, self.head_size
         HG, B, end = H + G, tokens.shape[0], pos + 1
         if cache.padded:
             rot = self.rot[(pos - cache.pad).clamp_(min=0)]                  # (B, 1, hs/2)
@@ -985,31 +985,34 @@ class _Decoder:
 
 class _StepThreads:
     """The thread count of one-sequence decoding steps on a CPU: torch's own
-    (``n``) or one, whichever the recent steps ran faster with. A step of a
-    small model is a few dozen operations of microseconds each: with several
+    (``n``) or one, whichever recent steps ran faster with. A step of a small
+    model is a few dozen operations of microseconds each: with several
     threads it reads the weights with more memory bandwidth, but every
     operation hands work to the other threads and waits for them, and when
-    other processes keep the cores busy a descheduled thread stalls each of
-    those hand-offs (on 2 shared cores, steps 2-5x slower than on one
-    thread). Which wins depends on the load of the moment, so the steps are
-    timed: the first ones alternate, then the faster count runs and the
-    other is retried for one step now and then (after 16 steps, the wait
-    doubling each time the retry loses, back to 16 when it wins). One row's
-    logits came out the same with 1 and 2 threads here (each output is one
-    dot product, computed by one thread), so its tokens do not depend on
-    the choice; batches keep torch's setting (their matmuls are split
-    differently with more threads). torch's thread count is process-wide:
-    while a step runs on one thread, so do other threads' torch calls."""
+    other processes keep the cores busy a descheduled worker stalls each of
+    those hand-offs (on 2 shared cores, 2-thread steps of 100-200 ms against
+    5 ms on one thread). Which wins depends on the load of the moment, so
+    the steps are timed: each count runs once, then the faster one (the
+    median of its last 3 steps) runs, and the other is tried again for one
+    step once RATIO times its last time has gone by in steps of the faster
+    one (at most MAX_WAIT seconds), so retries cost at most 1/RATIO of the
+    time. The first one-row steps here gave the same logits with 1 and 2
+    threads (each output is one dot product, computed by one thread), so
+    the choice does not change the tokens; batches keep torch's setting
+    (their matmuls are split differently with more threads). torch's thread
+    count is process-wide: while a step runs on one thread, so do other
+    threads' torch calls."""
 
-    PROBES, RETRY, WINDOW, EXPLORE, EXPLORE_MAX = 2, 1, 5, 16, 128
+    RATIO, WINDOW, MAX_WAIT = 40.0, 3, 5.0
 
     def __init__(self, n: int):
         from collections import deque
 
         self.choices = (int(n), 1)
         self.times = {c: deque(maxlen=self.WINDOW) for c in self.choices}
-        self.best, self.explore, self.wait = int(n), self.EXPLORE, self.EXPLORE
-        self.count, self.retrying = 0, 0
+        self.best = int(n)
+        self.spent = 0.0            # seconds of steps on the best count since the other one ran
+        self.retrying = False
 
     def _median(self, c: int) -> float:
         t = sorted(self.times[c])
@@ -1020,30 +1023,24 @@ class _StepThreads:
 
     def next(self) -> int:
         """The thread count for the next step."""
-        i, self.count = self.count, self.count + 1
-        if i < 2 * self.PROBES:
-            return self.choices[i % 2]
-        if not self.retrying:
-            self.wait -= 1
-            if self.wait > 0:
-                return self.best
-            self.times[self._other()].clear()        # its old times may be stale
-            self.retrying = self.RETRY
-        return self._other()
+        other = self._other()
+        if self.times[self.best] and (not self.times[other] or
+                                      self.spent >= min(self.RATIO * self._median(other), self.MAX_WAIT)):
+            self.retrying = True
+            return other
+        return self.best
 
     def record(self, threads: int, seconds: float) -> None:
-        """The time of the step that ran with ``threads``."""
-        self.times[threads].append(seconds)
-        if self.count < 2 * self.PROBES:
-            return
+        """The time of the step that ran with ``threads`` (as next() said)."""
         if self.retrying:
-            self.retrying -= 1
-            if self.retrying:
-                return
-            won = self._median(self._other()) < self._median(self.best)
-            self.explore = self.EXPLORE if won else min(2 * self.explore, self.EXPLORE_MAX)
-            self.wait = self.explore
-        self.best = min(self.choices, key=self._median)
+            self.retrying = False
+            self.times[threads].clear()          # its older times may be stale
+            self.spent = 0.0
+        else:
+            self.spent += seconds
+        self.times[threads].append(seconds)
+        if self._median(self._other()) < self._median(self.best):
+            self.best, self.spent = self._other(), 0.0
 
 
 class Engine:
@@ -1122,12 +1119,15 @@ class Engine:
             return out
         stops = set(int(t) for t in stop_tokens)
         cache, logits = self._prefill([p[-S:] for p in seqs], n if use_cache else 0)
-        # the weights as the steps read them, taken now (the model may change between calls)
-        decoder = _Decoder(self.model) if use_cache and n > 1 and _Decoder.usable(self.model) else None
         n_threads = torch.get_num_threads()
-        threads = _StepThreads(n_threads) if decoder is not None and len(seqs) == 1 and \
-            self.device.type == "cpu" and n_threads > 1 and self.adaptive_threads else None
+        decoder = threads = None
         try:
+            if use_cache and n > 1 and _Decoder.usable(self.model):
+                if len(seqs) == 1 and self.device.type == "cpu" and n_threads > 1 and self.adaptive_threads:
+                    threads = _StepThreads(n_threads)
+                    torch.set_num_threads(1)     # copies: as quick on one thread, which never waits for a busy core
+                # the weights as the steps read them, taken now (the model may change between calls)
+                decoder = _Decoder(self.model)
             self._loop(seqs, out, n, cache, logits, decoder, threads, temperature, top_k, top_p, min_p,
                        stops, generator, use_cache)
         finally:
