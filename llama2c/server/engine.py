@@ -125,6 +125,9 @@ class Steps:
         return self
 
     def __next__(self) -> Step:
+        wait = getattr(self._request.waker, "wait", None)
+        if wait is None:  # whether or not steps are ready yet: the contract does not depend on timing
+            raise TypeError("these steps go to their own waker: take() them")
         buffered = self._buffered
         while not buffered:
             end = self._end
@@ -137,9 +140,6 @@ class Steps:
             steps, _ = self.take()
             buffered.extend(steps)
             if not steps and self._end is None:
-                wait = getattr(self._request.waker, "wait", None)
-                if wait is None:
-                    raise TypeError("these steps go to their own waker: take() them")
                 wait()
         return buffered.popleft()
 
