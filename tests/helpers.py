@@ -290,3 +290,16 @@ def llama_cpp_logits(path, tokens, n_ctx: int) -> np.ndarray:
         close = getattr(llm, "close", None)
         if close:
             close()
+
+
+def runnable_tiers(monkeypatch) -> list[str]:
+    """The kernel tiers this machine runs: those a forced LLAMA2_KERNELS name actually gets."""
+    from llama2c.cpu import kernel_info
+
+    out = []
+    for tier in ("scalar", "avx2", "avx512", "neon"):
+        monkeypatch.setenv("LLAMA2_KERNELS", tier)
+        if kernel_info()["tier"] == tier:
+            out.append(tier)
+    monkeypatch.delenv("LLAMA2_KERNELS")
+    return out

@@ -10,22 +10,12 @@ import pytest
 
 import llama2c
 import reference as R
+from helpers import runnable_tiers
 from llama2c.cpu import TIERS, format_kernel_info, kernel_info
 
 # hidden 160 with groups of 64: int8 groups across rows in whole 32-column runs;
 # 40 rows per head matrix: half blocks of the AVX-512 tier's 16-row layout
 CFG = R.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, seq_len=48)
-
-
-def runnable_tiers(monkeypatch) -> list[str]:
-    """The tiers this machine runs: those a forced name actually gets."""
-    out = []
-    for tier in ("scalar", "avx2", "avx512", "neon"):
-        monkeypatch.setenv("LLAMA2_KERNELS", tier)
-        if kernel_info()["tier"] == tier:
-            out.append(tier)
-    monkeypatch.delenv("LLAMA2_KERNELS")
-    return out
 
 
 def test_kernel_info_reports_tier_reason_and_flags(monkeypatch):

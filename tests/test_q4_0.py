@@ -25,7 +25,7 @@ import pytest
 
 import llama2c
 import reference as R
-from helpers import REPO, random_tokens
+from helpers import REPO, random_tokens, runnable_tiers
 from llama2c.errors import FormatError
 from llama2c.export import binfmt
 from llama2c.export.sources import BinSource
@@ -35,18 +35,6 @@ from llama2c.export.sources import BinSource
 CFG = R.Config(dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=200, seq_len=48)
 # hidden 72 (not a multiple of 32): w2 stays fp32 in a version 5 file
 CFG72 = R.Config(dim=64, hidden_dim=72, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, seq_len=32)
-
-
-def _tiers(monkeypatch) -> list[str]:
-    from llama2c.cpu import kernel_info
-
-    out = []
-    for tier in ("scalar", "avx2", "avx512", "neon"):
-        monkeypatch.setenv("LLAMA2_KERNELS", tier)
-        if kernel_info()["tier"] == tier:
-            out.append(tier)
-    monkeypatch.delenv("LLAMA2_KERNELS")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +161,7 @@ def test_v5_logits_match_the_numpy_reference(v1_models, tmp_path, hidden, shared
 
 
 def test_v5_is_bit_identical_under_every_tier(v1_models, tmp_path, monkeypatch):
-    tiers = _tiers(monkeypatch)
+    tiers = runnable_tiers(monkeypatch)
     for key in ((96, False), (72, True)):
         m = v1_models[key]
         path = _v5(tmp_path, m, f"tiers_{key[0]}.bin")

@@ -396,15 +396,7 @@ class Finetuner(RunLog):
     # -- checkpoints and outputs --------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Collective: every process calls it."""
-        rng = ck.rng_state(self.rt.device_type)
-        if self.rt.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: List[Any] = [None] * self.rt.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_all = gathered
-        else:
-            rng_all = [rng]
+        rng_all = self._rng_states_of_all_ranks()
         path = self.out_dir / "ckpt.pt"
         if self.rt.master:
             state = {

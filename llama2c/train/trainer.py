@@ -333,6 +333,17 @@ class RunLog:
                      f"this run has {rt.world_size}: reseeding")
             self._seed(seed + 7 * iter_num)
 
+    def _rng_states_of_all_ranks(self) -> list:
+        """Every rank's random state, in rank order (collective: every rank calls it)."""
+        rng = ck.rng_state(self.rt.device_type)
+        if self.rt.world_size == 1:
+            return [rng]
+        import torch.distributed as dist
+
+        gathered: List[Any] = [None] * self.rt.world_size
+        dist.all_gather_object(gathered, rng)
+        return gathered
+
     def _prepare_model(self, raw, compile_model: bool, ddp: bool, dtype: str, accumulation: int) -> None:
         """self.model (raw, compiled and/or wrapped in DDP), self.autocast for
         the dtype, and self.gas: the micro-batches each process runs, the
@@ -560,15 +571,7 @@ class Trainer(RunLog):
     def save_checkpoint(self) -> Path:
         """Collective: every rank must call it."""
         model_sd, optim_sd = self.full_state()
-        rng = ck.rng_state(self.rt.device_type)
-        if self.rt.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: List[Any] = [None] * self.rt.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_all = gathered
-        else:
-            rng_all = [rng]
+        rng_all = self._rng_states_of_all_ranks()
         path = self.out_dir / "ckpt.pt"
         if self.rt.master:
             ckpt = ck.make_checkpoint(
