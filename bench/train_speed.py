@@ -3,7 +3,7 @@ on the same data, model shape, batch and machine, runs interleaved.
 
     python bench/train_speed.py                       # ~3 minutes on 2 busy cores
     python bench/train_speed.py --iters 20 --rounds 3 --json out.json
-    python bench/train_speed.py --configs llama2c,ours-fp32 --omp-wait-policy=unset
+    python bench/train_speed.py --configs llama2c,ours-fp32 --omp-wait-policy=passive
     python bench/train_speed.py --loss-curve 200      # our bf16 vs fp32 loss curves, two seeds each
 
 What runs (the 15M shape of llama2.c's model table: dim 288, 6 layers, 6 heads,
@@ -182,6 +182,7 @@ def bench(a) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = str(threads)
+    env.pop("GOMP_SPINCOUNT", None)
     if a.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = a.omp_wait_policy.upper()
     else:
@@ -322,9 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="leading iterations not timed (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of every config (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's)")
-    p.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="passive",
-                   help="OMP_WAIT_POLICY for both trainers (default passive, what `llama2c train` "
-                        "sets when unset; 'unset' leaves each its default)")
+    p.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="unset",
+                   help="OMP_WAIT_POLICY for both trainers (default unset: each its own, "
+                        "libgomp's spin-then-sleep for llama2.c's, a short spin for ours "
+                        "(llama2c.omp_wait); passive or active: the same for both)")
     p.add_argument("--llama2c", default=str(SHARED / "peers" / "llama2.c"),
                    help="llama2.c's source folder (train.py, model.py, tinystories.py, ...)")
     p.add_argument("--text", default=str(SHARED / "data" / "tinystories" / "TinyStories-validation-head.txt"))

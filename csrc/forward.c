@@ -60,12 +60,13 @@ static void store_key(const llama2_context *cx, int layer, int pos, const float 
 
 /* Makes x (row `row` of a batch) ready for a matmul: with int8 weights also
  * quantized, into that row of q_rows / s_rows (which fp32 runs do not have). */
-static void prepare(llama2_activation *a, const float *x, int n, int8_t *q_rows, float *s_rows, int row, int gs) {
+static void prepare(llama2_activation *a, const float *x, int n, int8_t *q_rows, float *s_rows, int row, int gs,
+                    const llama2_kernels *k) {
     a->x = x;
     a->n = n;
     a->q = gs > 0 ? q_rows + (size_t)row * n : NULL;
     a->s = gs > 0 ? s_rows + (size_t)row * llama2_groups(n, gs) : NULL;
-    if (gs > 0) llama2_quantize(a->q, a->s, x, n, gs);
+    if (gs > 0) (k->quantize ? k->quantize : llama2_quantize)(a->q, a->s, x, n, gs);
 }
 
 /* The rotation angles' cos and sin of positions up to `end`, tabled once as
@@ -179,7 +180,7 @@ static void step_attn_in(void *ctx, int b) {
     if (j->layer > 0)
         for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(xb, x, t->rms_att + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs);
+    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs, t->kernels);
 }
 
 /* RoPE on the query and key, the key into the cache */
@@ -200,7 +201,7 @@ static void step_rope(void *ctx, int b) {
 static void step_attn_out(void *ctx, int b) {
     const step_job *j = (const step_job *)ctx;
     const int dim = j->t->config.dim;
-    prepare(&j->a[b], j->rs->xb + (size_t)b * dim, dim, j->rs->xq, j->rs->xs, b, j->t->gs);
+    prepare(&j->a[b], j->rs->xb + (size_t)b * dim, dim, j->rs->xq, j->rs->xs, b, j->t->gs, j->t->kernels);
 }
 
 /* attention residual, RMSNorm before the FFN */
@@ -212,7 +213,7 @@ static void step_ffn_in(void *ctx, int b) {
     const float *xb2 = j->rs->xb2 + (size_t)b * dim;
     for (int i = 0; i < dim; i++) x[i] += xb2[i];
     llama2_rmsnorm(xb, x, t->rms_ffn + (size_t)j->layer * dim, dim, t->config.norm_eps);
-    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs);
+    prepare(&j->a[b], xb, dim, j->rs->xq, j->rs->xs, b, t->gs, t->kernels);
 }
 
 static void step_swiglu(void *ctx, int b) {
@@ -226,7 +227,7 @@ static void step_swiglu(void *ctx, int b) {
         val *= hb2[i];
         hb[i] = val;
     }
-    prepare(&j->a[b], hb, hidden, j->rs->hq, j->rs->hs, b, j->t->gs);
+    prepare(&j->a[b], hb, hidden, j->rs->hq, j->rs->hs, b, j->t->gs, j->t->kernels);
 }
 
 static void for_each_token(llama2_pool *pool, llama2_task_fn fn, step_job *job, int n) {
@@ -249,7 +250,7 @@ static void step_final(void *ctx, int b) {
     const float *xb = j->rs->xb + (size_t)b * dim;
     for (int i = 0; i < dim; i++) x[i] += xb[i];
     llama2_rmsnorm(x, x, t->rms_final, dim, t->config.norm_eps);
-    prepare(&j->a[b], x, dim, j->rs->xq, j->rs->xs, b, t->gs);
+    prepare(&j->a[b], x, dim, j->rs->xq, j->rs->xs, b, t->gs, t->kernels);
 }
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 (n <= LLAMA2_MAX_BATCH),

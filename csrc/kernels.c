@@ -35,6 +35,7 @@
 
 typedef struct {
     int x86, avx2, fma, avx512f, avx512bw, avx512vl, avx512vnni, os_ymm, os_zmm;
+    int amx_int8, os_amx; /* AMX tiles with int8, and their state saved by the OS (XCR0) */
     int arm64, neon, sdot;
 } cpu_features;
 
@@ -83,6 +84,7 @@ static void detect(cpu_features *c) {
         const unsigned long long xcr0 = xgetbv0();
         c->os_ymm = avx && (xcr0 & 0x6) == 0x6;          /* SSE and AVX state */
         c->os_zmm = c->os_ymm && (xcr0 & 0xe0) == 0xe0;  /* opmask, ZMM0-15 upper halves, ZMM16-31 */
+        c->os_amx = (xcr0 & 0x60000) == 0x60000;         /* tile configuration and tile data */
     }
     if (max_leaf >= 7) {
         cpuid(7, 0, r);
@@ -91,6 +93,7 @@ static void detect(cpu_features *c) {
         c->avx512bw = (r[1] >> 30) & 1;
         c->avx512vl = (r[1] >> 31) & 1;
         c->avx512vnni = (r[2] >> 11) & 1;
+        c->amx_int8 = ((r[3] >> 24) & 1) && ((r[3] >> 25) & 1); /* AMX-TILE, AMX-INT8 */
     }
 #if defined(__APPLE__)
     /* macOS turns AVX-512 state on at a thread's first use, so XCR0 may not
@@ -113,6 +116,19 @@ static void detect(cpu_features *c) {
 #endif
 }
 
+/* Why the AVX-512 tier cannot use AMX for batched int8, or NULL when it can. */
+static const char *amx_missing(const cpu_features *c) {
+#if defined(LLAMA2_HAVE_AMX_KERNELS)
+    if (!c->amx_int8) return "the CPU lacks AMX-INT8";
+    if (!c->os_amx) return "the OS does not save AMX tile registers";
+    if (!llama2_amx_permitted()) return "the OS refused this process the AMX tile state";
+    return NULL;
+#else
+    (void)c;
+    return "this build has no AMX kernels (GCC 11 or clang 12 on Linux)";
+#endif
+}
+
 /* Why this CPU cannot run a tier, or NULL when it can. */
 static const char *missing(const char *tier, const cpu_features *c) {
     if (strcmp(tier, "scalar") == 0 || strcmp(tier, "portable") == 0) return NULL;
@@ -122,12 +138,13 @@ static const char *missing(const char *tier, const cpu_features *c) {
         if (!c->os_ymm) return "the OS does not save AVX (ymm) registers";
         return NULL;
     }
-    if (strcmp(tier, "avx512") == 0) {
+    if (strcmp(tier, "avx512") == 0 || strcmp(tier, "avx512-noamx") == 0 || strcmp(tier, "avx512-amx") == 0) {
         if (!c->x86) return "not an x86-64 build";
         if (!c->avx512f || !c->avx512bw || !c->avx512vl) return "the CPU lacks AVX-512 F/BW/VL";
         if (!c->avx512vnni) return "the CPU lacks AVX512_VNNI (int8 dot products)";
         if (!c->fma || !c->avx2) return "the CPU lacks AVX2 or FMA";
         if (!c->os_zmm) return "the OS does not save AVX-512 (zmm and mask) registers";
+        if (strcmp(tier, "avx512-amx") == 0) return amx_missing(c);
         return NULL;
     }
     if (strcmp(tier, "neon") == 0 || strcmp(tier, "neon-nosdot") == 0) {
@@ -155,8 +172,12 @@ static const llama2_kernels *table(const char *tier, const cpu_features *c) {
 #ifdef LLAMA2_HAVE_AVX2_KERNELS
     if (strcmp(tier, "avx2") == 0) return &llama2_kernels_avx2;
 #endif
+#ifdef LLAMA2_HAVE_AMX_KERNELS
+    if (strcmp(tier, "avx512-amx") == 0 || (strcmp(tier, "avx512") == 0 && !amx_missing(c)))
+        return &llama2_kernels_avx512_amx;
+#endif
 #ifdef LLAMA2_HAVE_AVX512_KERNELS
-    if (strcmp(tier, "avx512") == 0) return &llama2_kernels_avx512;
+    if (strcmp(tier, "avx512") == 0 || strcmp(tier, "avx512-noamx") == 0) return &llama2_kernels_avx512;
 #endif
 #ifdef LLAMA2_HAVE_NEON_SDOT_KERNELS
     if (strcmp(tier, "neon-sdot") == 0 || (strcmp(tier, "neon") == 0 && c->sdot)) return &llama2_kernels_neon_sdot;
@@ -227,12 +248,20 @@ const llama2_kernels *llama2_kernels_select(void) { return choose(NULL, 0); }
 
 const char *llama2_kernels_name(void) {
     const char *name = choose(NULL, 0)->name;
-    return strcmp(name, "neon-sdot") == 0 ? "neon" : name; /* the tier; the reason tells SDOT */
+    if (strcmp(name, "neon-sdot") == 0) return "neon"; /* the tier; the reason tells SDOT */
+    if (strcmp(name, "avx512-amx") == 0) return "avx512"; /* and AMX */
+    return name;
 }
 
 const char *llama2_kernels_reason(void) {
     static THREAD_LOCAL char reason[384];
     const llama2_kernels *k = choose(reason, sizeof(reason));
+    if (strncmp(k->name, "avx512", 6) == 0 && strncmp(reason, "forced", 6) != 0) { /* a forced one says its name */
+        size_t used = strlen(reason);
+        snprintf(reason + used, sizeof(reason) - used, "; batched int8 on %s",
+                 strcmp(k->name, "avx512-amx") == 0 ? "AMX tiles" : "VNNI (no AMX)");
+        return reason;
+    }
     if (k == &llama2_kernels_scalar || strncmp(k->name, "neon", 4) != 0) return reason;
     size_t used = strlen(reason);
     snprintf(reason + used, sizeof(reason) - used, "; int8 with %s",
@@ -247,7 +276,8 @@ const char *llama2_cpu_features(void) {
     out[0] = '\0';
     struct { int on; const char *name; } f[] = {
         {c.avx2, "avx2"}, {c.fma, "fma"}, {c.avx512f, "avx512f"}, {c.avx512bw, "avx512bw"},
-        {c.avx512vl, "avx512vl"}, {c.avx512vnni, "avx512_vnni"}, {c.os_ymm, "os_ymm"}, {c.os_zmm, "os_zmm"},
+        {c.avx512vl, "avx512vl"}, {c.avx512vnni, "avx512_vnni"}, {c.amx_int8, "amx_int8"}, {c.os_ymm, "os_ymm"},
+        {c.os_zmm, "os_zmm"}, {c.os_amx, "os_amx"},
         {c.neon, "neon"}, {c.sdot, "asimddp"},
     };
     size_t used = 0;

@@ -75,6 +75,9 @@ typedef struct llama2_kernels_s {
     void (*matmul_q4)(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w, int r0, int r1);
     void (*matmul_q4_batch)(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
                             const llama2_matrix *w, int r0, int r1);
+    /* an activation quantized in groups of gs, exactly as llama2_quantize
+     * (quant.c) does it; NULL: that function */
+    void (*quantize)(int8_t *q, float *s, const float *x, int n, int gs);
     /* one head's attention scores: att[p] = (q[0]*k_p[0] + q[1]*k_p[1] + ...) / scale
      * for p < n, the keys in the cache's blocked layout (LLAMA2_KEY_BLOCK below) */
     void (*attn_scores)(float *att, const float *q, const float *kt, int n, int hs, float scale);
@@ -105,6 +108,17 @@ extern const llama2_kernels llama2_kernels_scalar; /* kernels_scalar.c */
 extern const llama2_kernels llama2_kernels_avx2; /* kernels_avx2.c */
 #define LLAMA2_HAVE_AVX512_KERNELS 1
 extern const llama2_kernels llama2_kernels_avx512; /* kernels_avx512.c */
+/* AMX (kernels_amx.c): GCC 11 or clang 12 and later on Linux, which grants
+ * the tile state per process (arch_prctl) */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11))
+#define LLAMA2_HAVE_AMX_KERNELS 1
+extern const llama2_kernels llama2_kernels_avx512_amx; /* the AVX-512 table, batched int8 on AMX */
+/* asks the OS for the tile data state once per process; 1 when granted */
+int llama2_amx_permitted(void);
+void llama2_matmul_q8_batch_amx(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
+                                const llama2_matrix *w, int gs, int r0, int r1);
+#endif
 #endif
 #if defined(__aarch64__) || defined(_M_ARM64)
 #define LLAMA2_HAVE_NEON_KERNELS 1
@@ -123,10 +137,11 @@ extern const llama2_kernels llama2_kernels_neon_sdot; /* the same with SDOT for 
  * runs it; a tier it cannot run falls back to the best it can (the reason
  * says so: llama2_kernels_reason in llama2.h). */
 const llama2_kernels *llama2_kernels_select(void);
-/* A table by its name or tier name ("scalar", "portable", "avx2", "avx512",
- * "neon" (SDOT where the CPU has it), "neon-sdot", "neon-nosdot" (NEON
- * without SDOT, for tests)); NULL if unknown or this CPU (or this build)
- * cannot run it. */
+/* A table by its name or tier name ("scalar", "portable", "avx2", "avx512"
+ * (AMX for batched int8 where the CPU has it), "avx512-amx", "avx512-noamx"
+ * (AVX-512 without AMX, for tests), "neon" (SDOT where the CPU has it),
+ * "neon-sdot", "neon-nosdot" (NEON without SDOT, for tests)); NULL if unknown
+ * or this CPU (or this build) cannot run it. */
 const llama2_kernels *llama2_kernels_by_name(const char *name);
 /* Why by_name(name) is NULL ("" when it is not): for tests and the reason. */
 const char *llama2_kernels_unavailable(const char *name);

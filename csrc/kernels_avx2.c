@@ -14,7 +14,9 @@
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -521,6 +523,49 @@ AVX2_FN static void attn_values_avx2(float *out, const float *att, const float *
     }
 }
 
+/* ---- quantizing an activation: quant.c's llama2_quantize, 8 lanes (the
+ * method of the AVX-512 version, kernels_avx512.c) ---- */
+AVX2_FN static void quantize_avx2(int8_t *q, float *s, const float *x, int n, int gs) {
+    if (gs % 8 != 0) {
+        llama2_quantize(q, s, x, n, gs);
+        return;
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(FLT_MAX), half = _mm256_set1_ps(0.5f);
+    const __m256 nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    int start = 0, g = 0;
+    for (; start + gs <= n; start += gs, g++) {
+        __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int i = start; i < start + gs; i += 8) {
+            const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+            vmax = _mm256_max_ps(vmax, v);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, fmax, _CMP_NLE_UQ)); /* NaN or infinity */
+        }
+        float lanes[8], wmax = 0.0f;
+        _mm256_storeu_ps(lanes, vmax);
+        for (int i = 0; i < 8; i++) wmax = lanes[i] > wmax ? lanes[i] : wmax;
+        const int nonfinite = _mm256_movemask_ps(bad) != 0;
+        const float scale = nonfinite ? NAN : wmax / 127.0f;
+        s[g] = scale;
+        if (nonfinite || scale == 0.0f) {
+            memset(q + start, 0, (size_t)gs);
+            continue;
+        }
+        const __m256 vs = _mm256_set1_ps(scale);
+        for (int i = start; i < start + gs; i += 8) {
+            const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), vs);
+            const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(v, t);
+            __m256 r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(f, half, _CMP_GE_OQ), one));
+            r = _mm256_sub_ps(r, _mm256_and_ps(_mm256_cmp_ps(f, nhalf, _CMP_LE_OQ), one));
+            r = _mm256_min_ps(_mm256_max_ps(r, nlim), lim);
+            const __m256i i32 = _mm256_cvttps_epi32(r);
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(i16, i16));
+        }
+    }
+    if (start < n) llama2_quantize(q + start, s + g, x + start, n - start, gs);
+}
+
 const llama2_kernels llama2_kernels_avx2 = {
     .name = "avx2",
     .packs = 1,
@@ -535,6 +580,7 @@ const llama2_kernels llama2_kernels_avx2 = {
     .matmul_q4 = llama2_matmul_q4_avx2, /* kernels_q4.c */
     .matmul_q4_batch = llama2_matmul_q4_batch_avx2,
     .matmul_q8_batch = llama2_matmul_q8_batch_avx2,
+    .quantize = quantize_avx2,
     .attn_scores = attn_scores_avx2,
     .attn_values = attn_values_avx2,
 };

@@ -27,7 +27,9 @@
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -673,22 +675,65 @@ AVX512_FN static void attn_values_avx512(float *out, const float *att, const flo
     }
 }
 
-const llama2_kernels llama2_kernels_avx512 = {
-    .name = "avx512",
-    .packs = 1,
-    .pack_rows = 16,
-    .f32_stream_rows = 8,
-    .q8_format = LLAMA2_Q8_BIASED,
-    .matmul_f32 = matmul_f32_avx512,
-    .matmul_f32_batch = matmul_f32_batch_avx512,
-    .matmul_q8_span = matmul_q8_span_avx512,
-    .matmul_bf16 = matmul_bf16_avx512,
-    .matmul_bf16_batch = matmul_bf16_batch_avx512,
-    .matmul_q8 = matmul_q8_avx512,
-    .matmul_q4 = llama2_matmul_q4_avx512, /* kernels_q4.c */
-    .matmul_q4_batch = llama2_matmul_q4_batch_avx512,
-    .matmul_q8_batch = llama2_matmul_q8_batch_avx512,
-    .attn_scores = attn_scores_avx512,
-    .attn_values = attn_values_avx512,
-};
+/* ---- quantizing an activation (quant.c's llama2_quantize, 16 lanes) ----
+ * Per group: the largest |x| (a maximum is exact in any order), scale =
+ * max / 127 as the scalar code divides it, then each x / scale (the same
+ * IEEE division) rounded half away from zero: t = trunc(v), and one step
+ * away from zero when the exact v - t reaches +-0.5, clamped to +-127 (only
+ * a subnormal scale gets past). A group holding a NaN or an infinity gets a
+ * NaN scale and zeros, a group of zeros a zero scale and zeros. A last
+ * partial group (n % gs) goes to the scalar code. */
+AVX512_FN static void quantize_avx512(int8_t *q, float *s, const float *x, int n, int gs) {
+    if (gs % 16 != 0) {
+        llama2_quantize(q, s, x, n, gs);
+        return;
+    }
+    const __m512 fmax = _mm512_set1_ps(FLT_MAX), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    int start = 0, g = 0;
+    for (; start + gs <= n; start += gs, g++) {
+        __m512 vmax = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int i = start; i < start + gs; i += 16) {
+            const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+            vmax = _mm512_max_ps(vmax, v);
+            bad |= _mm512_cmp_ps_mask(v, fmax, _CMP_NLE_UQ); /* NaN or infinity */
+        }
+        const float scale = bad ? NAN : _mm512_reduce_max_ps(vmax) / 127.0f;
+        s[g] = scale;
+        if (bad || scale == 0.0f) {
+            memset(q + start, 0, (size_t)gs);
+            continue;
+        }
+        const __m512 vs = _mm512_set1_ps(scale);
+        for (int i = start; i < start + gs; i += 16) {
+            const __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), vs);
+            const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(v, t);
+            __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(f, half, _CMP_GE_OQ), t, one);
+            r = _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(f, _mm512_sub_ps(_mm512_setzero_ps(), half), _CMP_LE_OQ), r, one);
+            r = _mm512_min_ps(_mm512_max_ps(r, nlim), lim);
+            _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r)));
+        }
+    }
+    if (start < n) llama2_quantize(q + start, s + g, x + start, n - start, gs);
+}
+
+/* the AVX-512 table; "avx512-amx" (kernels_amx.c) differs only in its
+ * batched int8 kernel */
+#define AVX512_TABLE(tier_name, q8_batch)                                                  \
+    {                                                                                      \
+        .name = tier_name, .packs = 1, .pack_rows = 16, .f32_stream_rows = 8,              \
+        .q8_format = LLAMA2_Q8_BIASED, .matmul_f32 = matmul_f32_avx512,                    \
+        .matmul_f32_batch = matmul_f32_batch_avx512, .matmul_q8_span = matmul_q8_span_avx512, \
+        .matmul_bf16 = matmul_bf16_avx512, .matmul_bf16_batch = matmul_bf16_batch_avx512,  \
+        .matmul_q8 = matmul_q8_avx512, .matmul_q4 = llama2_matmul_q4_avx512, /* kernels_q4.c */ \
+        .matmul_q4_batch = llama2_matmul_q4_batch_avx512, .matmul_q8_batch = q8_batch,     \
+        .quantize = quantize_avx512, .attn_scores = attn_scores_avx512,                     \
+        .attn_values = attn_values_avx512,                                                 \
+    }
+
+const llama2_kernels llama2_kernels_avx512 = AVX512_TABLE("avx512", llama2_matmul_q8_batch_avx512);
+#if defined(LLAMA2_HAVE_AMX_KERNELS)
+const llama2_kernels llama2_kernels_avx512_amx = AVX512_TABLE("avx512-amx", llama2_matmul_q8_batch_amx);
+#endif
 #endif

@@ -59,7 +59,7 @@ static const char *tmp_path(const char *name) {
 /* every kernel table this CPU can run, scalar first (kernel_tier: the name
  * that selects it through LLAMA2_KERNELS); the tiers it cannot run, with the
  * reason, in kernels_skipped */
-static const char *const tier_names[] = {"scalar", "avx2", "avx512", "neon-nosdot", "neon-sdot"};
+static const char *const tier_names[] = {"scalar", "avx2", "avx512-noamx", "avx512-amx", "neon-nosdot", "neon-sdot"};
 static const llama2_kernels *kernel_list[8];
 static const char *kernel_tier[8];
 static int n_kernels = 0;

@@ -310,6 +310,40 @@ static void check_q8(int n, int d, int gs) {
     free(w); free(x); free(wq); free(xq); free(ws); free(xs); free(ref); free(out);
 }
 
+/* every tier's activation quantizer against the portable one, bit for bit:
+ * random groups, ties, zeros, tiny and subnormal values (scales under which
+ * x / scale passes 127), NaN and infinities, and a last partial group */
+static void check_quantize_tiers(int n, int gs) {
+    float *x = malloc(sizeof(float) * n), *s0 = malloc(sizeof(float) * (n / gs + 1)),
+          *s1 = malloc(sizeof(float) * (n / gs + 1));
+    int8_t *q0 = malloc(n), *q1 = malloc(n);
+    uint64_t seed = 99;
+    for (int i = 0; i < n; i++) {
+        const int group = i / gs, kind = group % 8;
+        const float r = (float)(xorshift64(&seed) >> 40) / 16777216.0f * 2.0f - 1.0f;
+        x[i] = kind == 0 ? r * 10.0f
+             : kind == 1 ? (float)((int)(r * 126.0f)) + 0.5f   /* ties: the scale is 1 */
+             : kind == 2 ? 0.0f
+             : kind == 3 ? r * 1e-39f                           /* subnormal */
+             : kind == 4 ? (i % gs == 3 ? NAN : r)
+             : kind == 5 ? (i % gs == 1 ? -INFINITY : r)
+             : kind == 6 ? (i % gs == 0 ? 1e-45f : 0.0f)       /* the smallest subnormal alone */
+                         : r * 3e38f;
+        if (kind == 1 && i % gs == 0) x[i] = 127.0f;
+    }
+    llama2_quantize(q0, s0, x, n, gs);
+    for (int k = 1; k < n_kernels; k++) {
+        if (!kernel_list[k]->quantize) continue;
+        memset(q1, 0x55, n);
+        kernel_list[k]->quantize(q1, s1, x, n, gs);
+        const int groups = (n + gs - 1) / gs;
+        int same = memcmp(q0, q1, n) == 0;
+        for (int g = 0; g < groups; g++) same &= memcmp(&s0[g], &s1[g], 4) == 0 || (isnan(s0[g]) && isnan(s1[g]));
+        CHECK(same, "%s quantize n %d gs %d: bit-identical to the portable loop", kernel_list[k]->name, n, gs);
+    }
+    free(x); free(s0); free(s1); free(q0); free(q1);
+}
+
 static void test_quantize_edges(void) {
     float x[8] = {0, 0, 0, 0, 1.0f, -2.0f, 0.5f, 127.0f};
     int8_t q[8];
@@ -931,6 +965,11 @@ int main(void) {
     check_q8(16416, 8, 32);   /* rows longer than the kernels' stack of per-run sums */
     check_q8(16416, 8, 64);   /* ... with groups across rows */
     test_quantize_edges();
+    check_quantize_tiers(64 * 16, 64);
+    check_quantize_tiers(32 * 24, 32);
+    check_quantize_tiers(768 + 48, 64); /* a partial last group */
+    check_quantize_tiers(8 * 40, 8);
+    check_quantize_tiers(12 * 30, 12);  /* a group size no tier vectorizes */
     test_softmax_rmsnorm();
     check_attention(48, 1, 288);   /* stories15M: one position */
     check_attention(48, 37, 288);  /* a partial block after whole 4-block passes */

@@ -154,10 +154,12 @@ static void check_q4_batch(int cols, int rows, int n_tok) {
 }
 
 /* The batched Q8_0 kernels against each tier's single-token kernel (itself
- * tested against the portable loop by test_llama2.c) and the portable loop. */
-static void check_q8_batch(int cols, int rows, int gs, int n_tok) {
+ * tested against the portable loop by test_llama2.c) and the portable loop.
+ * uneven: the activation rows are not evenly spaced in memory (the AMX
+ * kernel then copies them). */
+static void check_q8_batch_rows(int cols, int rows, int gs, int n_tok, int uneven) {
     const size_t n = (size_t)rows * cols;
-    int8_t *q = malloc(n), *xq = malloc((size_t)n_tok * cols);
+    int8_t *q = malloc(n), *xq = malloc((size_t)n_tok * (cols + 64));
     float *s = malloc(sizeof(float) * (n / gs)), *xs = malloc(sizeof(float) * (size_t)n_tok * (cols / gs));
     float *xf = malloc(sizeof(float) * cols), *wf = malloc(sizeof(float) * n);
     float *ref = malloc(sizeof(float) * (size_t)n_tok * rows), *out = malloc(sizeof(float) * (size_t)n_tok * rows);
@@ -167,7 +169,8 @@ static void check_q8_batch(int cols, int rows, int gs, int n_tok) {
     llama2_matrix m0 = {.rows = rows, .cols = cols, .type = LLAMA2_WEIGHTS_Q8_0, .q = q, .s = s};
     for (int t = 0; t < n_tok; t++) {
         for (int i = 0; i < cols; i++) xf[i] = frand();
-        a[t] = (llama2_activation){.x = NULL, .q = xq + (size_t)t * cols, .s = xs + (size_t)t * (cols / gs), .n = cols};
+        int8_t *row = xq + (size_t)t * (uneven ? cols + 64 : cols) + (uneven ? (t * 13) % 64 : 0);
+        a[t] = (llama2_activation){.x = NULL, .q = row, .s = xs + (size_t)t * (cols / gs), .n = cols};
         llama2_quantize(a[t].q, a[t].s, xf, cols, gs);
     }
     for (int k = 1; k < n_kernels; k++) {
@@ -191,13 +194,18 @@ static void check_q8_batch(int cols, int rows, int gs, int n_tok) {
                         const size_t at = (size_t)tk * rows + i;
                         same &= i < r0 || i >= r1 ? out[at] == -1.0f : memcmp(&out[at], &ref[at], 4) == 0;
                     }
-                CHECK(same, "%s batched Q8_0 %dx%d gs %d, %d tokens, rows [%d, %d)%s: bit-identical to the portable loop",
-                      kernel_list[k]->name, rows, cols, gs, n_tok, r0, r1, with_min ? " (a -128 weight)" : "");
+                CHECK(same, "%s batched Q8_0 %dx%d gs %d, %d tokens%s, rows [%d, %d)%s: bit-identical to the portable loop",
+                      kernel_list[k]->name, rows, cols, gs, n_tok, uneven ? " (rows unevenly spaced)" : "", r0, r1,
+                      with_min ? " (a -128 weight)" : "");
             }
             free_owner(t);
         }
     }
     free(q), free(xq), free(s), free(xs), free(xf), free(wf), free(ref), free(out);
+}
+
+static void check_q8_batch(int cols, int rows, int gs, int n_tok) {
+    check_q8_batch_rows(cols, rows, gs, n_tok, 0);
 }
 
 /* ---- version 5 files ---- */
@@ -385,6 +393,9 @@ int main(void) {
     for (int nt = 1; nt <= 64; nt++) check_q8_batch(96, 37 + nt % 5, 32, nt);
     check_q8_batch(288, 67, 96, 17);
     check_q8_batch(65600, 16, 64, 2);
+    check_q8_batch(256, 50, 128, 9);            /* groups of two 64-column AMX steps */
+    check_q8_batch_rows(192, 70, 64, 21, 1);    /* activation rows unevenly spaced */
+    check_q8_batch_rows(96, 33, 32, 5, 1);
     check_v5_model(64, 96, 2, 4, 2, 40, 1);
     check_v5_model(64, 72, 2, 4, 2, 40, 1); /* hidden 72: w2 in fp32 */
     check_v5_model(96, 160, 3, 6, 3, 37, 0);

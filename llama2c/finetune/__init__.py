@@ -8,10 +8,10 @@ See docs/FINETUNING.md. Importing this package imports no torch; running does.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import List, Optional
 
+from ..omp_wait import set_training_wait_policy
 from .config import FinetuneConfig, UsageError, parse_args, usage
 
 
@@ -24,7 +24,7 @@ def finetune(cfg: FinetuneConfig, log=None):
 
 def main(argv: Optional[List[str]] = None, prog: str = "llama2c finetune") -> int:
     """The command line: one-line errors, status 2 for a bad command line, 1 for a failed run."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # as llama2c train (busy CPUs)
+    set_training_wait_policy()      # as llama2c train (llama2c.omp_wait)
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(usage(prog))

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..omp_wait import set_training_wait_policy
 from .config import HelpRequested, TrainConfig, UsageError, parse_args, usage
 
 
@@ -91,10 +92,8 @@ def finetune_argv(argv: List[str]) -> Optional[List[str]]:
 
 def main(argv: Optional[List[str]] = None, prog: str = "llama2c train") -> int:
     """Command line entry: parse ``--key=value`` knobs and train."""
-    # Idle OpenMP threads sleep instead of spinning: on a busy CPU, spinning threads
-    # slow small-model training several times over (takes effect when torch is not
-    # imported yet; an explicit OMP_WAIT_POLICY wins).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # idle OpenMP threads spin only briefly before sleeping (llama2c.omp_wait)
+    set_training_wait_policy()
     # a training process keeps freed memory for its next step (llama2c.model.keep_freed_memory)
     os.environ.setdefault("LLAMA2C_MALLOC_TUNING", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
