@@ -277,3 +277,24 @@ def test_a_failure_reaches_the_pushed_requests_after_their_steps(long_llm, monke
     finally:
         monkeypatch.undo()
         engine.close()
+
+
+def test_short_prompts_share_one_decoding_pass(llm):
+    """A burst of short prompts rides along in one decoding pass (fuse_chunk
+    tokens in all, taking turns), a long one gets a pass of its own."""
+    from types import SimpleNamespace as NS
+
+    engine = BatchEngine(llm, parallel=4, prefill_chunk=64, fuse_chunk=16)
+    try:
+        slots = [NS(request=NS(pending=list(range(n)))) for n in (5, 6, 9, 3)]
+        chunks = engine._next_chunks(slots)
+        assert [len(c) for _, c in chunks] == [6, 9, 1]          # the second slot's turn, then the next ones
+        assert [s for s, _ in chunks] == slots[1:4]
+        chunks = engine._next_chunks(slots)
+        assert [len(c) for _, c in chunks] == [9, 3, 4]
+        long = [NS(request=NS(pending=list(range(40)))), NS(request=NS(pending=[1, 2]))]
+        engine._turn = -1
+        chunks = engine._next_chunks(long)
+        assert [len(c) for _, c in chunks] == [40]                # longer than fuse_chunk: alone
+    finally:
+        engine.close()

@@ -4,10 +4,11 @@ slots (a context each) of one model.
 One engine thread does all the model work. Each turn of its loop it runs
 one chunk (at most `prefill_chunk` tokens) of one waiting prompt, then one
 decoding step for every slot that is generating, all of them in a single
-pass over the weights (llama2_decode_batch). A short chunk (at most
-`fuse_chunk` tokens: a short prompt, or the end of a long one) goes into
-that same pass, as rows of its context at consecutive positions, instead
-of a pass of its own. So a new request starts within a chunk's time,
+pass over the weights (llama2_decode_batch). Short chunks (a short prompt,
+or the end of a long one: `fuse_chunk` tokens in all, the prompts taking
+turns) go into that same pass, as rows of their contexts at consecutive
+positions, instead of passes of their own; so a burst of new requests with
+short prompts starts within a few steps. A new request starts within a chunk's time,
 running streams are never stalled for a whole long prompt, and a finished,
 cancelled or disconnected request frees its slot at once.
 Each row's arithmetic is that of a single-sequence pass, so a request's
@@ -231,12 +232,12 @@ class BatchEngine:
                     return
                 active = [s for s in self._slots if s.request is not None]
             try:
-                prefill = self._next_chunk([s for s in active if s.request is not None and s.request.pending])
-                if prefill is not None and len(prefill[1]) > self.fuse_chunk:
-                    self._prefill(*prefill)
-                    prefill = None
+                chunks = self._next_chunks([s for s in active if s.request is not None and s.request.pending])
+                if len(chunks) == 1 and len(chunks[0][1]) > self.fuse_chunk:
+                    self._prefill(*chunks[0])
+                    chunks = []
                 self._decode([s for s in active if s.request is not None and s.request.next_token is not None
-                              and not s.request.cancelled], prefill)
+                              and not s.request.cancelled], chunks)
             except Exception as e:  # an engine failure ends the requests it touched, not the server
                 with self._cond:
                     for s in active:
@@ -284,13 +285,26 @@ class BatchEngine:
             request.pending = request.ids[same:]
             slot.request = request
 
-    def _next_chunk(self, slots: list[_Slot]) -> tuple[_Slot, list[int]] | None:
-        """The prompt chunk to run this turn (the prefilling slots take turns)."""
+    def _next_chunks(self, slots: list[_Slot]) -> list[tuple[_Slot, list[int]]]:
+        """The prompt chunks to run this turn: the prefilling slots take
+        turns; the first in turn runs a chunk of up to prefill_chunk tokens
+        (in a pass of its own when longer than fuse_chunk); while chunks fit
+        in fuse_chunk tokens in all, the next slots' prompts (whole, or what
+        fits of one) ride along in the decoding pass."""
         if not slots:
-            return None
+            return []
         self._turn = (self._turn + 1) % len(slots)
-        slot = slots[self._turn]
-        return slot, slot.request.pending[:self.prefill_chunk]
+        first = slots[self._turn]
+        chunks = [(first, first.request.pending[:self.prefill_chunk])]
+        room = self.fuse_chunk - len(chunks[0][1])
+        for i in range(1, len(slots)):
+            if room <= 0:
+                break
+            slot = slots[(self._turn + i) % len(slots)]
+            chunk = slot.request.pending[:room]
+            chunks.append((slot, chunk))
+            room -= len(chunk)
+        return chunks
 
     def _prefilled(self, slot: _Slot, chunk: list[int], logits) -> None:
         """chunk is in slot's cache; logits: its last token's (delivered at the prompt's end)."""
@@ -306,28 +320,30 @@ class BatchEngine:
         logits = cx._forward_batch(chunk, pos) if len(chunk) > 1 else cx._forward(chunk[0], pos)
         self._prefilled(slot, chunk, logits)
 
-    def _decode(self, slots: list[_Slot], prefill: tuple[_Slot, list[int]] | None = None) -> None:
-        """One new token for every generating slot and a short prompt chunk
-        (prefill: its slot and tokens, at consecutive positions of its
-        context), in one pass."""
-        chunk = prefill[1] if prefill is not None else []
-        n = len(slots) + len(chunk)
+    def _decode(self, slots: list[_Slot], chunks: list[tuple[_Slot, list[int]]] = ()) -> None:
+        """One new token for every generating slot and short prompt chunks
+        (chunks: (slot, tokens) at consecutive positions of the slot's
+        context, fuse_chunk tokens in all), in one pass."""
+        n = len(slots) + sum(len(chunk) for _, chunk in chunks)
         if not n:
             return
         contexts, tokens, positions, logits = self._batch
         for i, s in enumerate(slots):
             contexts[i], tokens[i], positions[i] = s.context._ptr, s.request.next_token, len(s.cached)
-        if chunk:
-            slot, pos = prefill[0], len(prefill[0].cached)
-            for i, token in enumerate(chunk, len(slots)):
-                contexts[i], tokens[i], positions[i] = slot.context._ptr, token, pos + i - len(slots)
+        row, ends = len(slots), []
+        for slot, chunk in chunks:
+            pos = len(slot.cached)
+            for j, token in enumerate(chunk):
+                contexts[row], tokens[row], positions[row] = slot.context._ptr, token, pos + j
+                row += 1
+            ends.append(row - 1)
         err = new_error()
         raise_for(lib.llama2_decode_batch(contexts, tokens, positions, n, logits, err), err)
         for i, slot in enumerate(slots):
             slot.cached.append(tokens[i])
             self._deliver(slot, self._logits[i])
-        if chunk:
-            self._prefilled(prefill[0], chunk, self._logits[n - 1])
+        for (slot, chunk), end in zip(chunks, ends):
+            self._prefilled(slot, chunk, self._logits[end])
 
     def _deliver(self, slot: _Slot, logits: np.ndarray) -> None:
         request = slot.request
