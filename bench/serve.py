@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama2c.bench.machine import cpu_info, git_commit, loadavg  # noqa: E402
+from sse_client import SSEConnection  # noqa: E402  (bench/, beside this file)
 
 NO_END = {"1": -100, "2": -100}  # BOS and EOS never sampled: every request runs to max_tokens
 GGUF_TYPE = {"int8": "q8_0", "fp32": "f32", "bf16": "f16", "q4_0": "q4_0"}
@@ -174,7 +175,7 @@ def llama_cpp_server(gguf: Path, threads: int, n_ctx: int) -> Server:
     return Server("llama-cpp-python server", cmd, port, "/v1/models")
 
 
-def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+def one_request(conn: SSEConnection, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: its token event times and token count (the
     usage chunk's, when the server sends one; else max_tokens for a stream
     that ended for its length, else its token events)."""
@@ -182,22 +183,20 @@ def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> d
             "logit_bias": NO_END, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     times, usage, finish = [], None, None
-    with http.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                break
-            now, chunk = time.perf_counter(), json.loads(line[6:])
-            if chunk.get("usage") and not chunk.get("choices"):  # the last chunk (stream_options.include_usage)
-                usage = chunk["usage"]
-                continue
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                times.append(now)
-            finish = choice["finish_reason"] or finish
+    status, events = conn.post_stream("/v1/completions", body)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {events[:300] if isinstance(events, bytes) else b''!r}")
+    for now, data in events:
+        if data == b"[DONE]":
+            continue  # the body ends right after it
+        chunk = json.loads(data)
+        if chunk.get("usage") and not chunk.get("choices"):  # the last chunk (stream_options.include_usage)
+            usage = chunk["usage"]
+            continue
+        choice = chunk["choices"][0]
+        if choice["text"]:
+            times.append(now)
+        finish = choice["finish_reason"] or finish
     if usage is not None:
         tokens = usage["completion_tokens"]
     else:
@@ -225,26 +224,27 @@ def run_round(url: str, n_clients: int, n_requests: int, max_tokens: int, prompt
               pid: int | None = None) -> dict:
     """One round; `others_cpu`: the share of the machine's CPU time that went
     to neither the server (pid) nor these clients during it (other jobs)."""
-    limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
     results: list[dict] = []
     lock = threading.Lock()
-    with httpx.Client(timeout=600, limits=limits) as http:
-        def client(i: int) -> None:
+
+    def client(i: int) -> None:
+        with SSEConnection(host, int(port), timeout=600) as conn:  # one keep-alive connection per client
             for j in range(n_requests):
-                res = one_request(http, url, prompts[(i + j) % len(prompts)], max_tokens)
+                res = one_request(conn, prompts[(i + j) % len(prompts)], max_tokens)
                 with lock:
                     results.append(res)
 
-        load = loadavg()
-        busy0, total0 = cpu_jiffies()
-        ours0 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
-        start = time.perf_counter()
-        with ThreadPoolExecutor(n_clients) as pool:
-            for f in [pool.submit(client, i) for i in range(n_clients)]:
-                f.result()
-        wall = time.perf_counter() - start
-        busy1, total1 = cpu_jiffies()
-        ours1 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
+    load = loadavg()
+    busy0, total0 = cpu_jiffies()
+    ours0 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n_clients) as pool:
+        for f in [pool.submit(client, i) for i in range(n_clients)]:
+            f.result()
+    wall = time.perf_counter() - start
+    busy1, total1 = cpu_jiffies()
+    ours1 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
     others = ((busy1 - busy0) - (ours1 - ours0)) / (total1 - total0) if pid and total1 > total0 else float("nan")
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]

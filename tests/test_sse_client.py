@@ -1,0 +1,99 @@
+"""bench/sse_client.py, the serving benchmark's lean event-stream client,
+against a local HTTP/1.1 server that sends chunked bodies the way real
+servers do: events split across chunks, several events in one chunk, LF
+or CRLF line ends (sse-starlette's), comments, a plain JSON error body,
+and several requests on one kept-alive connection."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from sse_client import HTTPError, SSEConnection  # noqa: E402
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+RESPONSES = {
+    "/lf": (200, chunked([b"data: {\"a\": 1}\n\n", b"data: {\"a\"", b": 2}\n\ndata: {\"a\": 3}\n\n", b": ping\n\n",
+                          b"data: [DONE]\n\n"])),
+    "/crlf": (200, chunked([b"data: {\"a\": 1}\r\n\r\ndata: {\"a\": 2}\r", b"\n\r\n", b"data: [DONE]\r\n\r\n"])),
+}
+
+
+def serve(sock: socket.socket, requests: int) -> None:
+    conn, _ = sock.accept()
+    buf = b""
+    with conn:
+        for _ in range(requests):
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(4096)
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+            while len(buf) < length:
+                buf += conn.recv(4096)
+            body, buf = buf[:length], buf[length:]
+            path = head.split(b" ")[1].decode()
+            assert json.loads(body)["prompt"] == "hi"
+            if path in RESPONSES:
+                status, payload = RESPONSES[path]
+                conn.sendall(b"HTTP/1.1 %d OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+                             % status + payload)
+            else:
+                err = b'{"error": {"message": "no such thing"}}'
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(err), err))
+
+
+@pytest.fixture
+def server():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    t = threading.Thread(target=serve, args=(sock, 3), daemon=True)
+    t.start()
+    yield sock.getsockname()[1]
+    t.join(timeout=5)
+    sock.close()
+
+
+def test_events_across_chunks_and_line_ends_on_one_connection(server):
+    with SSEConnection("127.0.0.1", server, timeout=5) as conn:
+        status, events = conn.post_stream("/lf", {"prompt": "hi"})
+        got = [data for _, data in events]
+        assert status == 200 and got == [b'{"a": 1}', b'{"a": 2}', b'{"a": 3}', b"[DONE]"]
+        status, events = conn.post_stream("/crlf", {"prompt": "hi"})
+        times = list(events)
+        assert [d for _, d in times] == [b'{"a": 1}', b'{"a": 2}', b"[DONE]"]
+        assert all(a <= b for (a, _), (b, _) in zip(times, times[1:]))
+        status, body = conn.post_stream("/missing", {"prompt": "hi"})
+        assert status == 404 and json.loads(body)["error"]["message"] == "no such thing"
+
+
+def test_a_server_that_hangs_up_is_an_error():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = sock.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:")  # then gone
+        conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        with SSEConnection("127.0.0.1", sock.getsockname()[1], timeout=5) as conn:
+            status, events = conn.post_stream("/lf", {"prompt": "hi"})
+            with pytest.raises(HTTPError, match="closed"):
+                list(events)
+    finally:
+        t.join(timeout=5)
+        sock.close()
