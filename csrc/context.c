@@ -94,6 +94,24 @@ int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, l
     return LLAMA2_OK;
 }
 
+int llama2_context_reserve(llama2_context *cx, int n, llama2_error *err) {
+    llama2_ok(err);
+    if (!cx) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "null context");
+    if (n < 0) return llama2_fail(err, LLAMA2_ERR_ARGUMENT, "negative number of positions (%d)", n);
+    if (n > cx->n_ctx) n = cx->n_ctx;
+    if (n == 0) return LLAMA2_OK;
+    const llama2_config *c = &cx->t->config;
+    const size_t kv = (size_t)c->kv_dim, hs = (size_t)c->head_size, key_positions = llama2_key_positions(cx);
+    const size_t blocks = ((size_t)n + LLAMA2_KEY_BLOCK - 1) / LLAMA2_KEY_BLOCK * LLAMA2_KEY_BLOCK;
+    for (int l = 0; l < c->n_layers; l++) {
+        llama2_lazy_populate(cx->value_cache + (size_t)l * (size_t)cx->n_ctx * kv, (size_t)n * kv * 4);
+        for (int h = 0; h < c->n_kv_heads; h++) /* each (layer, kv head) of the keys: its first positions */
+            llama2_lazy_populate(cx->key_cache + ((size_t)l * (size_t)c->n_kv_heads + (size_t)h) * key_positions * hs,
+                                 blocks * hs * 4);
+    }
+    return LLAMA2_OK;
+}
+
 void llama2_context_free(llama2_context *cx) {
     if (!cx) return;
     llama2_pool_free(cx->pool);

@@ -62,6 +62,7 @@ typedef struct {
  * (anonymous mapping); huge: 2 MB-aligned and advised for huge pages. */
 void *llama2_lazy_alloc(size_t bytes, int huge);
 void llama2_lazy_free(void *p, size_t bytes, int huge);
+void llama2_lazy_populate(void *p, size_t bytes); /* commit pages now, contents untouched (memory.c) */
 
 typedef struct {
     void *p;

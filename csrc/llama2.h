@@ -115,6 +115,13 @@ LLAMA2_API int llama2_context_new(llama2_context **out, llama2_transformer *t, i
                                   llama2_error *err);
 LLAMA2_API void llama2_context_free(llama2_context *ctx);
 LLAMA2_API int llama2_context_n_ctx(const llama2_context *ctx);
+/* Commits the memory of the KV cache of positions 0..n_positions-1 now
+ * (capped at n_ctx) instead of page by page as a pass first writes them,
+ * which takes that cost off a later pass. The cache's contents are left as
+ * they are, so this may run in another thread while ctx is in use. Where the
+ * OS has no way to do that (before Linux 5.14, other systems, sanitizer
+ * builds) it does nothing and succeeds. */
+LLAMA2_API int llama2_context_reserve(llama2_context *ctx, int n_positions, llama2_error *err);
 
 /* Runs one token at one position and returns the logits (vocab_size floats,
  * owned by the context, valid until its next call). The KV cache keeps

@@ -88,6 +88,24 @@ void llama2_lazy_free(void *p, size_t bytes, int huge) {
 #endif
 }
 
+/* Commits the pages of [p, p + bytes) of a lazy buffer now, leaving their
+ * contents as they are (Linux 5.14 and later: MADV_POPULATE_WRITE, which
+ * faults the pages in as a write would without writing, so another thread
+ * may be using them meanwhile). Elsewhere, or on an older kernel, nothing:
+ * the pages come as they are first written. */
+void llama2_lazy_populate(void *p, size_t bytes) {
+#if defined(USE_MMAP) && defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+    if (!p || !bytes) return;
+    uintptr_t start = (uintptr_t)p & ~(uintptr_t)4095, end = ((uintptr_t)p + bytes + 4095) & ~(uintptr_t)4095;
+    (void)madvise((void *)start, (size_t)(end - start), MADV_POPULATE_WRITE);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 /* ---- lists of owned buffers ---- */
 
 #define LAZY_MIN ((size_t)4 << 20)

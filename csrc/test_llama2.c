@@ -758,6 +758,12 @@ static void test_contexts(void) {
           "a batch past n_ctx refused: %s", err.message);
     CHECK(llama2_context_forward_batch(a, seq_a, 3, INT_MAX - 1, &la, &err) == LLAMA2_ERR_ARGUMENT,
           "a batch at INT_MAX refused without overflow: %s", err.message);
+    CHECK(llama2_context_reserve(NULL, 4, &err) == LLAMA2_ERR_ARGUMENT, "reserve: a null context refused");
+    CHECK(llama2_context_reserve(a, -1, &err) == LLAMA2_ERR_ARGUMENT, "reserve: negative positions refused");
+    ok = llama2_context_reserve(a, 1000, &err) == LLAMA2_OK && llama2_context_reserve(a, 0, &err) == LLAMA2_OK;
+    ok &= llama2_context_forward_batch(a, seq_a, 5, 0, &la, &err) == LLAMA2_OK;
+    ok &= llama2_context_forward_batch(alone, seq_a, 5, 0, &ref, &err) == LLAMA2_OK;
+    CHECK(ok && memcmp(ref, la, 40 * sizeof(float)) == 0, "reserve (capped at n_ctx) changes no logits");
     llama2_transformer_set_threads(t, 3);
     ok = llama2_context_forward_batch(b, seq_a, 5, 0, &lb, &err) == LLAMA2_OK;
     ok &= llama2_context_forward_batch(alone, seq_a, 5, 0, &ref, &err) == LLAMA2_OK;

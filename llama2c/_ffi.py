@@ -47,6 +47,7 @@ void llama2_transformer_set_threads(llama2_transformer *t, int n);
 typedef struct llama2_context llama2_context;
 int llama2_context_new(llama2_context **out, llama2_transformer *t, int n_ctx, llama2_error *err);
 void llama2_context_free(llama2_context *ctx);
+int llama2_context_reserve(llama2_context *ctx, int n_positions, llama2_error *err);
 int llama2_context_n_ctx(const llama2_context *ctx);
 int llama2_context_forward(llama2_context *ctx, int token, int pos, float **logits, llama2_error *err);
 int llama2_context_forward_batch(llama2_context *ctx, const int *tokens, int n, int pos, float **logits, llama2_error *err);

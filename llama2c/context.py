@@ -36,6 +36,14 @@ class Context:
         self._lock = threading.Lock()
         self._active: int | None = None  # the thread using the context now
 
+    def reserve(self, n_positions: int) -> None:
+        """Commits the KV cache memory of positions 0..n_positions-1 now
+        (capped at n_ctx) rather than as passes first reach them; the cache's
+        contents stay as they are, so any thread may call it, even while the
+        context runs. Does nothing where the OS cannot (llama2.h)."""
+        err = new_error()
+        raise_for(lib.llama2_context_reserve(self._ptr, check_int("n_positions", n_positions, 0), err), err)
+
     # ---- one call (or one stream) at a time ----
     def _enter(self) -> None:
         """Waits for the context; in the thread that holds it (a stream not

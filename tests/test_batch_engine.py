@@ -4,6 +4,9 @@ BatchEngine built on it (results independent of what else runs, chunked
 prefill, cancellation, a bounded queue)."""
 from __future__ import annotations
 
+import os
+import platform
+import sys
 import threading
 import time
 
@@ -14,6 +17,7 @@ import llama2c
 import reference as R
 from llama2c import openai_api
 from llama2c._ffi import ffi, lib
+from llama2c.sampler import SamplingParams
 from llama2c.errors import new_error, raise_for
 from llama2c.server.engine import ENDED, BatchEngine, QueueFull
 
@@ -296,5 +300,49 @@ def test_short_prompts_share_one_decoding_pass(llm):
         engine._turn = -1
         chunks = engine._next_chunks(long)
         assert [len(c) for _, c in chunks] == [40]                # longer than fuse_chunk: alone
+    finally:
+        engine.close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+BIG_KV = R.Config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300, seq_len=16384)
+
+
+def test_reserving_commits_kv_memory_and_changes_nothing(make_model):
+    """Context.reserve commits the KV cache of the first positions without
+    touching what is there (the engine calls it beside running passes)."""
+    m = make_model(BIG_KV, version=1, seed=5)
+    llm = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    ids = [1, 20, 31, 7, 99, 5]
+    a, b = llm.create_context(), llm.create_context()
+    want = [a.forward(t, i) for i, t in enumerate(ids)]
+    b.forward(ids[0], 0)
+    b.reserve(64)                                   # in the middle of a sequence
+    got = [b.forward(ids[0], 0)] + [b.forward(t, i) for i, t in enumerate(ids[1:], 1)]
+    assert all(np.array_equal(x, y) for x, y in zip(want, got))
+    b.reserve(10 ** 9)                              # more than n_ctx: capped
+    b.reserve(0)
+    with pytest.raises(llama2c.Llama2Error, match="n_positions"):
+        b.reserve(-1)
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    if sys.platform != "linux" or release < (5, 14):
+        pytest.skip("committing pages without writing them needs Linux 5.14 (MADV_POPULATE_WRITE)")
+    c = llm.create_context()
+    before = _rss_bytes()
+    c.reserve(16384)                                # 2 layers x 16384 x 64 x (keys + values) x 4 bytes: 16 MiB
+    grown = _rss_bytes() - before
+    assert grown >= 12 << 20, f"RSS grew by {grown} bytes"
+
+
+def test_the_engine_reserves_each_request_s_positions(long_llm):
+    engine = BatchEngine(long_llm, parallel=2)
+    try:
+        steps = list(engine.run(long_llm.tokenizer.encode("hello", bos=True, eos=False), max_tokens=40,
+                                sampling=SamplingParams(temperature=0.0)))
+        assert steps and any(s.reserved >= 40 for s in engine._slots)
     finally:
         engine.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import threading
 import weakref
 
@@ -86,6 +87,45 @@ class _Slot:
         self.context = context
         self.cached: list[int] = []  # the tokens at positions 0.. of its KV cache
         self.request: _Request | None = None
+        self.reserved = 0  # positions whose KV cache memory is committed (never given back)
+
+
+# positions past the prompt reserved for a new request: its token budget up
+# to this many (an open-ended request does not commit a whole context at once)
+RESERVE_AHEAD = 512
+
+
+class _Reserver:
+    """Commits a slot's KV cache memory for a new request's positions (its
+    prompt and token budget) in a thread of its own, while the engine runs:
+    otherwise the first passes through fresh positions of a slot fault in
+    its cache pages (zeroing them) inside the decoding pass, which made the
+    first requests of a new server about 20% slower (Context.reserve leaves
+    the contents alone, so it may run beside the engine)."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llama2c-reserve", daemon=True)
+        self._thread.start()
+
+    def reserve(self, slot: _Slot, positions: int) -> None:
+        if positions > slot.reserved:
+            slot.reserved = positions
+            self._jobs.put((slot.context, positions))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job[0].reserve(job[1])
+            except Exception:  # pragma: no cover - a speed-up only: the pages still come when written
+                pass
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
 
 
 ENDED = True  # take()'s `end` when the request finished or was cancelled
@@ -163,6 +203,7 @@ class BatchEngine:
         self.fuse_chunk = max(0, min(fuse_chunk, self.prefill_chunk))
         self.n_ctx = int(llama.n_ctx)
         self._slots = [_Slot(llama.create_context()) for _ in range(self.parallel)]
+        self._reserver = _Reserver()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -214,6 +255,7 @@ class BatchEngine:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        self._reserver.close()
 
     # ---- the engine thread ----
     def _serve(self) -> None:
@@ -284,6 +326,7 @@ class BatchEngine:
             slot.cached = slot.cached[:same]
             request.pending = request.ids[same:]
             slot.request = request
+            self._reserver.reserve(slot, len(request.ids) + min(request.loop.budget, RESERVE_AHEAD))
 
     def _next_chunks(self, slots: list[_Slot]) -> list[tuple[_Slot, list[int]]]:
         """The prompt chunks to run this turn: the prefilling slots take
