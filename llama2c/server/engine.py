@@ -99,9 +99,9 @@ class _Reserver:
     """Commits a slot's KV cache memory for a new request's positions (its
     prompt and token budget) in a thread of its own, while the engine runs:
     otherwise the first passes through fresh positions of a slot fault in
-    its cache pages (zeroing them) inside the decoding pass, which made the
-    first requests of a new server about 20% slower (Context.reserve leaves
-    the contents alone, so it may run beside the engine)."""
+    its cache pages (the kernel zeroing each) inside the decoding pass,
+    where they hold up every row of the step (Context.reserve leaves the
+    contents alone, so it may run beside the engine)."""
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
