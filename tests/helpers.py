@@ -293,13 +293,19 @@ def llama_cpp_logits(path, tokens, n_ctx: int) -> np.ndarray:
 
 
 def runnable_tiers(monkeypatch) -> list[str]:
-    """The kernel tiers this machine runs: those a forced LLAMA2_KERNELS name actually gets."""
+    """The kernel tiers this machine runs: those a forced LLAMA2_KERNELS name
+    actually gets; and "avx512-noamx" (AVX-512 without its AMX kernel) where
+    the avx512 tier uses AMX, so that both tables are compared."""
     from llama2c.cpu import kernel_info
 
+    monkeypatch.delenv("LLAMA2_KERNELS", raising=False)
+    amx = "AMX tiles" in kernel_info()["reason"]
     out = []
     for tier in ("scalar", "avx2", "avx512", "neon"):
         monkeypatch.setenv("LLAMA2_KERNELS", tier)
         if kernel_info()["tier"] == tier:
             out.append(tier)
+    if amx and "avx512" in out:
+        out.append("avx512-noamx")
     monkeypatch.delenv("LLAMA2_KERNELS")
     return out
