@@ -211,6 +211,17 @@ static void scale_min_k4(int j, const unsigned char *s, int *sc, int *mn) {
     }
 }
 
+/* sub-blocks j and j + 1 of a Q4_K / Q5_K block b (scales at b + 4): each
+ * one's multiplier d * sc and offset dmin * mn */
+static void pair_scales_k4(int j, const unsigned char *b, float d, float dmin, float *d1, float *m1, float *d2,
+                           float *m2) {
+    int sc, mn;
+    scale_min_k4(j, b + 4, &sc, &mn);
+    *d1 = d * (float)sc, *m1 = dmin * (float)mn;
+    scale_min_k4(j + 1, b + 4, &sc, &mn);
+    *d2 = d * (float)sc, *m2 = dmin * (float)mn;
+}
+
 /* Q4_K (144 bytes): fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of nibbles;
  * each 64 values are 32 bytes' low nibbles then their high ones, sub-blocks
  * of 32; x = d sc q - dmin mn */
@@ -218,11 +229,8 @@ static void q4_k_block(const unsigned char *b, float *y) {
     const float d = half_at(b), dmin = half_at(b + 2);
     const unsigned char *q = b + 16;
     for (int j = 0; j < 8; j += 2, q += 32) {
-        int sc, mn;
-        scale_min_k4(j, b + 4, &sc, &mn);
-        const float d1 = d * (float)sc, m1 = dmin * (float)mn;
-        scale_min_k4(j + 1, b + 4, &sc, &mn);
-        const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+        float d1, m1, d2, m2;
+        pair_scales_k4(j, b, d, dmin, &d1, &m1, &d2, &m2);
         for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0x0f) - m1;
         for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
     }
@@ -234,11 +242,8 @@ static void q5_k_block(const unsigned char *b, float *y) {
     const float d = half_at(b), dmin = half_at(b + 2);
     const unsigned char *qh = b + 16, *q = b + 48;
     for (int j = 0; j < 8; j += 2, q += 32) {
-        int sc, mn;
-        scale_min_k4(j, b + 4, &sc, &mn);
-        const float d1 = d * (float)sc, m1 = dmin * (float)mn;
-        scale_min_k4(j + 1, b + 4, &sc, &mn);
-        const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+        float d1, m1, d2, m2;
+        pair_scales_k4(j, b, d, dmin, &d1, &m1, &d2, &m2);
         for (int l = 0; l < 32; l++) *y++ = d1 * (float)((q[l] & 0x0f) + ((qh[l] >> j) & 1) * 16) - m1;
         for (int l = 0; l < 32; l++) *y++ = d2 * (float)((q[l] >> 4) + ((qh[l] >> (j + 1)) & 1) * 16) - m2;
     }

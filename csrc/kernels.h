@@ -91,6 +91,14 @@ typedef struct llama2_kernels_s {
  * as one prefetched memory stream; AVX-512 packs these in 8-row blocks
  * (f32_stream_rows) so that matmul.c's row tiles of such matrices (24 or 8
  * rows) never split a block. */
+/* the lanes (bit i: row row + i) of the 16-row block starting at `row` that
+ * fall in [r0, r1): the store mask of the AVX-512 and AMX kernels */
+static inline uint16_t llama2_lanes16(int row, int r0, int r1) {
+    const int lo = r0 > row ? r0 - row : 0, hi = r1 - row < 16 ? r1 - row : 16;
+    if (hi <= lo) return 0;
+    return (uint16_t)((0xffffu >> (16 - hi)) & (0xffffu << lo));
+}
+
 static inline int llama2_f32_stream(const llama2_matrix *m) {
     return m->cols >= 1024 && (int64_t)m->rows * m->cols * 4 >= ((int64_t)8 << 20);
 }
@@ -200,6 +208,13 @@ void llama2_matmul_q8_batch_avx2(float *out, size_t out_stride, const llama2_act
                                  const llama2_matrix *w, int gs, int r0, int r1);
 void llama2_matmul_q8_batch_avx512(float *out, size_t out_stride, const llama2_activation *a, int n_tok,
                                    const llama2_matrix *w, int gs, int r0, int r1);
+/* per token t and group g (n / gs of them): corr[t * groups + g] = -bias *
+ * (the sum of the group's activation bytes), in stack when n_tok * groups <=
+ * LLAMA2_STACK_CORR, else in a malloc'd array (free it when it is not stack);
+ * NULL when out of memory */
+#define LLAMA2_STACK_CORR 2048
+int32_t *llama2_q8_group_corrections(int32_t *stack, const llama2_activation *a, int n_tok, int n, int gs,
+                                     int32_t bias);
 #endif
 #if defined(LLAMA2_HAVE_NEON_KERNELS)
 /* kernels_q4_neon.c: NEON with widening multiplies (_mull) and with SDOT (_sdot), over AVX2's layouts */

@@ -67,13 +67,6 @@ AMX_FN static void configure(int m, int k) {
     _tile_loadconfig(&c);
 }
 
-/* the lanes of the 16-row block starting at `row` that fall in [r0, r1) */
-AMX_FN static inline __mmask16 block_lanes(int row, int r0, int r1) {
-    const int lo = r0 > row ? r0 - row : 0, hi = r1 - row < 16 ? r1 - row : 16;
-    if (hi <= lo) return 0;
-    return (__mmask16)((0xffffu >> (16 - hi)) & (0xffffu << lo));
-}
-
 /* acc[t] += ((float)(c[t] + corr[t]) * ws) * xs[t] for the m tokens of a group */
 AMX_FN static inline void scale_group(__m512 *acc, const int32_t *c, const int32_t *corr, size_t corr_stride,
                                       const float *ws_p, const llama2_activation *a, int g, int m) {
@@ -150,7 +143,7 @@ AMX_FN static void tokens_tile(float *out, size_t os, const llama2_activation *a
             GROUP_SCALE(0, 1, g);
         }
         if (groups % 2 == 0) GROUP_SCALE(2, 3, groups - 1);
-        const __mmask16 l0 = block_lanes(16 * rb, r0, r1), l1 = block_lanes(16 * (rb + 1), r0, r1);
+        const __mmask16 l0 = llama2_lanes16(16 * rb, r0, r1), l1 = llama2_lanes16(16 * (rb + 1), r0, r1);
         for (int t = 0; t < m; t++) {
             _mm512_mask_storeu_ps(out + t * os + 16 * rb, l0, acc0[t]);
             if (pair) _mm512_mask_storeu_ps(out + t * os + 16 * (rb + 1), l1, acc1[t]);
@@ -167,13 +160,13 @@ AMX_FN void llama2_matmul_q8_batch_amx(float *out, size_t os, const llama2_activ
     }
     /* per token and group: -128 * (the group's activation bytes); and the
      * activation rows, if they are not evenly spaced, copied so that they are */
-    int32_t *corr = (int32_t *)malloc(sizeof(int32_t) * (size_t)n_tok * groups);
+    int32_t stack[LLAMA2_STACK_CORR], *corr = llama2_q8_group_corrections(stack, a, n_tok, n, gs, 128);
     size_t stride = n_tok > 1 ? (size_t)(a[1].q - a[0].q) : (size_t)n;
     int even = a[0].q != NULL && (n_tok == 1 || a[1].q > a[0].q);
     for (int t = 2; t < n_tok && even; t++) even = a[t].q == a[0].q + (size_t)t * stride;
     int8_t *packed = even ? NULL : (int8_t *)malloc((size_t)n_tok * n);
     if (!corr || (!even && !packed)) {
-        free(corr);
+        if (corr != stack) free(corr);
         free(packed);
         llama2_matmul_q8_batch_avx512(out, os, a, n_tok, w, gs, r0, r1);
         return;
@@ -183,12 +176,6 @@ AMX_FN void llama2_matmul_q8_batch_amx(float *out, size_t os, const llama2_activ
         stride = (size_t)n;
     }
     const int8_t *x = even ? a[0].q : packed;
-    for (int t = 0; t < n_tok; t++)
-        for (int g = 0; g < groups; g++) {
-            int32_t sum = 0;
-            for (int i = g * gs; i < (g + 1) * gs; i++) sum += a[t].q[i];
-            corr[(size_t)t * groups + g] = -128 * sum;
-        }
     const int k = gs % 64 == 0 ? 64 : 32;
     int configured = 0;
     for (int t = 0; t < n_tok; t += 16) {
@@ -198,7 +185,7 @@ AMX_FN void llama2_matmul_q8_batch_amx(float *out, size_t os, const llama2_activ
                     r0 / 16, (r1 + 15) / 16, r0, r1);
     }
     _tile_release();
-    free(corr);
+    if (corr != stack) free(corr);
     free(packed);
 }
 

@@ -46,13 +46,6 @@
 #define UNROLL
 #endif
 
-/* the lanes of the 16-row block starting at `row` that fall in [r0, r1) */
-INLINE_AVX512 __mmask16 lanes(int row, int r0, int r1) {
-    const int lo = r0 > row ? r0 - row : 0, hi = r1 - row < 16 ? r1 - row : 16;
-    if (hi <= lo) return 0;
-    return (__mmask16)((0xffffu >> (16 - hi)) & (0xffffu << lo));
-}
-
 /* 16 packed weights (one column of a block) as fp32: bf16 widens exactly by
  * a 16-bit shift. `bf16` is a constant in every caller, so each kernel below
  * is compiled twice, once per weight type. */
@@ -95,7 +88,7 @@ INLINE_AVX512 block_plan plan_blocks(int r0, int r1) {
 }
 
 /* the lanes of the half block (8 rows from `row`) that fall in [r0, r1) */
-INLINE_AVX512 __mmask8 half_lanes(int row, int r0, int r1) { return (__mmask8)(lanes(row, r0, r1) & 0xff); }
+INLINE_AVX512 __mmask8 half_lanes(int row, int r0, int r1) { return (__mmask8)(llama2_lanes16(row, r0, r1) & 0xff); }
 
 /* ---- fp32 and bf16, one token ----
  * Four blocks (64 rows) at a time keep the adds busy, then two, then one.
@@ -147,10 +140,10 @@ INLINE_AVX512 void matmul_dense(float *out, const float *x, const void *p, int n
             a2 = mac(a2, load_w(p, p0 + 2 * bs + 16 * (size_t)j, bf16), xj, bf16);
             a3 = mac(a3, load_w(p, p0 + 3 * bs + 16 * (size_t)j, bf16), xj, bf16);
         }
-        _mm512_mask_storeu_ps(out + 16 * b, lanes(16 * b, r0, r1), a0);
-        _mm512_mask_storeu_ps(out + 16 * (b + 1), lanes(16 * (b + 1), r0, r1), a1);
-        _mm512_mask_storeu_ps(out + 16 * (b + 2), lanes(16 * (b + 2), r0, r1), a2);
-        _mm512_mask_storeu_ps(out + 16 * (b + 3), lanes(16 * (b + 3), r0, r1), a3);
+        _mm512_mask_storeu_ps(out + 16 * b, llama2_lanes16(16 * b, r0, r1), a0);
+        _mm512_mask_storeu_ps(out + 16 * (b + 1), llama2_lanes16(16 * (b + 1), r0, r1), a1);
+        _mm512_mask_storeu_ps(out + 16 * (b + 2), llama2_lanes16(16 * (b + 2), r0, r1), a2);
+        _mm512_mask_storeu_ps(out + 16 * (b + 3), llama2_lanes16(16 * (b + 3), r0, r1), a3);
     }
     for (; b + 2 <= b_end; b += 2) {
         const size_t p0 = (size_t)b * bs;
@@ -160,14 +153,14 @@ INLINE_AVX512 void matmul_dense(float *out, const float *x, const void *p, int n
             a0 = mac(a0, load_w(p, p0 + 16 * (size_t)j, bf16), xj, bf16);
             a1 = mac(a1, load_w(p, p0 + bs + 16 * (size_t)j, bf16), xj, bf16);
         }
-        _mm512_mask_storeu_ps(out + 16 * b, lanes(16 * b, r0, r1), a0);
-        _mm512_mask_storeu_ps(out + 16 * (b + 1), lanes(16 * (b + 1), r0, r1), a1);
+        _mm512_mask_storeu_ps(out + 16 * b, llama2_lanes16(16 * b, r0, r1), a0);
+        _mm512_mask_storeu_ps(out + 16 * (b + 1), llama2_lanes16(16 * (b + 1), r0, r1), a1);
     }
     for (; b < b_end; b++) {
         const size_t p0 = (size_t)b * bs;
         __m512 a0 = _mm512_setzero_ps();
         for (int j = 0; j < n; j++) a0 = mac(a0, load_w(p, p0 + 16 * (size_t)j, bf16), _mm512_set1_ps(x[j]), bf16);
-        _mm512_mask_storeu_ps(out + 16 * b, lanes(16 * b, r0, r1), a0);
+        _mm512_mask_storeu_ps(out + 16 * b, llama2_lanes16(16 * b, r0, r1), a0);
     }
     if (bp.tail) dense_half(out, x, p, n, b_end, 0, r0, r1, bf16);
 }
@@ -278,7 +271,7 @@ INLINE_AVX512 void matmul_dense_batch(float *out, size_t os, const llama2_activa
     ALIGN64 float wide[2 * TILE * 16]; /* bf16 tiles widened, stream tiles interleaved */
     for (int b = b_first; b < b_end; b += 2) {
         const int two = b + 1 < b_end, row = 16 * b;
-        const __mmask16 m0 = lanes(row, r0, r1), m1 = two ? lanes(row + 16, r0, r1) : 0;
+        const __mmask16 m0 = llama2_lanes16(row, r0, r1), m1 = two ? llama2_lanes16(row + 16, r0, r1) : 0;
         const size_t p0 = (size_t)b * bs, p1 = p0 + bs;
         for (int j0 = 0; j0 < n; j0 += TILE) {
             const int j1 = j0 + TILE < n ? j0 + TILE : n, m = j1 - j0;
@@ -418,11 +411,11 @@ INLINE_AVX512 void q8_blocks(float *out, const int8_t *xq, const float *xs, cons
         if (NB > 2) { SCALE(acc2, s2, t2, 2); SCALE(acc3, s3, t3, 3); }
 #undef SCALE
     }
-    _mm512_mask_storeu_ps(out + 16 * b, lanes(16 * b, r0, r1), acc0);
-    if (NB > 1) _mm512_mask_storeu_ps(out + 16 * (b + 1), lanes(16 * (b + 1), r0, r1), acc1);
+    _mm512_mask_storeu_ps(out + 16 * b, llama2_lanes16(16 * b, r0, r1), acc0);
+    if (NB > 1) _mm512_mask_storeu_ps(out + 16 * (b + 1), llama2_lanes16(16 * (b + 1), r0, r1), acc1);
     if (NB > 2) {
-        _mm512_mask_storeu_ps(out + 16 * (b + 2), lanes(16 * (b + 2), r0, r1), acc2);
-        _mm512_mask_storeu_ps(out + 16 * (b + 3), lanes(16 * (b + 3), r0, r1), acc3);
+        _mm512_mask_storeu_ps(out + 16 * (b + 2), llama2_lanes16(16 * (b + 2), r0, r1), acc2);
+        _mm512_mask_storeu_ps(out + 16 * (b + 3), llama2_lanes16(16 * (b + 3), r0, r1), acc3);
     }
 }
 
@@ -528,11 +521,11 @@ INLINE_AVX512 void q8_span_blocks(float *out, const int8_t *xq, const float *xs,
         if (NB > 2) { END(acc2, s2, 2); END(acc3, s3, 3); }
 #undef END
     }
-    _mm512_mask_storeu_ps(out + 16 * b, lanes(16 * b, r0, r1), acc0);
-    if (NB > 1) _mm512_mask_storeu_ps(out + 16 * (b + 1), lanes(16 * (b + 1), r0, r1), acc1);
+    _mm512_mask_storeu_ps(out + 16 * b, llama2_lanes16(16 * b, r0, r1), acc0);
+    if (NB > 1) _mm512_mask_storeu_ps(out + 16 * (b + 1), llama2_lanes16(16 * (b + 1), r0, r1), acc1);
     if (NB > 2) {
-        _mm512_mask_storeu_ps(out + 16 * (b + 2), lanes(16 * (b + 2), r0, r1), acc2);
-        _mm512_mask_storeu_ps(out + 16 * (b + 3), lanes(16 * (b + 3), r0, r1), acc3);
+        _mm512_mask_storeu_ps(out + 16 * (b + 2), llama2_lanes16(16 * (b + 2), r0, r1), acc2);
+        _mm512_mask_storeu_ps(out + 16 * (b + 3), llama2_lanes16(16 * (b + 3), r0, r1), acc3);
     }
 }
 #undef DP
@@ -615,10 +608,10 @@ INLINE_AVX512 void attn_scores_vectors(float *att, const float *q, const float *
         if (NV > 2) s2 = _mm512_add_ps(s2, _mm512_mul_ps(qi, keys16(k0 + 4 * bs, bs, i)));
         if (NV > 3) s3 = _mm512_add_ps(s3, _mm512_mul_ps(qi, keys16(k0 + 6 * bs, bs, i)));
     }
-    _mm512_mask_storeu_ps(att + 8 * b, lanes(8 * b, 0, n), _mm512_div_ps(s0, sc));
-    if (NV > 1) _mm512_mask_storeu_ps(att + 8 * b + 16, lanes(8 * b + 16, 0, n), _mm512_div_ps(s1, sc));
-    if (NV > 2) _mm512_mask_storeu_ps(att + 8 * b + 32, lanes(8 * b + 32, 0, n), _mm512_div_ps(s2, sc));
-    if (NV > 3) _mm512_mask_storeu_ps(att + 8 * b + 48, lanes(8 * b + 48, 0, n), _mm512_div_ps(s3, sc));
+    _mm512_mask_storeu_ps(att + 8 * b, llama2_lanes16(8 * b, 0, n), _mm512_div_ps(s0, sc));
+    if (NV > 1) _mm512_mask_storeu_ps(att + 8 * b + 16, llama2_lanes16(8 * b + 16, 0, n), _mm512_div_ps(s1, sc));
+    if (NV > 2) _mm512_mask_storeu_ps(att + 8 * b + 32, llama2_lanes16(8 * b + 32, 0, n), _mm512_div_ps(s2, sc));
+    if (NV > 3) _mm512_mask_storeu_ps(att + 8 * b + 48, llama2_lanes16(8 * b + 48, 0, n), _mm512_div_ps(s3, sc));
 }
 
 AVX512_FN static void attn_scores_avx512(float *att, const float *q, const float *kt, int n, int hs, float scale) {
@@ -637,7 +630,7 @@ AVX512_FN static void attn_scores_avx512(float *att, const float *q, const float
         __m256 s0 = _mm256_setzero_ps();
         for (int i = 0; i < hs; i++)
             s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_set1_ps(q[i]), _mm256_loadu_ps(k0 + 8 * i)));
-        _mm256_mask_storeu_ps(att + 8 * b, (__mmask8)lanes(8 * b, 0, n), _mm256_div_ps(s0, _mm512_castps512_ps256(sc)));
+        _mm256_mask_storeu_ps(att + 8 * b, (__mmask8)llama2_lanes16(8 * b, 0, n), _mm256_div_ps(s0, _mm512_castps512_ps256(sc)));
     }
 }
 
@@ -661,7 +654,7 @@ AVX512_FN static void attn_values_avx512(float *out, const float *att, const flo
     int i0 = 0;
     for (; i0 + 128 <= hs; i0 += 128) attn_values_vectors(out, att, v, n, stride, i0, 8, 0xffff);
     const int left = hs - i0;
-    const __mmask16 last = lanes(0, 0, left - (left - 1) / 16 * 16);
+    const __mmask16 last = llama2_lanes16(0, 0, left - (left - 1) / 16 * 16);
     switch ((left + 15) / 16) {
     case 8: attn_values_vectors(out, att, v, n, stride, i0, 8, last); break;
     case 7: attn_values_vectors(out, att, v, n, stride, i0, 7, last); break;

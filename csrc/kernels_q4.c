@@ -177,7 +177,7 @@ int llama2_pack_q4(llama2_transformer *t, llama2_matrix *m, llama2_error *err) {
  * -8 * (sum of activation block b) for Q4_0 (bias 8), or -128 * (the same)
  * for the Q8_0 kernels whose weights are stored + 128 (bias 128). On the
  * stack for up to STACK_CORR values, else on the heap. */
-#define STACK_CORR 2048
+#define STACK_CORR LLAMA2_STACK_CORR
 
 INLINE_AVX2 int32_t block_sum(const int8_t *x) { /* sum of 32 int8 */
     __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x), _mm256_set1_epi8((char)0x80));
@@ -329,13 +329,6 @@ AVX2_FN void llama2_matmul_q4_batch_avx2(float *out, size_t os, const llama2_act
 
 /* ================= AVX-512 (VNNI): 16 rows per block ================= */
 
-/* the lanes of the 16-row block starting at `row` that fall in [r0, r1) */
-INLINE_AVX512 __mmask16 lanes16(int row, int r0, int r1) {
-    const int lo = r0 > row ? r0 - row : 0, hi = r1 - row < 16 ? r1 - row : 16;
-    if (hi <= lo) return 0;
-    return (__mmask16)((0xffffu >> (16 - hi)) & (0xffffu << lo));
-}
-
 INLINE_AVX512 __m512i bcast4_512(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -373,7 +366,7 @@ INLINE_AVX512 void q4_blocks_avx512(float *out, const int8_t *xq, const float *x
                                                          _mm512_mul_ps(dw, dx)));
         }
     }
-    for (int u = 0; u < NB; u++) _mm512_mask_storeu_ps(out + 16 * (rb + u), lanes16(16 * (rb + u), r0, r1), acc[u]);
+    for (int u = 0; u < NB; u++) _mm512_mask_storeu_ps(out + 16 * (rb + u), llama2_lanes16(16 * (rb + u), r0, r1), acc[u]);
 }
 
 /* rows 8 * hi .. 8 * hi + 7 of row block rb alone (a call that starts or ends
@@ -398,7 +391,7 @@ INLINE_AVX512 void q4_half_avx512(float *out, const int8_t *xq, const float *xs,
                                                _mm256_mul_ps(dw, _mm256_set1_ps(xs[b]))));
     }
     const int row = 16 * rb + 8 * hi;
-    _mm256_mask_storeu_ps(out + row, (__mmask8)(lanes16(row, r0, r1) & 0xff), acc);
+    _mm256_mask_storeu_ps(out + row, (__mmask8)(llama2_lanes16(row, r0, r1) & 0xff), acc);
 }
 
 AVX512_FN void llama2_matmul_q4_avx512(float *out, const int8_t *xq, const float *xs, const llama2_matrix *w,
@@ -448,7 +441,7 @@ INLINE_AVX512 void q4_tile_avx512(float *out, size_t os, const llama2_activation
             acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]),
                                                          _mm512_mul_ps(dw, _mm512_set1_ps(a[t].s[b]))));
     }
-    const __mmask16 m = lanes16(16 * rb, r0, r1);
+    const __mmask16 m = llama2_lanes16(16 * rb, r0, r1);
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * os + 16 * rb, m, acc[t]);
 }
 
@@ -486,9 +479,9 @@ AVX512_FN void llama2_matmul_q4_batch_avx512(float *out, size_t os, const llama2
  * loop compute, an exact int32 per group then
  * val += ((float)isum * w_scale) * x_scale, group after group. */
 
-/* per token t, group g: corr[t * groups + g] = -bias * (sum of the group's activation bytes) */
-AVX2_FN static int32_t *group_corrections(int32_t *stack, const llama2_activation *a, int n_tok, int n, int gs,
-                                          int32_t bias) {
+/* per token t, group g: corr[t * groups + g] = -bias * (sum of the group's activation bytes) (kernels.h) */
+AVX2_FN int32_t *llama2_q8_group_corrections(int32_t *stack, const llama2_activation *a, int n_tok, int n, int gs,
+                                             int32_t bias) {
     const int groups = n / gs, per = gs / 32;
     int32_t *corr = (size_t)n_tok * groups <= STACK_CORR ? stack
                                                          : (int32_t *)malloc(sizeof(int32_t) * n_tok * (size_t)groups);
@@ -600,14 +593,14 @@ INLINE_AVX512 void q8_tile_avx512(float *out, size_t os, const llama2_activation
             acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), ws),
                                                          _mm512_set1_ps(a[t].s[g])));
     }
-    const __mmask16 m = lanes16(16 * rb, r0, r1);
+    const __mmask16 m = llama2_lanes16(16 * rb, r0, r1);
     for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + t * os + 16 * rb, m, acc[t]);
 }
 
 AVX512_FN void llama2_matmul_q8_batch_avx512(float *out, size_t os, const llama2_activation *a, int n_tok,
                                              const llama2_matrix *w, int gs, int r0, int r1) {
     const int groups = w->cols / gs;
-    int32_t stack[STACK_CORR], *corr = w->pq && w->ps ? group_corrections(stack, a, n_tok, w->cols, gs, 128) : NULL;
+    int32_t stack[STACK_CORR], *corr = w->pq && w->ps ? llama2_q8_group_corrections(stack, a, n_tok, w->cols, gs, 128) : NULL;
     if (!corr) { /* not regrouped, or no memory: the portable loop */
         for (int t = 0; t < n_tok; t++) llama2_matmul_q8_rows(out + t * os, a[t].q, a[t].s, w, gs, r0, r1);
         return;
