@@ -339,10 +339,30 @@ def test_reserving_commits_kv_memory_and_changes_nothing(make_model):
 
 
 def test_the_engine_reserves_each_request_s_positions(long_llm):
-    engine = BatchEngine(long_llm, parallel=2)
+    engine = BatchEngine(long_llm, parallel=2, reserve_at_start=0)
     try:
+        assert all(s.reserved == 0 for s in engine._slots)
         steps = list(engine.run(long_llm.tokenizer.encode("hello", bos=True, eos=False), max_tokens=40,
                                 sampling=SamplingParams(temperature=0.0)))
         assert steps and any(s.reserved >= 40 for s in engine._slots)
     finally:
         engine.close()
+
+
+def test_the_engine_reserves_every_slot_s_first_positions_at_start(make_model):
+    """Before any request, each slot's first positions get committed in the
+    background (a first burst of requests would otherwise fault them in
+    inside its first decoding steps)."""
+    if sys.platform != "linux":
+        pytest.skip("RSS is read from /proc")
+    m = make_model(BIG_KV, version=1, seed=5)
+    llm = llama2c.Llama(m.path, tokenizer=m.tokenizer)
+    before = _rss_bytes()
+    engine = BatchEngine(llm, parallel=2, reserve_at_start=4096)
+    assert [s.reserved for s in engine._slots] == [4096, 4096]
+    engine.close()  # the reserver finishes its queued work first
+    grown = _rss_bytes() - before  # 2 slots x 2 layers x 4096 x 64 x (keys + values) x 4 bytes: 8 MiB
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    if release < (5, 14):
+        pytest.skip("committing pages without writing them needs Linux 5.14 (MADV_POPULATE_WRITE)")
+    assert grown >= 6 << 20, f"RSS grew by {grown} bytes"
