@@ -8,8 +8,8 @@ beside llama-cpp-python's OpenAI server on the same weights and the `run` progra
 Starts `llama2c serve` in a subprocess on a free 127.0.0.1 port (and with --peer
 llama-cpp, `python -m llama_cpp.server` on the GGUF copy of the same weights: Q8_0
 for int8, F32 for fp32, F16 for bf16, same threads and context), then sweeps
---repeat times (default 3) over N in --clients (default 1,2,4,8,16): N client
-threads at once against each server in turn (which server goes first alternates),
+--repeat times (default 3) over N in --clients (default 1,2,4,8,16): N clients
+at once against each server in turn (which server goes first alternates),
 each client making --requests streamed greedy completions of exactly --max-tokens
 tokens (BOS and EOS banned with logit_bias, so every request is as long). Each
 sweep first measures the references once: `run` on the same .bin (its own
@@ -29,8 +29,10 @@ and the targets as ratios within each sweep (then their median): one stream's
 decode rate (tokens after the first over the time from the first token's event to
 the last, the way `run` times itself) over `run`'s; the largest N's aggregate
 over one stream's; and the largest N's over the batch decoder alone. The clients
-run in this process: on a small machine they take CPU from the servers, as real
-clients on the same host would. --markdown prints the tables for
+run in this process, all in one thread (bench/sse_client.py's run_streams: one
+kept-alive connection each, events kept raw and parsed after the round): on a
+small machine they take CPU from the servers, as real clients on the same host
+would, but as little as a client can. --markdown prints the tables for
 docs/BENCHMARKS.md. bench/serve_overhead.py measures the CPU time per token of the
 HTTP path alone (no model).
 
@@ -48,9 +50,7 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama2c.bench.machine import cpu_info, git_commit, loadavg  # noqa: E402
-from sse_client import SSEConnection  # noqa: E402  (bench/, beside this file)
+from sse_client import run_streams  # noqa: E402  (bench/, beside this file)
 
 NO_END = {"1": -100, "2": -100}  # BOS and EOS never sampled: every request runs to max_tokens
 GGUF_TYPE = {"int8": "q8_0", "fp32": "f32", "bf16": "f16", "q4_0": "q4_0"}
@@ -175,18 +175,20 @@ def llama_cpp_server(gguf: Path, threads: int, n_ctx: int) -> Server:
     return Server("llama-cpp-python server", cmd, port, "/v1/models")
 
 
-def one_request(conn: SSEConnection, prompt: str, max_tokens: int) -> dict:
-    """One streamed completion: its token event times and token count (the
-    usage chunk's, when the server sends one; else max_tokens for a stream
-    that ended for its length, else its token events)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "repeat_penalty": 1.0,
+def request_body(prompt: str, max_tokens: int) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "repeat_penalty": 1.0,
             "logit_bias": NO_END, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
+
+
+def summarize(record: dict, max_tokens: int) -> dict:
+    """One streamed completion (run_streams' record, parsed after the round):
+    its token event times and token count (the usage chunk's, when the
+    server sends one; else max_tokens for a stream that ended for its
+    length, else its token events)."""
+    if record["status"] != 200:
+        raise RuntimeError(f"HTTP {record['status']}: {record['body'][:300]!r}")
     times, usage, finish = [], None, None
-    status, events = conn.post_stream("/v1/completions", body)
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {events[:300] if isinstance(events, bytes) else b''!r}")
-    for now, data in events:
+    for now, data in record["events"]:
         if data == b"[DONE]":
             continue  # the body ends right after it
         chunk = json.loads(data)
@@ -201,7 +203,7 @@ def one_request(conn: SSEConnection, prompt: str, max_tokens: int) -> dict:
         tokens = usage["completion_tokens"]
     else:
         tokens = max_tokens if finish == "length" else len(times)
-    return {"start": t0, "times": times, "tokens": tokens}
+    return {"start": record["start"], "times": times, "tokens": tokens}
 
 
 def merge(rows: list[dict]) -> dict:
@@ -225,27 +227,18 @@ def run_round(url: str, n_clients: int, n_requests: int, max_tokens: int, prompt
     """One round; `others_cpu`: the share of the machine's CPU time that went
     to neither the server (pid) nor these clients during it (other jobs)."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
-    results: list[dict] = []
-    lock = threading.Lock()
-
-    def client(i: int) -> None:
-        with SSEConnection(host, int(port), timeout=600) as conn:  # one keep-alive connection per client
-            for j in range(n_requests):
-                res = one_request(conn, prompts[(i + j) % len(prompts)], max_tokens)
-                with lock:
-                    results.append(res)
-
+    bodies = [[request_body(prompts[(i + j) % len(prompts)], max_tokens) for j in range(n_requests)]
+              for i in range(n_clients)]
     load = loadavg()
     busy0, total0 = cpu_jiffies()
     ours0 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
     start = time.perf_counter()
-    with ThreadPoolExecutor(n_clients) as pool:
-        for f in [pool.submit(client, i) for i in range(n_clients)]:
-            f.result()
+    records = run_streams(host, int(port), "/v1/completions", bodies)  # every client at once, in this thread
     wall = time.perf_counter() - start
     busy1, total1 = cpu_jiffies()
     ours1 = process_ticks(pid) + process_ticks(os.getpid()) if pid else 0
     others = ((busy1 - busy0) - (ours1 - ours0)) / (total1 - total0) if pid and total1 > total0 else float("nan")
+    results = [summarize(r, max_tokens) for r in records]
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from sse_client import HTTPError, SSEConnection  # noqa: E402
+from sse_client import HTTPError, ResponseParser, SSEConnection, run_streams  # noqa: E402
 
 
 def chunked(pieces: list[bytes]) -> bytes:
@@ -30,6 +30,10 @@ RESPONSES = {
 
 def serve(sock: socket.socket, requests: int) -> None:
     conn, _ = sock.accept()
+    answer(conn, requests)
+
+
+def answer(conn: socket.socket, requests: int) -> None:
     buf = b""
     with conn:
         for _ in range(requests):
@@ -97,3 +101,91 @@ def test_a_server_that_hangs_up_is_an_error():
     finally:
         t.join(timeout=5)
         sock.close()
+
+
+def test_many_streams_in_one_thread():
+    """run_streams: three clients at once, each sending its requests one after
+    another on its own kept-alive connection; every response complete, events
+    in order, a non-stream response's body kept."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(3)
+    plan = [["/lf", "/crlf"], ["/crlf", "/missing", "/lf"], ["/lf"]]
+
+    def accept_all() -> None:
+        for _ in plan:
+            conn, _ = sock.accept()
+            threading.Thread(target=answer, args=(conn, 3), daemon=True).start()
+
+    t = threading.Thread(target=accept_all, daemon=True)
+    t.start()
+    try:
+        records = run_streams_routed(sock.getsockname()[1], plan)
+    finally:
+        t.join(timeout=5)
+        sock.close()
+    by = {(r["client"], r["index"]): r for r in records}
+    assert sorted(by) == [(c, j) for c, paths in enumerate(plan) for j in range(len(paths))]
+    want = {"/lf": [b'{"a": 1}', b'{"a": 2}', b'{"a": 3}', b"[DONE]"], "/crlf": [b'{"a": 1}', b'{"a": 2}', b"[DONE]"]}
+    for (c, j), r in by.items():
+        path = plan[c][j]
+        if path == "/missing":
+            assert r["status"] == 404 and json.loads(r["body"])["error"]["message"] == "no such thing"
+        else:
+            assert r["status"] == 200 and [d for _, d in r["events"]] == want[path]
+            assert all(r["start"] <= t for t, _ in r["events"])
+    for c in range(len(plan)):  # a client's requests went one after another
+        starts = [by[(c, j)]["start"] for j in range(len(plan[c]))]
+        assert starts == sorted(starts)
+
+
+def run_streams_routed(port: int, plan: list[list[str]]) -> list[dict]:
+    """run_streams with each request's path taken from the plan (the test
+    server routes by path; run_streams sends one path, so each body names its
+    own and a tiny wrapper puts it in the request line)."""
+    import sse_client
+
+    real = sse_client.request_bytes
+
+    def routed(host, port_, path, body):
+        return real(host, port_, body.pop("path"), body)
+
+    sse_client.request_bytes = routed
+    try:
+        return run_streams("127.0.0.1", port, "/unused", [[{"prompt": "hi", "path": p} for p in paths]
+                                                          for paths in plan], timeout=5)
+    finally:
+        sse_client.request_bytes = real
+
+
+def test_run_streams_reports_a_hang_up():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = sock.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:")
+        conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(HTTPError, match="closed"):
+            run_streams("127.0.0.1", sock.getsockname()[1], "/lf", [[{"prompt": "hi"}]], timeout=5)
+    finally:
+        t.join(timeout=5)
+        sock.close()
+
+
+def test_the_parser_takes_a_response_byte_by_byte():
+    """Every split of the bytes gives the same events and leaves the next
+    response's bytes alone."""
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + RESPONSES["/lf"][1] + b"HTTP/1.1 404")
+    p = ResponseParser()
+    for i in range(len(raw)):
+        p.feed(raw[i:i + 1], float(i))
+    assert p.done and p.status == 200 and p.rest == b"HTTP/1.1 404"
+    assert [d for _, d in p.events] == [b'{"a": 1}', b'{"a": 2}', b'{"a": 3}', b"[DONE]"]
+    assert [t for t, _ in p.events] == sorted(t for t, _ in p.events)
