@@ -242,7 +242,8 @@ def run_round(url: str, n_clients: int, n_requests: int, max_tokens: int, prompt
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
-    decode = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in results if len(r["times"]) > 2]
+    decode = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in results
+              if len(r["times"]) > 2 and r["times"][-1] > r["times"][0]]
     return {"clients": n_clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "per_stream_tokens_per_s": tokens / wall / n_clients,
             "decode_tokens_per_s": statistics.median(decode) if decode else float("nan"),

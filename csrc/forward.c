@@ -140,7 +140,7 @@ static void attention_head(void *ctx, int c) {
     const float *q = j->q_all + (size_t)b * cf->dim + (size_t)h * hs;
     float *att = j->att + ((size_t)b * cf->n_heads + h) * j->att_stride;
     t->kernels->attn_scores(att, q, key_head(cx, j->layer, kv_h), pos + 1, hs, sqrtf((float)hs));
-    llama2_softmax(att, pos + 1);
+    (t->kernels->softmax ? t->kernels->softmax : llama2_softmax)(att, pos + 1);
     const float *v = cx->value_cache + (size_t)j->layer * (size_t)cx->n_ctx * kv_dim + (size_t)kv_h * hs;
     t->kernels->attn_values(j->out + (size_t)b * cf->dim + (size_t)h * hs, att, v, pos + 1, hs, kv_dim);
 }
@@ -221,12 +221,8 @@ static void step_swiglu(void *ctx, int b) {
     const int hidden = j->t->config.hidden_dim;
     float *hb = j->rs->hb + (size_t)b * hidden;
     const float *hb2 = j->rs->hb2 + (size_t)b * hidden;
-    for (int i = 0; i < hidden; i++) {
-        float val = hb[i];
-        val *= (1.0f / (1.0f + expf(-val)));
-        val *= hb2[i];
-        hb[i] = val;
-    }
+    const llama2_kernels *k = j->t->kernels;
+    (k->swiglu ? k->swiglu : llama2_swiglu)(hb, hb2, hidden);
     prepare(&j->a[b], hb, hidden, j->rs->hq, j->rs->hs, b, j->t->gs, j->t->kernels);
 }
 

@@ -185,6 +185,7 @@ int llama2_default_context(llama2_transformer *t, llama2_context **out, llama2_e
 /* ops.c and matmul.c: fp32 pieces (also used by the int8 path) and the matmul split */
 void llama2_rmsnorm(float *o, const float *x, const float *w, int n, float eps);
 void llama2_softmax(float *x, int n);
+void llama2_swiglu(float *hb, const float *hb2, int n);
 struct llama2_kernels_s;
 struct llama2_pool;
 void llama2_matvec(float *out, const llama2_activation *a, const llama2_matrix *w, int gs,

@@ -84,7 +84,33 @@ typedef struct llama2_kernels_s {
     /* one head's output: out[i] = att[0]*v_0[i] + att[1]*v_1[i] + ... over p < n,
      * v_p = v + p * stride */
     void (*attn_values)(float *out, const float *att, const float *v, int n, int hs, size_t stride);
+    /* hb[i] = hb[i] * (1 / (1 + expf(-hb[i]))) * hb2[i] (SwiGLU), exactly as
+     * llama2_swiglu (ops.c); NULL: that function */
+    void (*swiglu)(float *hb, const float *hb2, int n);
+    /* x = softmax(x), exactly as llama2_softmax (ops.c); NULL: that function */
+    void (*softmax)(float *x, int n);
+    /* out[i] = exp(x[i]) for i < n by the lanes the two above use (below);
+     * NULL: none */
+    void (*expf)(float *out, const float *x, int n);
 } llama2_kernels;
+
+/* ---- expf in SIMD lanes (expf_simd.c) ----
+ * The x86 tiers' swiglu and softmax take exp() of 8 or 16 floats at once by
+ * the algorithm of glibc's expf, which gives that expf's bits for every
+ * input, once llama2_expf_agrees() has found their lanes equal to this C
+ * library's expf; else they call expf per element. The double-precision
+ * constants, as bit patterns: */
+#define LLAMA2_EXPF_INVLN2N 0x40471547652b82feull /* 32 / ln 2 */
+#define LLAMA2_EXPF_SHIFT 0x4338000000000000ull   /* 1.5 * 2^52: adding it rounds to an integer */
+#define LLAMA2_EXPF_C0 0x3ebc6af84b912394ull      /* the cubic's coefficients of r^3, r^2, r */
+#define LLAMA2_EXPF_C1 0x3f2ebfce50fac4f3ull
+#define LLAMA2_EXPF_C2 0x3f962e42ff0c52d6ull
+#define LLAMA2_EXPF_BIG_TOP 0x42b                 /* top 12 bits of |x| from which x is >= 88, inf or NaN */
+#define LLAMA2_EXPF_OVER 0x42b17217u              /* float bits: above this x, +inf */
+#define LLAMA2_EXPF_UNDER 0xc2cff1b4u             /* below this (negative) x, 0 */
+extern const uint64_t llama2_exp2_table[32];
+typedef void (*llama2_expf_lanes)(float *out, const float *x, int n); /* out[i] = expf(x[i]), i < n */
+int llama2_expf_agrees(llama2_expf_lanes f);
 
 /* A "stream" matrix: big fp32 with long rows (8 MB and more, 1024 columns
  * and more: TinyLlama's), which the decode kernels read one block at a time

@@ -566,6 +566,118 @@ AVX2_FN static void quantize_avx2(int8_t *q, float *s, const float *x, int n, in
     if (start < n) llama2_quantize(q + start, s + g, x + start, n - start, gs);
 }
 
+/* ---- exp() in 8 lanes (expf_simd.c: the algorithm, and why it gives the
+ * C library's bits), and the two steps that take it ---- */
+AVX2_FN static inline __m256d exp_pd4(__m256d xd) {
+    const __m256d invln2n = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)LLAMA2_EXPF_INVLN2N));
+    const __m256d shift = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)LLAMA2_EXPF_SHIFT));
+    __m256d kd = _mm256_fmadd_pd(invln2n, xd, shift); /* k in the low bits */
+    const __m256i ki = _mm256_castpd_si256(kd);
+    kd = _mm256_sub_pd(kd, shift);
+    const __m256d r = _mm256_fmsub_pd(invln2n, xd, kd);
+    const __m256i t = _mm256_add_epi64(_mm256_i64gather_epi64((const long long *)llama2_exp2_table,
+                                                              _mm256_and_si256(ki, _mm256_set1_epi64x(31)), 8),
+                                       _mm256_slli_epi64(ki, 47));
+    const __m256d c0 = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)LLAMA2_EXPF_C0));
+    const __m256d c1 = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)LLAMA2_EXPF_C1));
+    const __m256d c2 = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)LLAMA2_EXPF_C2));
+    const __m256d z = _mm256_fmadd_pd(c0, r, c1), r2 = _mm256_mul_pd(r, r);
+    const __m256d y = _mm256_fmadd_pd(z, r2, _mm256_fmadd_pd(c2, r, _mm256_set1_pd(1.0)));
+    return _mm256_mul_pd(y, _mm256_castsi256_pd(t));
+}
+
+AVX2_FN static inline __m256 exp_ps8(__m256 x) {
+    const __m128 lo = _mm256_cvtpd_ps(exp_pd4(_mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+    const __m128 hi = _mm256_cvtpd_ps(exp_pd4(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+    __m256 y = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i top = _mm256_and_si256(_mm256_srli_epi32(bits, 20), _mm256_set1_epi32(0x7ff));
+    const __m256 big = _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(LLAMA2_EXPF_BIG_TOP - 1)));
+    if (_mm256_movemask_ps(big)) { /* |x| >= 88, infinities, NaNs */
+        const __m256 over = _mm256_castsi256_ps(_mm256_set1_epi32((int)LLAMA2_EXPF_OVER));
+        const __m256 under = _mm256_castsi256_ps(_mm256_set1_epi32((int)LLAMA2_EXPF_UNDER));
+        y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_and_ps(big, _mm256_cmp_ps(x, over, _CMP_GT_OQ)));
+        y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_and_ps(big, _mm256_cmp_ps(x, under, _CMP_LT_OQ)));
+        const __m256 special = _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x7f7)));
+        y = _mm256_blendv_ps(y, _mm256_add_ps(x, x), special);
+        const __m256 minf = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_set1_epi32((int)0xff800000u)));
+        y = _mm256_blendv_ps(y, _mm256_setzero_ps(), minf);
+    }
+    return y;
+}
+
+AVX2_FN static void expf_avx2(float *out, const float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp_ps8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float tail[8] = {0};
+        memcpy(tail, x + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(tail, exp_ps8(_mm256_loadu_ps(tail)));
+        memcpy(out + i, tail, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+static int expf_avx2_agrees(void) {
+    static volatile int state; /* 0: not checked yet, 1: agrees, -1: does not (checking twice is harmless) */
+    if (!state) state = llama2_expf_agrees(expf_avx2) ? 1 : -1;
+    return state > 0;
+}
+
+AVX2_FN static void swiglu_avx2(float *hb, const float *hb2, int n) {
+    if (!expf_avx2_agrees()) {
+        llama2_swiglu(hb, hb2, n);
+        return;
+    }
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(hb + i);
+        const __m256 gate = _mm256_div_ps(one, _mm256_add_ps(one, exp_ps8(_mm256_xor_ps(v, sign))));
+        _mm256_storeu_ps(hb + i, _mm256_mul_ps(_mm256_mul_ps(v, gate), _mm256_loadu_ps(hb2 + i)));
+    }
+    if (i < n) llama2_swiglu(hb + i, hb2 + i, n - i);
+}
+
+/* x[i] = expf(x[i] - max_val) */
+AVX2_FN static void expf_shifted_avx2(float *x, int n, float max_val) {
+    const __m256 vmax = _mm256_set1_ps(max_val);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax)));
+    if (i < n) {
+        for (int j = i; j < n; j++) x[j] -= max_val;
+        expf_avx2(x + i, x + i, n - i);
+    }
+}
+
+/* the maximum per lane as the scalar loop takes it (x[0], then strictly
+ * greater values), then the exps in lanes, the sum in the scalar loop's
+ * order, and the divisions */
+AVX2_FN static void softmax_avx2(float *x, int n) {
+    if (n < 8 || !expf_avx2_agrees()) {
+        llama2_softmax(x, n);
+        return;
+    }
+    __m256 mx = _mm256_set1_ps(x[0]);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        mx = _mm256_blendv_ps(mx, v, _mm256_cmp_ps(v, mx, _CMP_GT_OQ));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    float max_val = lanes[0];
+    for (int l = 1; l < 8; l++)
+        if (lanes[l] > max_val) max_val = lanes[l];
+    for (; i < n; i++)
+        if (x[i] > max_val) max_val = x[i];
+    expf_shifted_avx2(x, n, max_val);
+    float sum = 0.0f;
+    for (i = 0; i < n; i++) sum += x[i];
+    const __m256 vsum = _mm256_set1_ps(sum);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), vsum));
+    for (; i < n; i++) x[i] /= sum;
+}
+
 const llama2_kernels llama2_kernels_avx2 = {
     .name = "avx2",
     .packs = 1,
@@ -583,5 +695,8 @@ const llama2_kernels llama2_kernels_avx2 = {
     .quantize = quantize_avx2,
     .attn_scores = attn_scores_avx2,
     .attn_values = attn_values_avx2,
+    .swiglu = swiglu_avx2,
+    .softmax = softmax_avx2,
+    .expf = expf_avx2,
 };
 #endif

@@ -711,6 +711,106 @@ AVX512_FN static void quantize_avx512(int8_t *q, float *s, const float *x, int n
     if (start < n) llama2_quantize(q + start, s + g, x + start, n - start, gs);
 }
 
+/* ---- exp() in 16 lanes (expf_simd.c: the algorithm, and why it gives
+ * the C library's bits), and the two steps that take it ---- */
+INLINE_AVX512 __m512d exp_pd8(__m512d xd) {
+    const __m512d invln2n = _mm512_castsi512_pd(_mm512_set1_epi64((long long)LLAMA2_EXPF_INVLN2N));
+    const __m512d shift = _mm512_castsi512_pd(_mm512_set1_epi64((long long)LLAMA2_EXPF_SHIFT));
+    __m512d kd = _mm512_fmadd_pd(invln2n, xd, shift); /* k in the low bits */
+    const __m512i ki = _mm512_castpd_si512(kd);
+    kd = _mm512_sub_pd(kd, shift);
+    const __m512d r = _mm512_fmsub_pd(invln2n, xd, kd);
+    const __m512i t = _mm512_add_epi64(_mm512_i64gather_epi64(_mm512_and_si512(ki, _mm512_set1_epi64(31)),
+                                                              (const void *)llama2_exp2_table, 8),
+                                       _mm512_slli_epi64(ki, 47));
+    const __m512d c0 = _mm512_castsi512_pd(_mm512_set1_epi64((long long)LLAMA2_EXPF_C0));
+    const __m512d c1 = _mm512_castsi512_pd(_mm512_set1_epi64((long long)LLAMA2_EXPF_C1));
+    const __m512d c2 = _mm512_castsi512_pd(_mm512_set1_epi64((long long)LLAMA2_EXPF_C2));
+    const __m512d z = _mm512_fmadd_pd(c0, r, c1), r2 = _mm512_mul_pd(r, r);
+    const __m512d y = _mm512_fmadd_pd(z, r2, _mm512_fmadd_pd(c2, r, _mm512_set1_pd(1.0)));
+    return _mm512_mul_pd(y, _mm512_castsi512_pd(t));
+}
+
+INLINE_AVX512 __m512 exp_ps16(__m512 x) {
+    const __m256 lo = _mm512_cvtpd_ps(exp_pd8(_mm512_cvtps_pd(_mm512_castps512_ps256(x))));
+    const __m256 hi = _mm512_cvtpd_ps(exp_pd8(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))));
+    __m512 y = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i top = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(0x7ff));
+    const __mmask16 big = _mm512_cmpge_epi32_mask(top, _mm512_set1_epi32(LLAMA2_EXPF_BIG_TOP));
+    if (big) { /* |x| >= 88, infinities, NaNs */
+        const __m512 over = _mm512_castsi512_ps(_mm512_set1_epi32((int)LLAMA2_EXPF_OVER));
+        const __m512 under = _mm512_castsi512_ps(_mm512_set1_epi32((int)LLAMA2_EXPF_UNDER));
+        y = _mm512_mask_mov_ps(y, _mm512_mask_cmp_ps_mask(big, x, over, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+        y = _mm512_mask_mov_ps(y, _mm512_mask_cmp_ps_mask(big, x, under, _CMP_LT_OQ), _mm512_setzero_ps());
+        y = _mm512_mask_add_ps(y, _mm512_mask_cmpge_epi32_mask(big, top, _mm512_set1_epi32(0x7f8)), x, x);
+        y = _mm512_mask_mov_ps(y, _mm512_cmpeq_epi32_mask(bits, _mm512_set1_epi32((int)0xff800000u)),
+                               _mm512_setzero_ps());
+    }
+    return y;
+}
+
+AVX512_FN static void expf_avx512(float *out, const float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = llama2_lanes16(i, 0, n);
+        _mm512_mask_storeu_ps(out + i, m, exp_ps16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static int expf_avx512_agrees(void) {
+    static volatile int state; /* 0: not checked yet, 1: agrees, -1: does not (checking twice is harmless) */
+    if (!state) state = llama2_expf_agrees(expf_avx512) ? 1 : -1;
+    return state > 0;
+}
+
+AVX512_FN static void swiglu_avx512(float *hb, const float *hb2, int n) {
+    if (!expf_avx512_agrees()) {
+        llama2_swiglu(hb, hb2, n);
+        return;
+    }
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = llama2_lanes16(i, 0, n);
+        const __m512 v = _mm512_maskz_loadu_ps(m, hb + i);
+        const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign)))));
+        _mm512_mask_storeu_ps(hb + i, m, _mm512_mul_ps(_mm512_mul_ps(v, gate), _mm512_maskz_loadu_ps(m, hb2 + i)));
+    }
+}
+
+/* the maximum per lane as the scalar loop takes it (x[0], then strictly
+ * greater values), then the exps in lanes, the sum in the scalar loop's
+ * order, and the divisions */
+AVX512_FN static void softmax_avx512(float *x, int n) {
+    if (n < 16 || !expf_avx512_agrees()) {
+        llama2_softmax(x, n);
+        return;
+    }
+    __m512 mx = _mm512_set1_ps(x[0]);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = llama2_lanes16(i, 0, n);
+        const __m512 v = _mm512_mask_loadu_ps(mx, m, x + i);
+        mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(v, mx, _CMP_GT_OQ), v);
+    }
+    ALIGN64 float lanes[16];
+    _mm512_store_ps(lanes, mx);
+    float max_val = lanes[0];
+    for (int i = 1; i < 16; i++)
+        if (lanes[i] > max_val) max_val = lanes[i];
+    const __m512 vmax = _mm512_set1_ps(max_val);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = llama2_lanes16(i, 0, n);
+        _mm512_mask_storeu_ps(x + i, m, exp_ps16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax)));
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += x[i];
+    const __m512 vsum = _mm512_set1_ps(sum);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = llama2_lanes16(i, 0, n);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vsum));
+    }
+}
+
 /* the AVX-512 table; "avx512-amx" (kernels_amx.c) differs only in its
  * batched int8 kernel */
 #define AVX512_TABLE(tier_name, q8_batch)                                                  \
@@ -722,7 +822,8 @@ AVX512_FN static void quantize_avx512(int8_t *q, float *s, const float *x, int n
         .matmul_q8 = matmul_q8_avx512, .matmul_q4 = llama2_matmul_q4_avx512, /* kernels_q4.c */ \
         .matmul_q4_batch = llama2_matmul_q4_batch_avx512, .matmul_q8_batch = q8_batch,     \
         .quantize = quantize_avx512, .attn_scores = attn_scores_avx512,                     \
-        .attn_values = attn_values_avx512,                                                 \
+        .attn_values = attn_values_avx512, .swiglu = swiglu_avx512, .softmax = softmax_avx512, \
+        .expf = expf_avx512,                                                               \
     }
 
 const llama2_kernels llama2_kernels_avx512 = AVX512_TABLE("avx512", llama2_matmul_q8_batch_avx512);

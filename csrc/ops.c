@@ -30,3 +30,13 @@ void llama2_softmax(float *x, int n) {
     }
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
+
+/* SwiGLU's gate: hb = silu(hb) * hb2 (silu(x) = x * sigmoid(x)) */
+void llama2_swiglu(float *hb, const float *hb2, int n) {
+    for (int i = 0; i < n; i++) {
+        float val = hb[i];
+        val *= (1.0f / (1.0f + expf(-val)));
+        val *= hb2[i];
+        hb[i] = val;
+    }
+}

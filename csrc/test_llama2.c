@@ -356,6 +356,100 @@ static void test_quantize_edges(void) {
     CHECK(q[0] == 0 && q[1] == 2 && q[2] == 2 && q[3] == 127, "weight rounding is half to even (%d %d %d)", q[0], q[1], q[2]);
 }
 
+/* every tier's exp() lanes against the C library's expf, bit for bit (NaNs
+ * included): the tier's own check first, then every 251st float (every
+ * float with LLAMA2_TEST_EXPF=all: about 9 minutes per tier, as half of all floats
+ * take glibc's slow underflow path) */
+static void check_expf_tiers(void) {
+    const char *all = getenv("LLAMA2_TEST_EXPF");
+    const uint64_t stride = all && strcmp(all, "all") == 0 ? 1 : 251;
+    enum { CHUNK = 1 << 16 };
+    float *x = malloc(sizeof(float) * CHUNK), *y = malloc(sizeof(float) * CHUNK);
+    for (int k = 1; k < n_kernels; k++) {
+        const llama2_kernels *K = kernel_list[k];
+        if (!K->expf) continue;
+        if (!llama2_expf_agrees(K->expf)) {
+#if defined(__GLIBC__)
+            CHECK(0, "%s exp lanes agree with glibc's expf", K->name);
+#else
+            printf("note: %s exp lanes differ from this C library's expf: its swiglu and softmax call expf\n", K->name);
+#endif
+            continue;
+        }
+        uint64_t bad = 0, first = 0, tested = 0;
+        for (uint64_t u = 0; u < (1ull << 32);) {
+            int m = 0;
+            for (; m < CHUNK && u < (1ull << 32); m++, u += stride) {
+                const uint32_t b = (uint32_t)u;
+                memcpy(&x[m], &b, 4);
+            }
+            K->expf(y, x, m - 1); /* one lane short: the last is written by a call of its own (a tail) */
+            K->expf(y + m - 1, x + m - 1, 1);
+            for (int i = 0; i < m; i++) {
+                const float want = expf(x[i]);
+                if (memcmp(&want, &y[i], 4) != 0) {
+                    if (!bad++) memcpy(&first, &x[i], 4);
+                }
+            }
+            tested += (uint64_t)m;
+        }
+        CHECK(bad == 0, "%s exp lanes equal expf on %llu floats (%llu differ, first 0x%08llx)", K->name,
+              (unsigned long long)tested, (unsigned long long)bad, (unsigned long long)first);
+    }
+    free(x); free(y);
+}
+
+/* every tier's swiglu and softmax against the portable ones, bit for bit:
+ * lengths around the vector widths, values from tiny to past exp's range,
+ * zeros of both signs, subnormals, infinities and NaNs (first and later) */
+static float hostile(uint64_t *seed, int i, int kind) {
+    const float r = (float)(xorshift64(seed) >> 40) / 16777216.0f * 2.0f - 1.0f;
+    switch (kind % 6) {
+    case 0: return r * 8.0f;
+    case 1: return r * 120.0f;                                   /* past 88 and -104 */
+    case 2: return i % 5 == 0 ? -0.0f : i % 5 == 1 ? 0.0f : r * 1e-40f;
+    case 3: return i % 7 == 3 ? NAN : i % 7 == 5 ? -INFINITY : r;
+    case 4: return i % 3 == 0 ? INFINITY : r * 0.001f;
+    default: return i == 0 ? NAN : r * 30.0f;
+    }
+}
+
+static void check_swiglu_softmax_tiers(void) {
+    enum { MAX = 2100 };
+    float *a = malloc(sizeof(float) * MAX), *b = malloc(sizeof(float) * MAX), *g = malloc(sizeof(float) * MAX),
+          *ref = malloc(sizeof(float) * MAX);
+    const int lengths[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 100, 768, 2048, 2051};
+    for (int k = 1; k < n_kernels; k++) {
+        const llama2_kernels *K = kernel_list[k];
+        if (!K->swiglu && !K->softmax) continue;
+        int same_swiglu = 1, same_softmax = 1;
+        for (size_t li = 0; li < sizeof(lengths) / sizeof(lengths[0]); li++) {
+            const int n = lengths[li];
+            for (int kind = 0; kind < 6; kind++) {
+                uint64_t seed = 1234 + (uint64_t)(n * 7 + kind);
+                for (int i = 0; i < n; i++) a[i] = hostile(&seed, i, kind), g[i] = hostile(&seed, i, kind + 1);
+                if (K->swiglu) {
+                    memcpy(ref, a, sizeof(float) * n);
+                    memcpy(b, a, sizeof(float) * n);
+                    llama2_swiglu(ref, g, n);
+                    K->swiglu(b, g, n);
+                    same_swiglu &= memcmp(ref, b, sizeof(float) * n) == 0;
+                }
+                if (K->softmax) {
+                    memcpy(ref, a, sizeof(float) * n);
+                    memcpy(b, a, sizeof(float) * n);
+                    llama2_softmax(ref, n);
+                    K->softmax(b, n);
+                    same_softmax &= memcmp(ref, b, sizeof(float) * n) == 0;
+                }
+            }
+        }
+        if (K->swiglu) CHECK(same_swiglu, "%s swiglu: bit-identical to the portable loop", K->name);
+        if (K->softmax) CHECK(same_softmax, "%s softmax: bit-identical to the portable loop", K->name);
+    }
+    free(a); free(b); free(g); free(ref);
+}
+
 static void test_softmax_rmsnorm(void) {
     float x[5] = {1, 2, 3, 4, 1000};
     llama2_softmax(x, 5);
@@ -977,6 +1071,8 @@ int main(void) {
     check_quantize_tiers(8 * 40, 8);
     check_quantize_tiers(12 * 30, 12);  /* a group size no tier vectorizes */
     test_softmax_rmsnorm();
+    check_expf_tiers();
+    check_swiglu_softmax_tiers();
     check_attention(48, 1, 288);   /* stories15M: one position */
     check_attention(48, 37, 288);  /* a partial block after whole 4-block passes */
     check_attention(64, 128, 512);
