@@ -5,6 +5,7 @@ or CRLF line ends (sse-starlette's), comments, a plain JSON error body,
 and several requests on one kept-alive connection."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -55,16 +56,25 @@ def answer(conn: socket.socket, requests: int) -> None:
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(err), err))
 
 
-@pytest.fixture
-def server():
+@contextlib.contextmanager
+def listening(run, backlog: int = 1):
+    """A loopback socket whose connections run(sock) takes in a thread; yields its port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
-    t = threading.Thread(target=serve, args=(sock, 3), daemon=True)
+    sock.listen(backlog)
+    t = threading.Thread(target=run, args=(sock,), daemon=True)
     t.start()
-    yield sock.getsockname()[1]
-    t.join(timeout=5)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        t.join(timeout=5)
+        sock.close()
+
+
+@pytest.fixture
+def server():
+    with listening(lambda sock: serve(sock, 3)) as port:
+        yield port
 
 
 def test_events_across_chunks_and_line_ends_on_one_connection(server):
@@ -80,50 +90,40 @@ def test_events_across_chunks_and_line_ends_on_one_connection(server):
         assert status == 404 and json.loads(body)["error"]["message"] == "no such thing"
 
 
-def test_a_server_that_hangs_up_is_an_error():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
+def hang_up(sock: socket.socket) -> None:
+    conn, _ = sock.accept()
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:")  # then gone
+    conn.close()
 
-    def hang_up() -> None:
-        conn, _ = sock.accept()
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:")  # then gone
-        conn.close()
 
-    t = threading.Thread(target=hang_up, daemon=True)
-    t.start()
-    try:
-        with SSEConnection("127.0.0.1", sock.getsockname()[1], timeout=5) as conn:
-            status, events = conn.post_stream("/lf", {"prompt": "hi"})
-            with pytest.raises(HTTPError, match="closed"):
-                list(events)
-    finally:
-        t.join(timeout=5)
-        sock.close()
+@pytest.fixture
+def hanging_up():
+    """A server that starts a chunked response, then closes the connection."""
+    with listening(hang_up) as port:
+        yield port
+
+
+def test_a_server_that_hangs_up_is_an_error(hanging_up):
+    with SSEConnection("127.0.0.1", hanging_up, timeout=5) as conn:
+        status, events = conn.post_stream("/lf", {"prompt": "hi"})
+        with pytest.raises(HTTPError, match="closed"):
+            list(events)
 
 
 def test_many_streams_in_one_thread():
     """run_streams: three clients at once, each sending its requests one after
     another on its own kept-alive connection; every response complete, events
     in order, a non-stream response's body kept."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(3)
     plan = [["/lf", "/crlf"], ["/crlf", "/missing", "/lf"], ["/lf"]]
 
-    def accept_all() -> None:
+    def accept_all(sock: socket.socket) -> None:
         for _ in plan:
             conn, _ = sock.accept()
             threading.Thread(target=answer, args=(conn, 3), daemon=True).start()
 
-    t = threading.Thread(target=accept_all, daemon=True)
-    t.start()
-    try:
-        records = run_streams_routed(sock.getsockname()[1], plan)
-    finally:
-        t.join(timeout=5)
-        sock.close()
+    with listening(accept_all, backlog=3) as port:
+        records = run_streams_routed(port, plan)
     by = {(r["client"], r["index"]): r for r in records}
     assert sorted(by) == [(c, j) for c, paths in enumerate(plan) for j in range(len(paths))]
     want = {"/lf": [b'{"a": 1}', b'{"a": 2}', b'{"a": 3}', b"[DONE]"], "/crlf": [b'{"a": 1}', b'{"a": 2}', b"[DONE]"]}
@@ -158,25 +158,9 @@ def run_streams_routed(port: int, plan: list[list[str]]) -> list[dict]:
         sse_client.request_bytes = real
 
 
-def test_run_streams_reports_a_hang_up():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
-
-    def hang_up() -> None:
-        conn, _ = sock.accept()
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:")
-        conn.close()
-
-    t = threading.Thread(target=hang_up, daemon=True)
-    t.start()
-    try:
-        with pytest.raises(HTTPError, match="closed"):
-            run_streams("127.0.0.1", sock.getsockname()[1], "/lf", [[{"prompt": "hi"}]], timeout=5)
-    finally:
-        t.join(timeout=5)
-        sock.close()
+def test_run_streams_reports_a_hang_up(hanging_up):
+    with pytest.raises(HTTPError, match="closed"):
+        run_streams("127.0.0.1", hanging_up, "/lf", [[{"prompt": "hi"}]], timeout=5)
 
 
 def test_the_parser_takes_a_response_byte_by_byte():
