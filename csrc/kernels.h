@@ -91,7 +91,7 @@ typedef struct llama2_kernels_s {
     void (*softmax)(float *x, int n);
     /* out[i] = exp(x[i]) for i < n by the lanes the two above use (below);
      * NULL: none */
-    void (*expf)(float *out, const float *x, int n);
+    void (*exp_lanes)(float *out, const float *x, int n);
 } llama2_kernels;
 
 /* ---- expf in SIMD lanes (expf_simd.c) ----

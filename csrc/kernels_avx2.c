@@ -697,6 +697,6 @@ const llama2_kernels llama2_kernels_avx2 = {
     .attn_values = attn_values_avx2,
     .swiglu = swiglu_avx2,
     .softmax = softmax_avx2,
-    .expf = expf_avx2,
+    .exp_lanes = expf_avx2,
 };
 #endif

@@ -773,7 +773,8 @@ AVX512_FN static void swiglu_avx512(float *hb, const float *hb2, int n) {
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = llama2_lanes16(i, 0, n);
         const __m512 v = _mm512_maskz_loadu_ps(m, hb + i);
-        const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign)))));
+        const __m512 minus_v = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
+        const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps16(minus_v)));
         _mm512_mask_storeu_ps(hb + i, m, _mm512_mul_ps(_mm512_mul_ps(v, gate), _mm512_maskz_loadu_ps(m, hb2 + i)));
     }
 }
@@ -822,8 +823,8 @@ AVX512_FN static void softmax_avx512(float *x, int n) {
         .matmul_q8 = matmul_q8_avx512, .matmul_q4 = llama2_matmul_q4_avx512, /* kernels_q4.c */ \
         .matmul_q4_batch = llama2_matmul_q4_batch_avx512, .matmul_q8_batch = q8_batch,     \
         .quantize = quantize_avx512, .attn_scores = attn_scores_avx512,                     \
-        .attn_values = attn_values_avx512, .swiglu = swiglu_avx512, .softmax = softmax_avx512, \
-        .expf = expf_avx512,                                                               \
+        .attn_values = attn_values_avx512, .swiglu = swiglu_avx512,                        \
+        .softmax = softmax_avx512, .exp_lanes = expf_avx512,                               \
     }
 
 const llama2_kernels llama2_kernels_avx512 = AVX512_TABLE("avx512", llama2_matmul_q8_batch_avx512);

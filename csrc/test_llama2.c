@@ -367,8 +367,8 @@ static void check_expf_tiers(void) {
     float *x = malloc(sizeof(float) * CHUNK), *y = malloc(sizeof(float) * CHUNK);
     for (int k = 1; k < n_kernels; k++) {
         const llama2_kernels *K = kernel_list[k];
-        if (!K->expf) continue;
-        if (!llama2_expf_agrees(K->expf)) {
+        if (!K->exp_lanes) continue;
+        if (!llama2_expf_agrees(K->exp_lanes)) {
 #if defined(__GLIBC__)
             CHECK(0, "%s exp lanes agree with glibc's expf", K->name);
 #else
@@ -383,8 +383,8 @@ static void check_expf_tiers(void) {
                 const uint32_t b = (uint32_t)u;
                 memcpy(&x[m], &b, 4);
             }
-            K->expf(y, x, m - 1); /* one lane short: the last is written by a call of its own (a tail) */
-            K->expf(y + m - 1, x + m - 1, 1);
+            K->exp_lanes(y, x, m - 1); /* one lane short: the last is written by a call of its own (a tail) */
+            K->exp_lanes(y + m - 1, x + m - 1, 1);
             for (int i = 0; i < m; i++) {
                 const float want = expf(x[i]);
                 if (memcmp(&want, &y[i], 4) != 0) {
