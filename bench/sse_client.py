@@ -61,7 +61,7 @@ class ResponseParser:
         self.body = b""
         self.done = False
         self._length = 0        # content-length, or the current chunk's size
-        self._in_chunk = False  # reading a chunk's data (else its size line)
+        self._part = "size"     # of a chunked body, what comes next: "size" line, chunk "data", "trailer" lines
         self._pending = b""     # event text not yet ended by a blank line
 
     @property
@@ -95,25 +95,22 @@ class ResponseParser:
 
     def _chunks(self, now: float) -> None:
         while not self.done:
-            if not self._in_chunk:
-                end = self.buf.find(b"\r\n")
-                if end < 0:
+            if self._part == "data":
+                if len(self.buf) < self._length + 2:
                     return
-                line, self.buf = self.buf[:end], self.buf[end + 2:]
-                if self._length == 0 and self._in_chunk is None:  # trailer lines after the last chunk
-                    if not line:
-                        self.done = True
-                    continue
-                self._length = int(line.split(b";")[0], 16)
-                if self._length == 0:
-                    self._in_chunk = None  # the last chunk: the (empty) trailer follows
-                    continue
-                self._in_chunk = True
-            if len(self.buf) < self._length + 2:
+                text, self.buf = self.buf[:self._length], self.buf[self._length + 2:]
+                self._part = "size"
+                self._event_text(text, now)
+                continue
+            end = self.buf.find(b"\r\n")
+            if end < 0:
                 return
-            text, self.buf = self.buf[:self._length], self.buf[self._length + 2:]
-            self._in_chunk = False
-            self._event_text(text, now)
+            line, self.buf = self.buf[:end], self.buf[end + 2:]
+            if self._part == "trailer":  # after the last chunk, until an empty line
+                self.done = not line
+                continue
+            self._length = int(line.split(b";")[0], 16)
+            self._part = "data" if self._length else "trailer"
 
     def _event_text(self, text: bytes, now: float) -> None:
         pending = (self._pending + text).replace(b"\r\n", b"\n")  # sse-starlette ends lines with CRLF
